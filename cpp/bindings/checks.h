@@ -1,0 +1,33 @@
+// Argument checks shared by every device's implementation of an op, so CPU and CUDA can never
+// disagree on what is legal. Messages print the values compared and the expected shape.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <vector>
+
+#include "kernels/reinit.h"
+
+namespace uora {
+
+// "name: expected [r, max_in] = [8, 96], got [8, 95]"
+void check_shape(const at::Tensor& t, const char* name, const char* spec,
+                 const std::vector<int64_t>& expected);
+void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype);
+void check_same_device(const at::Tensor& ref, const at::Tensor& t, const char* name);
+void check_contiguous(const at::Tensor& t, const char* name);
+
+// reinit_: checks every argument and returns the kernel params.
+kernels::ReinitParams reinit_params(const at::Tensor& lambda_d, const at::Tensor& counts,
+                                    const at::Tensor& p, const at::Tensor& a, const at::Tensor& b,
+                                    const at::Tensor& a0, const at::Tensor& qa,
+                                    const at::Tensor& b0, const at::Tensor& qb, double tau,
+                                    int64_t k, double alpha, const at::Tensor& fires);
+
+// mix_projections: checks and returns params (outputs allocated by the caller).
+kernels::MixParams mix_params(const at::Tensor& a0, const at::Tensor& qa, const at::Tensor& b0,
+                              const at::Tensor& qb, const at::Tensor& p, const at::Tensor& a,
+                              const at::Tensor& b);
+
+}  // namespace uora

@@ -1,0 +1,16 @@
+// Every uora tensor op is declared here, once. Implementations are registered per device with
+// TORCH_LIBRARY_IMPL at the bottom of cpp/cpu/*.cpp and cpp/cuda/*; Python fake kernels live in
+// python/uora_rt/ops.py. `(a!)` marks what an op mutates.
+#include <torch/library.h>
+
+TORCH_LIBRARY(uora, m) {
+  // One float32 CPU factor of a projection family (algorithm uora-philox-qr-v1, DESIGN §2):
+  // transposed ? [r, n] with orthonormal rows : [n, r] with orthonormal columns.
+  m.def("projection_factor(int seed, int stream, int n, int r, bool transposed) -> Tensor");
+  // One reinitialization step over every adapted layer (DESIGN §1). Returns fires [r] int32.
+  m.def(
+      "reinit_(Tensor lambda_d, Tensor(a!) counts, Tensor(b!) p, Tensor(c!) A, Tensor(d!) B, "
+      "Tensor A0, Tensor QA, Tensor B0, Tensor QB, float tau, int k, float alpha) -> Tensor");
+  // A, B rebuilt from the initial factors and the reinit record p (same rounding as reinit_).
+  m.def("mix_projections(Tensor A0, Tensor QA, Tensor B0, Tensor QB, Tensor p) -> (Tensor, Tensor)");
+}

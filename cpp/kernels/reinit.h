@@ -1,0 +1,61 @@
+// Vectorized UORA reinitialization (DESIGN §1) — torch-free, shared by the CPU and CUDA glue.
+//
+//   below[l, i]  = |lambda_d[l, i]| < tau
+//   counts      += below
+//   fires[i]     = #{ l : below[l, i] and counts[l, i] % k == 0 }
+//   p[i]        *= alpha, fires[i] times (float32, in order)
+//   A[i, :]      = mix(p[i], A0[i, :], QA[i, :])   for every i with fires[i] > 0
+//   B[:, i]      = mix(p[i], B0[:, i], QB[:, i])
+//
+// mix is evaluated exactly as below (two products, one sum, float32 round-to-nearest each, no FMA),
+// so rebuilding A, B from (seed, p) gives the live training matrices bit for bit.
+#pragma once
+#include <cstdint>
+
+#include "kernels/philox.h"  // UORA_HD
+
+namespace uora::kernels {
+
+UORA_HD float mix_value(float p, float x0, float q) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(p, x0), __fmul_rn(__fsub_rn(1.0f, p), q));
+#else
+  const float a = p * x0;
+  const float b = (1.0f - p) * q;
+  return a + b;
+#endif
+}
+
+struct ReinitParams {
+  const float* lambda_d = nullptr;  // [layers, r]
+  int32_t* counts = nullptr;        // [layers, r]
+  float* p = nullptr;               // [r]
+  int32_t* fires = nullptr;         // [r], written
+  float* a = nullptr;               // [r, max_in]
+  const float* a0 = nullptr;
+  const float* qa = nullptr;
+  float* b = nullptr;               // [max_out, r]
+  const float* b0 = nullptr;
+  const float* qb = nullptr;
+  int64_t layers = 0, r = 0, max_in = 0, max_out = 0;
+  float tau = 0.0f, alpha = 0.5f;
+  int32_t k = 1;
+};
+
+// CPU implementation (reinit_cpu.cpp).
+void reinit_cpu(const ReinitParams& params);
+
+struct MixParams {
+  const float* p = nullptr;  // [r]
+  const float* a0 = nullptr;
+  const float* qa = nullptr;
+  float* a = nullptr;  // [r, max_in]
+  const float* b0 = nullptr;
+  const float* qb = nullptr;
+  float* b = nullptr;  // [max_out, r]
+  int64_t r = 0, max_in = 0, max_out = 0;
+};
+
+void mix_projections_cpu(const MixParams& params);
+
+}  // namespace uora::kernels

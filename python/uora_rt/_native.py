@@ -1,0 +1,7 @@
+"""Loads the compiled core. Importing torch first makes libtorch's symbols available to it."""
+import torch  # noqa: F401  (must precede the extension)
+
+from uora_rt import _C
+
+build_info = _C.build_info
+ops = torch.ops.uora

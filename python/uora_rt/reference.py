@@ -1,0 +1,221 @@
+"""The oracle: plain NumPy/PyTorch statements of everything the C++/CUDA core computes.
+
+Nothing here is fast; everything here is meant to be read. Tests compare every op on every device
+against these functions. Where an op promises bit-exact output (projections, reinit, rebuild), the
+reference repeats the op's rounding order so the comparison can be exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Projections (DESIGN §2): Philox4x32-10 -> Box-Muller with deterministic log/sincos -> blocked
+# Householder QR (panel 32) in float64 -> float32.
+# --------------------------------------------------------------------------------------------
+
+QR_PANEL = 32
+_M0, _M1, _W0, _W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+
+
+def philox4x32_10(ctr: np.ndarray, key: tuple[int, int]) -> np.ndarray:
+    """ctr: [N, 4] uint32 counters -> [N, 4] uint32 outputs."""
+    c = [ctr[:, i].astype(np.uint64) for i in range(4)]
+    k0, k1 = key[0] & 0xFFFFFFFF, key[1] & 0xFFFFFFFF
+    mask = np.uint64(0xFFFFFFFF)
+    for rnd in range(10):
+        if rnd:
+            k0, k1 = (k0 + _W0) & 0xFFFFFFFF, (k1 + _W1) & 0xFFFFFFFF
+        p0 = np.uint64(_M0) * c[0]
+        p1 = np.uint64(_M1) * c[2]
+        hi0, lo0 = p0 >> np.uint64(32), p0 & mask
+        hi1, lo1 = p1 >> np.uint64(32), p1 & mask
+        c = [hi1 ^ c[1] ^ np.uint64(k0), lo1, hi0 ^ c[3] ^ np.uint64(k1), lo0]
+    return np.stack(c, axis=1).astype(np.uint32)
+
+
+def det_log(x: np.ndarray) -> np.ndarray:
+    """log(x) for x in (0, 1], with only correctly-rounded operations (see cpp det_math.h)."""
+    m, e = np.frexp(x)
+    small = m < 0.70710678118654752440
+    m = np.where(small, m * 2.0, m)
+    e = np.where(small, e - 1, e).astype(np.float64)
+    f = m - 1.0
+    s = f / (2.0 + f)
+    s2 = s * s
+    p = np.full_like(s, 1.0 / 23.0)
+    for d in (21, 19, 17, 15, 13, 11, 9, 7, 5, 3):
+        p = p * s2 + 1.0 / d
+    p = p * s2 + 1.0
+    return e * 6.93147180369123816490e-01 + (e * 1.90821492927058770002e-10 + 2.0 * s * p)
+
+
+def _sincos_small(a):
+    a2 = a * a
+    s = np.full_like(a, 1.0 / 355687428096000.0)
+    for fac in (1307674368000.0, 6227020800.0, 39916800.0, 362880.0, 5040.0, 120.0, 6.0):
+        s = s * -a2 + 1.0 / fac
+    s = s * -a2 + 1.0
+    c = np.full_like(a, 1.0 / 6402373705728000.0)
+    for fac in (20922789888000.0, 87178291200.0, 479001600.0, 3628800.0, 40320.0, 720.0, 24.0):
+        c = c * -a2 + 1.0 / fac
+    c = c * -a2 + 0.5
+    c = c * -a2 + 1.0
+    return a * s, c
+
+
+def det_sincos_2pi(u: np.ndarray):
+    """(sin, cos) of 2*pi*u for u in [0, 1)."""
+    v = u * 4.0
+    q = v.astype(np.int64)
+    f = v - q
+    half_pi = 1.57079632679489661923
+    s_lo, c_lo = _sincos_small(np.where(f <= 0.5, f, 0.0) * half_pi)
+    s_hi, c_hi = _sincos_small(np.where(f <= 0.5, 0.0, 1.0 - f) * half_pi)
+    s = np.where(f <= 0.5, s_lo, c_hi)
+    c = np.where(f <= 0.5, c_lo, s_hi)
+    q &= 3
+    sin = np.select([q == 0, q == 1, q == 2], [s, c, -s], -c)
+    cos = np.select([q == 0, q == 1, q == 2], [c, -s, -c], s)
+    return sin, cos
+
+
+def philox_normals(seed: int, stream: int, count: int) -> np.ndarray:
+    """The first `count` standard normals of a stream: pair m -> elements 2m, 2m+1."""
+    pairs = (count + 1) // 2
+    m = np.arange(pairs, dtype=np.uint64)
+    ctr = np.stack([m & np.uint64(0xFFFFFFFF), m >> np.uint64(32),
+                    np.full_like(m, stream), np.zeros_like(m)], axis=1).astype(np.uint32)
+    w = philox4x32_10(ctr, (seed & 0xFFFFFFFF, seed >> 32)).astype(np.uint64)
+
+    def res53(hi, lo):
+        return ((hi >> np.uint64(5)) * np.uint64(67108864) + (lo >> np.uint64(6))).astype(
+            np.float64) * (1.0 / 9007199254740992.0)
+
+    u1 = 1.0 - res53(w[:, 0], w[:, 1])
+    u2 = res53(w[:, 2], w[:, 3])
+    radius = np.sqrt(-2.0 * det_log(u1))
+    sin, cos = det_sincos_2pi(u2)
+    return np.stack([radius * cos, radius * sin], axis=1).reshape(-1)[:count]
+
+
+def _seq_dot(a, b):
+    """Sum of a*b in index order (numpy's sum is pairwise, so accumulate instead)."""
+    return float(np.add.accumulate(a * b)[-1]) if len(a) else 0.0
+
+
+def householder_thin_q(g: np.ndarray) -> np.ndarray:
+    """Q of the thin QR of g (n x r) with diag(R) > 0, in the exact rounding order of the C++ code."""
+    n, r = g.shape
+    a = np.array(g, dtype=np.float64, order="F")
+    taus, betas, blocks = np.zeros(r), np.zeros(r), []
+    for k0 in range(0, r, QR_PANEL):
+        nb = min(QR_PANEL, r - k0)
+        for k in range(k0, k0 + nb):  # unblocked panel factorization
+            x = a[k:, k]
+            alpha, sigma = x[0], _seq_dot(x[1:], x[1:])
+            if sigma == 0.0:
+                taus[k], betas[k] = 0.0, alpha
+                continue
+            norm = np.sqrt(alpha * alpha + sigma)
+            beta = -norm if alpha >= 0.0 else norm
+            x[1:] = x[1:] * (1.0 / (alpha - beta))
+            taus[k], betas[k] = (beta - alpha) / beta, beta
+            for j in range(k + 1, k0 + nb):
+                cj = a[k:, j]
+                w = cj[0] + _seq_dot(x[1:], cj[1:])
+                tw = taus[k] * w
+                cj[0] = cj[0] - tw
+                cj[1:] = cj[1:] - x[1:] * tw
+        m = n - k0
+        v = np.zeros((m, nb))
+        for p in range(nb):
+            v[p, p] = 1.0
+            v[p + 1:, p] = a[k0 + p + 1:, k0 + p]
+        t = np.zeros((nb, nb))
+        for p in range(nb):
+            y = [_seq_dot(v[:, q], v[:, p]) for q in range(p)]
+            for q in range(p):
+                s = 0.0
+                for u in range(q, p):
+                    s += t[q, u] * y[u]
+                t[q, p] = -taus[k0 + p] * s
+            t[p, p] = taus[k0 + p]
+        blocks.append((k0, v, t))
+        if k0 + nb < r:
+            a[k0:, k0 + nb:] = _apply_block(v, t, a[k0:, k0 + nb:], transpose=True)
+    q = np.zeros((n, r), order="F")
+    q[np.arange(r), np.arange(r)] = 1.0
+    for k0, v, t in reversed(blocks):
+        q[k0:, k0:] = _apply_block(v, t, q[k0:, k0:], transpose=False)
+    return q * np.where(betas < 0.0, -1.0, 1.0)
+
+
+def _apply_block(v, t, c, transpose):
+    """(I - v T v^T) c, or with T^T, with every sum in the C++ order (rows, then q, then p)."""
+    m, nb = v.shape
+    w = np.zeros((nb, c.shape[1]))
+    for i in range(m):
+        w = w + np.outer(v[i], c[i])
+    tw = np.zeros_like(w)
+    for p in range(nb):
+        s = np.zeros(c.shape[1])
+        for q in (range(0, p + 1) if transpose else range(p, nb)):
+            s = s + (t[q, p] if transpose else t[p, q]) * w[q]
+        tw[p] = s
+    acc = np.outer(v[:, 0], tw[0])
+    for p in range(1, nb):
+        acc = acc + np.outer(v[:, p], tw[p])
+    return c - acc
+
+
+def projection_factor(seed: int, stream: int, n: int, r: int, transposed: bool) -> np.ndarray:
+    """float32 factor exactly as uora::projection_factor."""
+    g = philox_normals(seed, stream, n * r).reshape(n, r)
+    q = householder_thin_q(g).astype(np.float32)
+    return np.ascontiguousarray(q.T if transposed else q)
+
+
+# --------------------------------------------------------------------------------------------
+# Training-side math (DESIGN §1)
+# --------------------------------------------------------------------------------------------
+
+
+def uora_linear(x, weight, bias, a, b, lambda_b, lambda_d):
+    """y = x W^T + bias + lambda_b * (B[:out] (lambda_d * (A[:, :in] x))), adapter math in float32.
+
+    x: [..., in]; weight: [out, in]; a: [r, max_in]; b: [max_out, r]; lambda_b: [out]; lambda_d: [r]
+    """
+    out_f, in_f = weight.shape
+    y = torch.nn.functional.linear(x, weight, bias)
+    h = torch.nn.functional.linear(x.float(), a[:, :in_f].float()) * lambda_d.float()
+    d = torch.nn.functional.linear(h, b[:out_f, :].float()) * lambda_b.float()
+    return y + d.to(y.dtype)
+
+
+def rebuild_projections(a0, qa, b0, qb, p):
+    """A = p*A0 + (1-p)*QA row-wise, B likewise column-wise, float32, one rounding per operation."""
+    p = p.float()
+    a = p[:, None] * a0 + (1.0 - p)[:, None] * qa
+    b = p[None, :] * b0 + (1.0 - p)[None, :] * qb
+    return a, b
+
+
+def reinit_literal(lambda_ds, counters, a, b, qa, qb, tau, k, alpha):
+    """The published rule, literally: per layer, per index, in order, interpolating in place.
+
+    lambda_ds: list of [r] tensors; counters: list of [r] int tensors (mutated); a, b mutated.
+    Returns the number of events fired.
+    """
+    events = 0
+    r = a.shape[0]
+    for layer, lam in enumerate(lambda_ds):
+        for i in range(r):
+            if abs(float(lam[i])) < tau:
+                counters[layer][i] += 1
+                if int(counters[layer][i]) % k == 0:
+                    a[i, :] = alpha * a[i, :] + (1 - alpha) * qa[i, :]
+                    b[:, i] = alpha * b[:, i] + (1 - alpha) * qb[:, i]
+                    events += 1
+    return events
