@@ -1,1 +1,18 @@
-from uora_rt._native import build_info  # noqa: F401
+"""uora_rt: train, store and serve UORA adapters (arXiv 2505.20154).
+
+Training: UORAConfig, inject, reinit_step, merge, unmerge, save_adapter, load_adapter.
+Projections: projections(seed, r, max_in, max_out).
+"""
+
+from uora_rt._native import build_info
+from uora_rt.config import UORAConfig
+from uora_rt.errors import AdapterFormatError
+from uora_rt.inject import (inject, load_adapter, merge, reinit_step, save_adapter, to_adapter,
+                            unmerge)
+from uora_rt.projections import projections
+
+__all__ = [
+    "AdapterFormatError", "UORAConfig", "build_info", "inject", "load_adapter", "merge",
+    "projections", "reinit_step", "save_adapter", "to_adapter", "unmerge",
+]
+__version__ = "0.1.0"

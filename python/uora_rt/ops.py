@@ -1,0 +1,66 @@
+"""Typed wrappers over the registered ops (torch.ops.uora.*), with fake kernels for torch.compile.
+
+Each wrapper's `Semantics:` block states the op in PyTorch pseudocode; reference.py is the
+executable version and the tests hold every device to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from uora_rt._native import ops as _ops
+
+
+def projection_factor(seed: int, stream: int, n: int, r: int, transposed: bool) -> torch.Tensor:
+    """One float32 CPU factor of a projection family.
+
+    Semantics:
+        g = philox_normals(seed, stream, n * r).reshape(n, r)      # float64
+        q = householder_thin_q(g)                                   # [n, r], diag(R) > 0
+        return (q.T if transposed else q).float()                   # [r, n] or [n, r]
+    """
+    return _ops.projection_factor(seed, stream, n, r, transposed)
+
+
+def reinit_(lambda_d, counts, p, a, b, a0, qa, b0, qb, tau: float, k: int, alpha: float):
+    """One vectorized reinitialization step on the tensors' device, with no host synchronization.
+
+    Semantics (lambda_d [L, r] f32; counts [L, r] i32; p [r] f32; a, a0, qa [r, max_in] f32;
+    b, b0, qb [max_out, r] f32):
+        below = lambda_d.abs() < tau
+        counts += below
+        fire = below & (counts % k == 0)
+        fires = fire.sum(0).int()                                   # [r]
+        p *= alpha ** fires          (as `fires` successive float32 multiplications)
+        rows = fires > 0
+        a[rows] = p[rows, None] * a0[rows] + (1 - p[rows, None]) * qa[rows]
+        b[:, rows] = p[rows] * b0[:, rows] + (1 - p[rows]) * qb[:, rows]
+        return fires
+    """
+    return _ops.reinit_(lambda_d, counts, p, a, b, a0, qa, b0, qb, tau, k, alpha)
+
+
+def mix_projections(a0, qa, b0, qb, p):
+    """A, B of a reinit record p, with exactly the rounding of reinit_.
+
+    Semantics (a0, qa [r, max_in] f32; b0, qb [max_out, r] f32; p [r] f32):
+        return p[:, None] * a0 + (1 - p[:, None]) * qa, p * b0 + (1 - p) * qb
+    """
+    return _ops.mix_projections(a0, qa, b0, qb, p)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("uora::projection_factor")
+    def _(seed, stream, n, r, transposed):
+        return torch.empty((r, n) if transposed else (n, r), dtype=torch.float32)
+
+    @torch.library.register_fake("uora::reinit_")
+    def _(lambda_d, counts, p, a, b, a0, qa, b0, qb, tau, k, alpha):
+        return lambda_d.new_empty((lambda_d.shape[-1],), dtype=torch.int32)
+
+    @torch.library.register_fake("uora::mix_projections")
+    def _(a0, qa, b0, qb, p):
+        return torch.empty_like(a0), torch.empty_like(b0)
+
+
+_register_fakes()
