@@ -29,18 +29,63 @@ void parallel_ranges(int64_t count, int threads, Fn fn) {
   for (auto& th : pool) th.join();
 }
 
-// Sequential dot product: the order is i = 0, 1, 2, ... (the panel is narrow; this is not hot).
-double dot_seq(const double* a, const double* b, int64_t len) {
-  double s = 0.0;
-  for (int64_t i = 0; i < len; ++i) s += a[i] * b[i];
+// Hot loops get AVX-512 / AVX2 clones picked at load time. The clones only widen independent lanes
+// (no FMA: "avx2" and "avx512f" do not enable it, and -ffp-contract=off forbids contraction), so
+// every clone rounds exactly like the baseline.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define UORA_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define UORA_SIMD_CLONES
+#endif
+
+constexpr int64_t kLanes = 8;
+
+// Dot product in a fixed lane order: lane l sums a[i] b[i] for i = l (mod 8) over the first
+// 8*floor(len/8) elements, in increasing i; lanes combine as ((0+1)+(2+3))+((4+5)+(6+7)); the
+// remaining elements are added in order.
+UORA_SIMD_CLONES double dot_lanes(const double* a, const double* b, int64_t len) {
+  double lane[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t full = len - len % kLanes;
+  for (int64_t i = 0; i < full; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lane[l] = lane[l] + a[i + l] * b[i + l];
+  double s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (int64_t i = full; i < len; ++i) s = s + a[i] * b[i];
   return s;
+}
+
+// y[i] -= x[i] * s
+UORA_SIMD_CLONES void axpy_sub(double* y, const double* x, double s, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) y[i] = y[i] - x[i] * s;
+}
+
+// w[p] += v[p] * c for p < nb (one row of V^T C)
+UORA_SIMD_CLONES void row_accumulate(const double* __restrict vr, const double* __restrict c,
+                                     double* __restrict w, int64_t rows, int64_t nb) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const double ci = c[i];
+    const double* vrow = vr + i * nb;
+    for (int64_t p = 0; p < nb; ++p) w[p] = w[p] + vrow[p] * ci;
+  }
+}
+
+// c[i] -= sum_p v[p][i] w[p], the sum over p in increasing order (v column-major, stride ldv)
+UORA_SIMD_CLONES void subtract_vw(const double* __restrict v, int64_t ldv,
+                                  const double* __restrict w, double* __restrict acc,
+                                  double* __restrict c, int64_t len, int64_t nb) {
+  for (int64_t i = 0; i < len; ++i) acc[i] = v[i] * w[0];
+  for (int64_t p = 1; p < nb; ++p) {
+    const double* vp = v + p * ldv;
+    const double wp = w[p];
+    for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] + vp[i] * wp;
+  }
+  for (int64_t i = 0; i < len; ++i) c[i] = c[i] - acc[i];
 }
 
 // Builds the reflector for x (length m, pivot x[0]): on return x[1:] = v[1:] (v[0] = 1 implied).
 // H = I - tau v v^T maps x to beta e_1.
 void make_reflector(double* x, int64_t m, double* tau, double* beta) {
   const double alpha = x[0];
-  const double sigma = dot_seq(x + 1, x + 1, m - 1);
+  const double sigma = dot_lanes(x + 1, x + 1, m - 1);
   if (sigma == 0.0) {
     *tau = 0.0;
     *beta = alpha;
@@ -49,7 +94,7 @@ void make_reflector(double* x, int64_t m, double* tau, double* beta) {
   const double norm = std::sqrt(alpha * alpha + sigma);
   const double b = alpha >= 0.0 ? -norm : norm;
   const double scale = 1.0 / (alpha - b);
-  for (int64_t i = 1; i < m; ++i) x[i] = x[i] * scale;
+  for (int64_t i = 1; i < m; ++i) x[i] = x[i] * scale;  // vectorizes: elementwise
   *tau = (b - alpha) / b;
   *beta = b;
 }
@@ -64,10 +109,10 @@ void factor_panel(double* a, int64_t lda, int64_t m, int64_t nb, double* tau, do
     for (int64_t j = k + 1; j < nb; ++j) {
       double* cj = a + j * lda + k;
       // w = v . c with v[0] = 1
-      const double w = cj[0] + dot_seq(col + 1, cj + 1, len - 1);
+      const double w = cj[0] + dot_lanes(col + 1, cj + 1, len - 1);
       const double tw = tau[k] * w;
       cj[0] = cj[0] - tw;
-      for (int64_t i = 1; i < len; ++i) cj[i] = cj[i] - col[i] * tw;
+      axpy_sub(cj + 1, col + 1, tw, len - 1);
     }
   }
 }
@@ -97,7 +142,7 @@ void build_block(const double* a, int64_t lda, int64_t m, int64_t nb, const doub
   std::vector<double> y(nb);
   for (int64_t p = 0; p < nb; ++p) {
     const double* vp = h->vc.data() + p * m;
-    for (int64_t q = 0; q < p; ++q) y[q] = dot_seq(h->vc.data() + q * m, vp, m);
+    for (int64_t q = 0; q < p; ++q) y[q] = dot_lanes(h->vc.data() + q * m, vp, m);
     for (int64_t q = 0; q < p; ++q) {
       double s = 0.0;
       for (int64_t u = q; u < p; ++u) s += h->t[u * nb + q] * y[u];  // T[q,u] stored at [u*nb+q]
@@ -117,15 +162,9 @@ void apply_block(const BlockReflector& h, bool transpose_t, double* c, int64_t l
     // w[:, j] = V^T c[:, j]: each w[p, j] sums over rows i in increasing order, row blocks in order.
     for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
       const int64_t i1 = std::min(m, i0 + kRowBlock);
-      for (int64_t j = j0; j < j1; ++j) {
-        double* wj = w.data() + (j - j0) * nb;
-        const double* cj = c + j * ldc;
-        for (int64_t i = i0; i < i1; ++i) {
-          const double ci = cj[i];
-          const double* vrow = h.vr.data() + i * nb;
-          for (int64_t p = 0; p < nb; ++p) wj[p] = wj[p] + vrow[p] * ci;
-        }
-      }
+      for (int64_t j = j0; j < j1; ++j)
+        row_accumulate(h.vr.data() + i0 * nb, c + j * ldc + i0, w.data() + (j - j0) * nb, i1 - i0,
+                       nb);
     }
     // w <- T w or T^T w, each output summing over q in increasing order.
     std::vector<double> tw(nb);
@@ -146,18 +185,9 @@ void apply_block(const BlockReflector& h, bool transpose_t, double* c, int64_t l
     std::vector<double> acc(kRowBlock);
     for (int64_t i0 = 0; i0 < m; i0 += kRowBlock) {
       const int64_t i1 = std::min(m, i0 + kRowBlock), len = i1 - i0;
-      for (int64_t j = j0; j < j1; ++j) {
-        const double* wj = w.data() + (j - j0) * nb;
-        double* cj = c + j * ldc + i0;
-        const double* v0 = h.vc.data() + i0;
-        for (int64_t i = 0; i < len; ++i) acc[i] = v0[i] * wj[0];
-        for (int64_t p = 1; p < nb; ++p) {
-          const double* vp = h.vc.data() + p * m + i0;
-          const double wp = wj[p];
-          for (int64_t i = 0; i < len; ++i) acc[i] = acc[i] + vp[i] * wp;
-        }
-        for (int64_t i = 0; i < len; ++i) cj[i] = cj[i] - acc[i];
-      }
+      for (int64_t j = j0; j < j1; ++j)
+        subtract_vw(h.vc.data() + i0, m, w.data() + (j - j0) * nb, acc.data(), c + j * ldc + i0,
+                    len, nb);
     }
   });
 }

@@ -3,7 +3,7 @@
 //   below[l, i]  = |lambda_d[l, i]| < tau
 //   counts      += below
 //   fires[i]     = #{ l : below[l, i] and counts[l, i] % k == 0 }
-//   p[i]        *= alpha, fires[i] times (float32, in order)
+//   p[i]         = max(p[i] * alpha, 2^-149), fires[i] times (float32, in order)
 //   A[i, :]      = mix(p[i], A0[i, :], QA[i, :])   for every i with fires[i] > 0
 //   B[:, i]      = mix(p[i], B0[:, i], QB[:, i])
 //
@@ -24,6 +24,18 @@ UORA_HD float mix_value(float p, float x0, float q) {
   const float b = (1.0f - p) * q;
   return a + b;
 #endif
+}
+
+// p <- p * alpha, floored at the smallest positive float: after ~150 events at one index alpha^n
+// underflows, and the record must stay in (0, 1] (the difference is below 1e-45).
+UORA_HD float reinit_decay(float p, float alpha) {
+  constexpr float kTrueMin = 1.40129846e-45f;  // 2^-149
+#if defined(__CUDA_ARCH__)
+  const float v = __fmul_rn(p, alpha);
+#else
+  const float v = p * alpha;
+#endif
+  return v < kTrueMin ? kTrueMin : v;
 }
 
 struct ReinitParams {

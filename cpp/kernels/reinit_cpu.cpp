@@ -30,7 +30,7 @@ void reinit_cpu(const ReinitParams& q) {
     q.fires[i] = fires;
     if (fires == 0) continue;
     float pi = q.p[i];
-    for (int32_t f = 0; f < fires; ++f) pi = pi * q.alpha;
+    for (int32_t f = 0; f < fires; ++f) pi = reinit_decay(pi, q.alpha);
     q.p[i] = pi;
     mix_row_and_column(i, pi, q.a0, q.qa, q.a, q.max_in, q.b0, q.qb, q.b, q.max_out, q.r);
   }

@@ -100,9 +100,19 @@ def philox_normals(seed: int, stream: int, count: int) -> np.ndarray:
     return np.stack([radius * cos, radius * sin], axis=1).reshape(-1)[:count]
 
 
-def _seq_dot(a, b):
-    """Sum of a*b in index order (numpy's sum is pairwise, so accumulate instead)."""
-    return float(np.add.accumulate(a * b)[-1]) if len(a) else 0.0
+def _lane_dot(a, b):
+    """a . b in the C++ lane order: 8 lanes (i mod 8) summed in increasing i over the first
+    8*floor(n/8) elements, combined ((0+1)+(2+3))+((4+5)+(6+7)), then the tail in order.
+    (numpy's own sum is pairwise, so the lanes accumulate explicitly.)"""
+    prod = a * b
+    full = len(prod) - len(prod) % 8
+    lane = np.zeros(8)
+    if full:
+        lane = np.add.accumulate(prod[:full].reshape(-1, 8), axis=0)[-1]
+    s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+    for v in prod[full:]:
+        s = s + v
+    return float(s)
 
 
 def householder_thin_q(g: np.ndarray) -> np.ndarray:
@@ -114,7 +124,7 @@ def householder_thin_q(g: np.ndarray) -> np.ndarray:
         nb = min(QR_PANEL, r - k0)
         for k in range(k0, k0 + nb):  # unblocked panel factorization
             x = a[k:, k]
-            alpha, sigma = x[0], _seq_dot(x[1:], x[1:])
+            alpha, sigma = x[0], _lane_dot(x[1:], x[1:])
             if sigma == 0.0:
                 taus[k], betas[k] = 0.0, alpha
                 continue
@@ -124,7 +134,7 @@ def householder_thin_q(g: np.ndarray) -> np.ndarray:
             taus[k], betas[k] = (beta - alpha) / beta, beta
             for j in range(k + 1, k0 + nb):
                 cj = a[k:, j]
-                w = cj[0] + _seq_dot(x[1:], cj[1:])
+                w = cj[0] + _lane_dot(x[1:], cj[1:])
                 tw = taus[k] * w
                 cj[0] = cj[0] - tw
                 cj[1:] = cj[1:] - x[1:] * tw
@@ -135,7 +145,7 @@ def householder_thin_q(g: np.ndarray) -> np.ndarray:
             v[p + 1:, p] = a[k0 + p + 1:, k0 + p]
         t = np.zeros((nb, nb))
         for p in range(nb):
-            y = [_seq_dot(v[:, q], v[:, p]) for q in range(p)]
+            y = [_lane_dot(v[:, q], v[:, p]) for q in range(p)]
             for q in range(p):
                 s = 0.0
                 for u in range(q, p):
