@@ -2,22 +2,9 @@
 
 namespace uora::kernels {
 
-namespace {
-void mix_row_and_column(int64_t i, float pi, const float* a0, const float* qa, float* a,
-                        int64_t max_in, const float* b0, const float* qb, float* b,
-                        int64_t max_out, int64_t r) {
-  for (int64_t j = 0; j < max_in; ++j) {
-    const int64_t e = i * max_in + j;
-    a[e] = mix_value(pi, a0[e], qa[e]);
-  }
-  for (int64_t j = 0; j < max_out; ++j) {
-    const int64_t e = j * r + i;
-    b[e] = mix_value(pi, b0[e], qb[e]);
-  }
-}
-}  // namespace
-
 void reinit_cpu(const ReinitParams& q) {
+  // Pass 1: counters, fires and the record, per index.
+  bool any = false;
   for (int64_t i = 0; i < q.r; ++i) {
     int32_t fires = 0;
     for (int64_t l = 0; l < q.layers; ++l) {
@@ -28,12 +15,27 @@ void reinit_cpu(const ReinitParams& q) {
       }
     }
     q.fires[i] = fires;
-    if (fires == 0) continue;
     float pi = q.p[i];
     for (int32_t f = 0; f < fires; ++f) pi = reinit_decay(pi, q.alpha);
     q.p[i] = pi;
-    mix_row_and_column(i, pi, q.a0, q.qa, q.a, q.max_in, q.b0, q.qb, q.b, q.max_out, q.r);
+    any = any || fires > 0;
   }
+  if (!any) return;
+  // Pass 2: rewrite the fired rows of A and columns of B, sweeping memory in order (B's columns
+  // are strided, so B goes row by row with a per-column test).
+  for (int64_t i = 0; i < q.r; ++i) {
+    if (q.fires[i] == 0) continue;
+    for (int64_t j = 0; j < q.max_in; ++j) {
+      const int64_t e = i * q.max_in + j;
+      q.a[e] = mix_value(q.p[i], q.a0[e], q.qa[e]);
+    }
+  }
+  for (int64_t j = 0; j < q.max_out; ++j)
+    for (int64_t i = 0; i < q.r; ++i) {
+      if (q.fires[i] == 0) continue;
+      const int64_t e = j * q.r + i;
+      q.b[e] = mix_value(q.p[i], q.b0[e], q.qb[e]);
+    }
 }
 
 void mix_projections_cpu(const MixParams& q) {

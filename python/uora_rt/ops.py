@@ -31,7 +31,7 @@ def reinit_(lambda_d, counts, p, a, b, a0, qa, b0, qb, tau: float, k: int, alpha
         counts += below
         fire = below & (counts % k == 0)
         fires = fire.sum(0).int()                                   # [r]
-        p = max(p * alpha, 2**-149)  (`fires` times, float32: the record stays in (0, 1])
+        p = max(p * alpha, 2**-64)   (`fires` times, float32; see kReinitFloor in reinit.h)
         rows = fires > 0
         a[rows] = p[rows, None] * a0[rows] + (1 - p[rows, None]) * qa[rows]
         b[:, rows] = p[rows] * b0[:, rows] + (1 - p[rows]) * qb[:, rows]

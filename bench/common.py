@@ -1,0 +1,53 @@
+"""Shared benchmark plumbing: timing, environment record, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {"git": git_sha(), "python": platform.python_version(), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+           "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    return env
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds (CPU); fn must synchronize itself if it uses a GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def write(name: str, records: list[dict]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"env": environment(), "records": records}, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,5 @@
+import sys
+
+from uora_rt.cli import main
+
+sys.exit(main())

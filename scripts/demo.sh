@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# README command 1: install (if needed) and run the main job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+${PYTHON:-python3} -m uora_rt demo "$@"
