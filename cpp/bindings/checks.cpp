@@ -123,3 +123,70 @@ kernels::MixParams mix_params(const at::Tensor& a0, const at::Tensor& qa, const 
 }
 
 }  // namespace uora
+
+namespace uora {
+
+GroupShape check_group_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a_cat,
+                            const at::Tensor& b_cat, const at::Tensor& lambda_d,
+                            const at::Tensor& lambda_b, const at::Tensor& p,
+                            const at::Tensor& slot, at::IntArrayRef modules,
+                            at::IntArrayRef lambda_b_offsets, at::IntArrayRef y_offsets,
+                            at::IntArrayRef outs, bool with_q) {
+  TORCH_CHECK(y.dim() == 2 && x.dim() == 2, "y: expected [T, n_out] and x [T, in], got ",
+              shape_str(y.sizes()), " and ", shape_str(x.sizes()));
+  TORCH_CHECK(lambda_d.dim() == 3, "lambda_d: expected [slots, modules, r], got ",
+              shape_str(lambda_d.sizes()));
+  GroupShape g;
+  g.rows = x.size(0);
+  g.in = x.size(1);
+  g.ny = y.size(1);
+  g.slots = lambda_d.size(0);
+  g.modules = lambda_d.size(1);
+  g.r = lambda_d.size(2);
+  g.R = with_q ? 2 * g.r : g.r;
+  TORCH_CHECK(y.size(0) == g.rows, "y: expected ", g.rows, " rows like x, got ", y.size(0));
+  TORCH_CHECK(y.stride(1) == 1, "y: expected unit stride along the last dim");
+  TORCH_CHECK(a_cat.dim() == 2 && a_cat.size(0) >= g.R && a_cat.size(1) >= g.in,
+              "a_cat: expected [>= ", g.R, ", >= in = ", g.in, "], got ", shape_str(a_cat.sizes()));
+  TORCH_CHECK(b_cat.dim() == 2 && b_cat.size(1) >= g.R, "b_cat: expected [max_out, >= ", g.R,
+              "], got ", shape_str(b_cat.sizes()));
+  TORCH_CHECK(lambda_b.dim() == 2 && lambda_b.size(0) == g.slots,
+              "lambda_b: expected [slots = ", g.slots, ", nb], got ", shape_str(lambda_b.sizes()));
+  g.nb = lambda_b.size(1);
+  if (with_q) check_shape(p, "p", "[slots, r]", {g.slots, g.r});
+  check_shape(slot, "slot", "[T]", {g.rows});
+  check_dtype(slot, "slot", at::kInt);
+  for (const auto& [t, name] : {std::pair{&a_cat, "a_cat"}, {&b_cat, "b_cat"},
+                                {&lambda_d, "lambda_d"}, {&lambda_b, "lambda_b"}}) {
+    check_dtype(*t, name, at::kFloat);
+    check_same_device(x, *t, name);
+  }
+  check_contiguous(lambda_d, "lambda_d");
+  check_contiguous(lambda_b, "lambda_b");
+  if (with_q) {
+    check_dtype(p, "p", at::kFloat);
+    check_contiguous(p, "p");
+  }
+  check_same_device(x, y, "y");
+  check_same_device(x, slot, "slot");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y: expected one dtype, got ",
+              x.scalar_type(), " and ", y.scalar_type());
+  const size_t m = modules.size();
+  TORCH_CHECK(lambda_b_offsets.size() == m && y_offsets.size() == m && outs.size() == m,
+              "modules, lambda_b_offsets, y_offsets, outs: expected equal lengths, got ", m, ", ",
+              lambda_b_offsets.size(), ", ", y_offsets.size(), ", ", outs.size());
+  for (size_t j = 0; j < m; ++j) {
+    TORCH_CHECK(modules[j] >= 0 && modules[j] < g.modules, "modules[", j, "] = ", modules[j],
+                ": expected in [0, ", g.modules, ")");
+    TORCH_CHECK(outs[j] >= 1 && outs[j] <= b_cat.size(0), "outs[", j, "] = ", outs[j],
+                ": expected in [1, max_out = ", b_cat.size(0), "]");
+    TORCH_CHECK(y_offsets[j] >= 0 && y_offsets[j] + outs[j] <= g.ny, "y_offsets[", j, "] = ",
+                y_offsets[j], " + out ", outs[j], ": expected <= n_out = ", g.ny);
+    TORCH_CHECK(lambda_b_offsets[j] >= 0 && lambda_b_offsets[j] + outs[j] <= g.nb,
+                "lambda_b_offsets[", j, "] = ", lambda_b_offsets[j], " + out ", outs[j],
+                ": expected <= nb = ", g.nb);
+  }
+  return g;
+}
+
+}  // namespace uora

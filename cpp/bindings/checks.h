@@ -31,3 +31,19 @@ kernels::MixParams mix_params(const at::Tensor& a0, const at::Tensor& qa, const 
                               const at::Tensor& b);
 
 }  // namespace uora
+
+namespace uora {
+
+// Sizes of one multi-adapter group call (uora_group_), after every argument was checked.
+struct GroupShape {
+  int64_t rows = 0, in = 0, ny = 0, slots = 0, modules = 0, r = 0, R = 0, nb = 0;
+};
+
+GroupShape check_group_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a_cat,
+                            const at::Tensor& b_cat, const at::Tensor& lambda_d,
+                            const at::Tensor& lambda_b, const at::Tensor& p,
+                            const at::Tensor& slot, at::IntArrayRef modules,
+                            at::IntArrayRef lambda_b_offsets, at::IntArrayRef y_offsets,
+                            at::IntArrayRef outs, bool with_q);
+
+}  // namespace uora

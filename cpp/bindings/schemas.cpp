@@ -13,4 +13,11 @@ TORCH_LIBRARY(uora, m) {
       "Tensor A0, Tensor QA, Tensor B0, Tensor QB, float tau, int k, float alpha) -> Tensor");
   // A, B rebuilt from the initial factors and the reinit record p (same rounding as reinit_).
   m.def("mix_projections(Tensor A0, Tensor QA, Tensor B0, Tensor QB, Tensor p) -> (Tensor, Tensor)");
+  // Multi-adapter UORA delta of one input group (DESIGN §4), accumulated into the group's fused
+  // base output y [T, n_out]: per-token slots (-1 = base only), one shrink for the group, one
+  // expand per module. with_q = false drops the Q halves (no slot in the batch has p < 1).
+  m.def(
+      "uora_group_(Tensor(a!) y, Tensor x, Tensor a_cat, Tensor b_cat, Tensor lambda_d, "
+      "Tensor lambda_b, Tensor p, Tensor slot, int[] modules, int[] lambda_b_offsets, "
+      "int[] y_offsets, int[] outs, bool with_q) -> ()");
 }

@@ -10,9 +10,10 @@ from uora_rt.errors import AdapterFormatError
 from uora_rt.inject import (inject, load_adapter, merge, reinit_step, save_adapter, to_adapter,
                             unmerge)
 from uora_rt.projections import projections
+from uora_rt.runtime import Runtime, load
 
 __all__ = [
     "AdapterFormatError", "UORAConfig", "build_info", "inject", "load_adapter", "merge",
-    "projections", "reinit_step", "save_adapter", "to_adapter", "unmerge",
+    "Runtime", "load", "projections", "reinit_step", "save_adapter", "to_adapter", "unmerge",
 ]
 __version__ = "0.1.0"

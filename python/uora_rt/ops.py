@@ -64,3 +64,30 @@ def _register_fakes() -> None:
 
 
 _register_fakes()
+
+
+def uora_group_(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets,
+                y_offsets, outs, with_q: bool) -> None:
+    """Adds the multi-adapter UORA delta of one input group to its fused base output, in place.
+
+    Semantics (y [T, n_out] and x [T, in] of one float dtype; a_cat [2r or r, max_in] f32 holds
+    [A0; QA]; b_cat [max_out, 2r or r] f32 holds [B0 | QB]; lambda_d [S, M, r] f32; lambda_b
+    [S, NB] f32, module j's vector at [:, lambda_b_offsets[j] : + outs[j]]; p [S, r] f32;
+    slot [T] int32, -1 = no adapter):
+        for t with slot[t] = s >= 0, for each module j (id m = modules[j], out = outs[j]):
+            A = p[s, :, None] * a_cat[:r, :in] + (1 - p[s, :, None]) * a_cat[r:, :in]  # with_q
+            B = p[s] * b_cat[:out, :r] + (1 - p[s]) * b_cat[:out, r:]                    # with_q
+            (A, B = a_cat[:r, :in], b_cat[:out, :r] when not with_q)
+            d = lambda_b[s, off_j : off_j + out] * (B @ (lambda_d[s, m] * (A @ x[t])))
+            y[t, y_off_j : y_off_j + out] = (y[t, y_off_j : ...].float() + d).to(y.dtype)
+    computed through the identity of DESIGN §4: one shrink u = A_cat x per row, no per-adapter
+    GEMM. Rows with slot -1 cost nothing.
+    """
+    _ops.uora_group_(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, list(modules),
+                     list(lambda_b_offsets), list(y_offsets), list(outs), with_q)
+
+
+@torch.library.register_fake("uora::uora_group_")
+def _(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets, y_offsets, outs,
+      with_q):
+    return None

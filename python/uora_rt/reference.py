@@ -229,3 +229,33 @@ def reinit_literal(lambda_ds, counters, a, b, qa, qb, tau, k, alpha):
                     b[:, i] = alpha * b[:, i] + (1 - alpha) * qb[:, i]
                     events += 1
     return events
+
+
+# --------------------------------------------------------------------------------------------
+# Serving: the multi-adapter group delta (DESIGN §4), per token, from the rebuilt A and B
+# --------------------------------------------------------------------------------------------
+
+
+def uora_group(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets,
+               y_offsets, outs, with_q):
+    """Returns y plus every row's adapter delta (float32 math, one rounding to y's dtype).
+
+    Deliberately not the kernels' identity: each row rebuilds its adapter's A and B from p and
+    applies them directly, as a single-adapter VeRA/UORA layer would.
+    """
+    y = y.clone()
+    r, in_f = lambda_d.shape[2], x.shape[1]
+    for t in range(x.shape[0]):
+        s = int(slot[t])
+        if s < 0:
+            continue
+        for j, m in enumerate(modules):
+            out, off, yoff = outs[j], lambda_b_offsets[j], y_offsets[j]
+            if with_q:
+                a = p[s, :, None] * a_cat[:r, :in_f] + (1 - p[s, :, None]) * a_cat[r:2 * r, :in_f]
+                b = p[s] * b_cat[:out, :r] + (1 - p[s]) * b_cat[:out, r:2 * r]
+            else:
+                a, b = a_cat[:r, :in_f], b_cat[:out, :r]
+            d = lambda_b[s, off:off + out] * (b @ (lambda_d[s, m] * (a @ x[t].float())))
+            y[t, yoff:yoff + out] = (y[t, yoff:yoff + out].float() + d).to(y.dtype)
+    return y

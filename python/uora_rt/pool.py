@@ -1,0 +1,266 @@
+"""The adapter pool: projection families built once per key, slots that hold only vectors.
+
+A family (algorithm, seed, r, max_in, max_out) owns the stacked factors A_cat = [A0; QA] and
+B_cat = [B0 | QB] on the device and tables with one row per slot:
+    lambda_d [slots, modules, r]   lambda_b [slots, sum of outs] (packed)   p [slots, r]
+Tables are replaced, never resized in place, so a batch that took a snapshot (`AdapterBatch`)
+keeps consistent tensors while adapters are added or removed; a removed adapter's slot is reused
+only once no batch is in flight.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from uora_rt import format as fmt
+from uora_rt import ops
+from uora_rt.checkpoint import resolve_module
+from uora_rt.errors import AdapterFormatError
+from uora_rt.models.common import Site
+from uora_rt.projections import ALGORITHM, projections
+
+
+def family_key(adapter: fmt.Adapter):
+    spec = adapter.projection
+    if spec.algorithm == fmt.EXPLICIT_ALGORITHM:  # each explicit adapter is its own family
+        return (spec.algorithm, id(adapter))
+    return (spec.algorithm, spec.seed, spec.r, spec.max_in, spec.max_out)
+
+
+def family_factors(adapter: fmt.Adapter):
+    """(A_cat, B_cat, has_q): [A0; QA] and [B0 | QB] for UORA, the plain A and B otherwise."""
+    spec = adapter.projection
+    if spec.algorithm == ALGORITHM:
+        a0, b0, qa, qb = projections(spec.seed, spec.r, spec.max_in, spec.max_out)
+        return torch.cat([a0, qa]), torch.cat([b0, qb], dim=1), True
+    if spec.algorithm == fmt.PEFT_VERA_ALGORITHM:
+        from uora_rt.projections import vera_projections
+
+        a, b = vera_projections(spec.seed, spec.r, spec.max_in, spec.max_out)
+        return a, b, False
+    return adapter.explicit[0], adapter.explicit[1], False
+
+
+@dataclass
+class Family:
+    key: tuple
+    r: int
+    a_cat: torch.Tensor
+    b_cat: torch.Tensor
+    has_q: bool
+    modules: list[str] = field(default_factory=list)      # module id -> site name
+    lb_offset: dict[str, int] = field(default_factory=dict)
+    lambda_d: torch.Tensor | None = None
+    lambda_b: torch.Tensor | None = None
+    p: torch.Tensor | None = None
+    slot_q: list[bool] = field(default_factory=list)       # slot has p < 1 somewhere
+    free: list[int] = field(default_factory=list)
+    groups: dict = field(default_factory=dict)             # (layer, group) -> op arguments
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.p is None else self.p.shape[0]
+
+
+@dataclass
+class Entry:
+    name: str
+    family: Family
+    slot: int
+    adapter: fmt.Adapter
+    targets: list[str]  # site names
+
+
+class AdapterPool:
+    def __init__(self, sites: list[Site], device, base_arch: str):
+        self.sites = {s.name: s for s in sites}
+        self.device = torch.device(device)
+        self.base_arch = base_arch
+        self.families: dict[tuple, Family] = {}
+        self.entries: dict[str, Entry] = {}
+        self._lock = threading.RLock()
+        self._in_flight = 0
+        self._pending_free: list[tuple[Family, int]] = []
+
+    # --- validation -------------------------------------------------------------------------
+    def _resolve_targets(self, adapter: fmt.Adapter, source) -> list[str]:
+        names = []
+        for t in adapter.targets:
+            site_name = resolve_module(t, self.sites, source)
+            site = self.sites[site_name]
+            want = list(adapter.base["modules"][t])
+            if want != [site.out, site.inp]:
+                raise AdapterFormatError(source, f"__metadata__.base.modules.{t}",
+                                         f"the base model's [out, in] = [{site.out}, {site.inp}]",
+                                         want)
+            names.append(site_name)
+        return names
+
+    # --- add / remove -----------------------------------------------------------------------
+    def add(self, name: str, adapter: fmt.Adapter) -> None:
+        source = adapter.path or name
+        targets = self._resolve_targets(adapter, source)  # validate before touching anything
+        with self._lock:
+            if name in self.entries:
+                raise ValueError(f"an adapter named {name!r} is already loaded")
+            key = family_key(adapter)
+            fam = self.families.get(key)
+            if fam is None:
+                a_cat, b_cat, has_q = family_factors(adapter)
+                fam = Family(key, adapter.r, a_cat.to(self.device), b_cat.to(self.device), has_q)
+                self.families[key] = fam
+            self._ensure_modules(fam, targets)
+            slot = fam.free.pop() if fam.free else self._grow(fam)
+            lam_d = torch.zeros(len(fam.modules), fam.r)
+            lam_b = torch.zeros(fam.lambda_b.shape[1])
+            for t, site_name in zip(adapter.targets, targets):
+                lam_d[fam.modules.index(site_name)] = adapter.lambda_d[t]
+                off = fam.lb_offset[site_name]
+                lam_b[off:off + self.sites[site_name].out] = adapter.lambda_b[t]
+            # The slot is free: no batch in flight reads it, so writing in place is safe.
+            fam.lambda_d[slot] = lam_d.to(self.device)
+            fam.lambda_b[slot] = lam_b.to(self.device)
+            fam.p[slot] = adapter.p.to(self.device)
+            fam.slot_q[slot] = bool((adapter.p < 1).any())
+            self.entries[name] = Entry(name, fam, slot, adapter, targets)
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            entry = self.entries.pop(name, None)
+            if entry is None:
+                raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.entries)}")
+            self._pending_free.append((entry.family, entry.slot))
+            self._release_pending()
+
+    def _release_pending(self):
+        if self._in_flight == 0:
+            for fam, slot in self._pending_free:
+                fam.free.append(slot)
+            self._pending_free.clear()
+
+    def _ensure_modules(self, fam: Family, targets: list[str]) -> None:
+        new = [t for t in targets if t not in fam.lb_offset]
+        if not new and fam.p is not None:
+            return
+        cap = max(fam.capacity, 4)
+        old_m, old_nb = len(fam.modules), 0 if fam.lambda_b is None else fam.lambda_b.shape[1]
+        for t in new:
+            fam.lb_offset[t] = old_nb + sum(self.sites[n].out for n in new[: new.index(t)])
+            fam.modules.append(t)
+        nb = old_nb + sum(self.sites[t].out for t in new)
+        lambda_d = torch.zeros(cap, len(fam.modules), fam.r, device=self.device)
+        lambda_b = torch.zeros(cap, nb, device=self.device)
+        p = torch.ones(cap, fam.r, device=self.device)
+        if fam.p is not None:  # copy into new tensors: in-flight batches keep the old ones
+            lambda_d[:, :old_m] = fam.lambda_d
+            lambda_b[:, :old_nb] = fam.lambda_b
+            p.copy_(fam.p)
+        else:
+            fam.slot_q = [False] * cap
+            fam.free = list(range(cap - 1, -1, -1))
+        fam.lambda_d, fam.lambda_b, fam.p = lambda_d, lambda_b, p
+        fam.groups = self._group_table(fam)
+
+    def _grow(self, fam: Family) -> int:
+        old = fam.capacity
+        cap = old * 2
+        fam.lambda_d = torch.cat([fam.lambda_d, torch.zeros_like(fam.lambda_d)])
+        fam.lambda_b = torch.cat([fam.lambda_b, torch.zeros_like(fam.lambda_b)])
+        fam.p = torch.cat([fam.p, torch.ones_like(fam.p)])
+        fam.slot_q += [False] * (cap - old)
+        fam.free += list(range(cap - 1, old, -1))
+        return old
+
+    def _group_table(self, fam: Family) -> dict:
+        table: dict = {}
+        for mid, name in enumerate(fam.modules):
+            s = self.sites[name]
+            ids, offs, cols, outs = table.setdefault((s.layer, s.group), ([], [], [], []))
+            ids.append(mid)
+            offs.append(fam.lb_offset[name])
+            cols.append(s.col)
+            outs.append(s.out)
+        return table
+
+    # --- batches ----------------------------------------------------------------------------
+    def batch(self, names: list[str | None], token_valid: torch.Tensor) -> "AdapterBatch | None":
+        """A snapshot for one request: names per sequence, token_valid [B, L] (False = padding)."""
+        with self._lock:
+            unknown = [n for n in names if n is not None and n not in self.entries]
+            if unknown:
+                raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.entries)}")
+            if all(n is None for n in names):
+                return None
+            self._in_flight += 1
+            per_family: dict[tuple, list[int]] = {}
+            for n in names:
+                if n is not None:
+                    e = self.entries[n]
+                    per_family.setdefault(e.family.key, [-1] * len(names))
+            for i, n in enumerate(names):
+                if n is not None:
+                    e = self.entries[n]
+                    per_family[e.family.key][i] = e.slot
+            views = []
+            for key, seq_slots in per_family.items():
+                fam = self.families[key]
+                used = {s for s in seq_slots if s >= 0}
+                with_q = fam.has_q and any(fam.slot_q[s] for s in used)
+                views.append(FamilyView(fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
+                                        dict(fam.groups), with_q,
+                                        torch.tensor(seq_slots, dtype=torch.int32)))
+            return AdapterBatch(self, views, token_valid)
+
+    def _finish(self):
+        with self._lock:
+            self._in_flight -= 1
+            self._release_pending()
+
+
+@dataclass
+class FamilyView:
+    a_cat: torch.Tensor
+    b_cat: torch.Tensor
+    lambda_d: torch.Tensor
+    lambda_b: torch.Tensor
+    p: torch.Tensor
+    groups: dict
+    with_q: bool
+    seq_slots: torch.Tensor  # [B] int32, -1 = not this family
+
+
+class AdapterBatch:
+    """The adapter hook of one request: per-token slots for the current step, per family."""
+
+    def __init__(self, pool: AdapterPool, families: list[FamilyView], token_valid):
+        self.pool, self.families = pool, families
+        self.set_step(token_valid)
+        self.closed = False
+
+    def set_step(self, token_valid: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """token_valid: [B, L] of this forward step; rows: which sequences remain (decode)."""
+        if rows is not None:
+            for f in self.families:
+                f.seq_slots = f.seq_slots.index_select(0, rows.cpu())
+        self.token_slots = []
+        for f in self.families:
+            slots = f.seq_slots[:, None].expand(token_valid.shape).clone()
+            slots[~token_valid.cpu()] = -1
+            self.token_slots.append(slots.reshape(-1).to(token_valid.device))
+
+    def apply(self, layer, group, x2d, y2d):
+        for f, slots in zip(self.families, self.token_slots):
+            args = f.groups.get((layer, group))
+            if args is None:
+                continue
+            ids, offs, cols, outs = args
+            ops.uora_group_(y2d, x2d, f.a_cat, f.b_cat, f.lambda_d, f.lambda_b, f.p, slots, ids,
+                            offs, cols, outs, f.with_q)
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.pool._finish()
