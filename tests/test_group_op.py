@@ -115,3 +115,19 @@ def test_opcheck():
     args = make_case(64, (96, 32), 8, 3, 6, "zipf", True, torch.float32, "cpu")
     torch.library.opcheck(torch.ops.uora.uora_group_.default, tuple(args),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,kind,with_q", [(1, "distinct", True), (7, "base_rows", False),
+                                                (133, "zipf", True), (64, "segment", False)])
+def test_expand_with_precomputed_shrink(device, dtype, tokens, kind, with_q):
+    args = make_case(2049, (64, 48), 16, 5, tokens, kind, with_q, dtype, device)
+    y, x, a_cat, b_cat = args[:4]
+    want = reference.uora_group(*[a.cpu() if torch.is_tensor(a) else a for a in args])
+    r2 = a_cat.shape[0]
+    u = (x.float() @ a_cat[:, : x.shape[1]].float().T).to(dtype)  # as the fused base GEMM gives it
+    u = torch.cat([u, torch.zeros(tokens, 5, dtype=dtype, device=device)], 1)  # wider than R is fine
+    ops.uora_expand_(y, u, b_cat.to(dtype), *args[4:])
+    assert r2 in (16, 32)
+    assert_close(y.cpu(), want, dtype=dtype)

@@ -126,28 +126,15 @@ kernels::MixParams mix_params(const at::Tensor& a0, const at::Tensor& qa, const 
 
 namespace uora {
 
-GroupShape check_group_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a_cat,
-                            const at::Tensor& b_cat, const at::Tensor& lambda_d,
-                            const at::Tensor& lambda_b, const at::Tensor& p,
-                            const at::Tensor& slot, at::IntArrayRef modules,
-                            at::IntArrayRef lambda_b_offsets, at::IntArrayRef y_offsets,
-                            at::IntArrayRef outs, bool with_q) {
-  TORCH_CHECK(y.dim() == 2 && x.dim() == 2, "y: expected [T, n_out] and x [T, in], got ",
-              shape_str(y.sizes()), " and ", shape_str(x.sizes()));
-  TORCH_CHECK(lambda_d.dim() == 3, "lambda_d: expected [slots, modules, r], got ",
-              shape_str(lambda_d.sizes()));
-  GroupShape g;
-  g.rows = x.size(0);
-  g.in = x.size(1);
-  g.ny = y.size(1);
-  g.slots = lambda_d.size(0);
-  g.modules = lambda_d.size(1);
-  g.r = lambda_d.size(2);
-  g.R = with_q ? 2 * g.r : g.r;
-  TORCH_CHECK(y.size(0) == g.rows, "y: expected ", g.rows, " rows like x, got ", y.size(0));
+namespace {
+// Checks shared by uora_group_ and uora_expand_ once the leading shapes are known.
+void check_tables(GroupShape& g, const at::Tensor& y, const at::Tensor& ref, const at::Tensor& b_cat,
+                  const at::Tensor& lambda_d, const at::Tensor& lambda_b, const at::Tensor& p,
+                  const at::Tensor& slot, at::IntArrayRef modules,
+                  at::IntArrayRef lambda_b_offsets, at::IntArrayRef y_offsets,
+                  at::IntArrayRef outs, bool with_q) {
+  TORCH_CHECK(y.size(0) == g.rows, "y: expected ", g.rows, " rows, got ", y.size(0));
   TORCH_CHECK(y.stride(1) == 1, "y: expected unit stride along the last dim");
-  TORCH_CHECK(a_cat.dim() == 2 && a_cat.size(0) >= g.R && a_cat.size(1) >= g.in,
-              "a_cat: expected [>= ", g.R, ", >= in = ", g.in, "], got ", shape_str(a_cat.sizes()));
   TORCH_CHECK(b_cat.dim() == 2 && b_cat.size(1) >= g.R, "b_cat: expected [max_out, >= ", g.R,
               "], got ", shape_str(b_cat.sizes()));
   TORCH_CHECK(lambda_b.dim() == 2 && lambda_b.size(0) == g.slots,
@@ -156,21 +143,22 @@ GroupShape check_group_args(const at::Tensor& y, const at::Tensor& x, const at::
   if (with_q) check_shape(p, "p", "[slots, r]", {g.slots, g.r});
   check_shape(slot, "slot", "[T]", {g.rows});
   check_dtype(slot, "slot", at::kInt);
-  for (const auto& [t, name] : {std::pair{&a_cat, "a_cat"}, {&b_cat, "b_cat"},
-                                {&lambda_d, "lambda_d"}, {&lambda_b, "lambda_b"}}) {
+  TORCH_CHECK(b_cat.scalar_type() == at::kFloat || b_cat.scalar_type() == y.scalar_type(),
+              "b_cat: expected float32 or y's dtype ", y.scalar_type(), ", got ",
+              b_cat.scalar_type());
+  check_same_device(ref, b_cat, "b_cat");
+  for (const auto& [t, name] : {std::pair{&lambda_d, "lambda_d"}, {&lambda_b, "lambda_b"}}) {
     check_dtype(*t, name, at::kFloat);
-    check_same_device(x, *t, name);
+    check_same_device(ref, *t, name);
+    check_contiguous(*t, name);
   }
-  check_contiguous(lambda_d, "lambda_d");
-  check_contiguous(lambda_b, "lambda_b");
   if (with_q) {
     check_dtype(p, "p", at::kFloat);
     check_contiguous(p, "p");
+    check_same_device(ref, p, "p");
   }
-  check_same_device(x, y, "y");
-  check_same_device(x, slot, "slot");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y: expected one dtype, got ",
-              x.scalar_type(), " and ", y.scalar_type());
+  check_same_device(ref, y, "y");
+  check_same_device(ref, slot, "slot");
   const size_t m = modules.size();
   TORCH_CHECK(lambda_b_offsets.size() == m && y_offsets.size() == m && outs.size() == m,
               "modules, lambda_b_offsets, y_offsets, outs: expected equal lengths, got ", m, ", ",
@@ -186,6 +174,58 @@ GroupShape check_group_args(const at::Tensor& y, const at::Tensor& x, const at::
                 "lambda_b_offsets[", j, "] = ", lambda_b_offsets[j], " + out ", outs[j],
                 ": expected <= nb = ", g.nb);
   }
+}
+
+GroupShape lead_shape(const at::Tensor& y, const at::Tensor& lambda_d, bool with_q) {
+  TORCH_CHECK(y.dim() == 2, "y: expected [T, n_out], got ", shape_str(y.sizes()));
+  TORCH_CHECK(lambda_d.dim() == 3, "lambda_d: expected [slots, modules, r], got ",
+              shape_str(lambda_d.sizes()));
+  GroupShape g;
+  g.rows = y.size(0);
+  g.ny = y.size(1);
+  g.slots = lambda_d.size(0);
+  g.modules = lambda_d.size(1);
+  g.r = lambda_d.size(2);
+  g.R = with_q ? 2 * g.r : g.r;
+  return g;
+}
+}  // namespace
+
+GroupShape check_group_args(const at::Tensor& y, const at::Tensor& x, const at::Tensor& a_cat,
+                            const at::Tensor& b_cat, const at::Tensor& lambda_d,
+                            const at::Tensor& lambda_b, const at::Tensor& p,
+                            const at::Tensor& slot, at::IntArrayRef modules,
+                            at::IntArrayRef lambda_b_offsets, at::IntArrayRef y_offsets,
+                            at::IntArrayRef outs, bool with_q) {
+  GroupShape g = lead_shape(y, lambda_d, with_q);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == g.rows, "x: expected [T = ", g.rows, ", in], got ",
+              shape_str(x.sizes()));
+  g.in = x.size(1);
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y: expected one dtype, got ",
+              x.scalar_type(), " and ", y.scalar_type());
+  TORCH_CHECK(a_cat.dim() == 2 && a_cat.size(0) >= g.R && a_cat.size(1) >= g.in,
+              "a_cat: expected [>= ", g.R, ", >= in = ", g.in, "], got ", shape_str(a_cat.sizes()));
+  TORCH_CHECK(a_cat.scalar_type() == at::kFloat || a_cat.scalar_type() == x.scalar_type(),
+              "a_cat: expected float32 or x's dtype, got ", a_cat.scalar_type());
+  check_same_device(x, a_cat, "a_cat");
+  check_tables(g, y, x, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets, y_offsets,
+               outs, with_q);
+  return g;
+}
+
+GroupShape check_expand_args(const at::Tensor& y, const at::Tensor& u, const at::Tensor& b_cat,
+                             const at::Tensor& lambda_d, const at::Tensor& lambda_b,
+                             const at::Tensor& p, const at::Tensor& slot, at::IntArrayRef modules,
+                             at::IntArrayRef lambda_b_offsets, at::IntArrayRef y_offsets,
+                             at::IntArrayRef outs, bool with_q) {
+  GroupShape g = lead_shape(y, lambda_d, with_q);
+  TORCH_CHECK(u.dim() == 2 && u.size(0) == g.rows && u.size(1) >= g.R, "u: expected [T = ",
+              g.rows, ", >= R = ", g.R, "], got ", shape_str(u.sizes()));
+  TORCH_CHECK(u.stride(1) == 1, "u: expected unit stride along the last dim");
+  TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == y.scalar_type(),
+              "u: expected float32 or y's dtype, got ", u.scalar_type());
+  check_tables(g, y, u, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets, y_offsets,
+               outs, with_q);
   return g;
 }
 

@@ -46,4 +46,11 @@ GroupShape check_group_args(const at::Tensor& y, const at::Tensor& x, const at::
                             at::IntArrayRef lambda_b_offsets, at::IntArrayRef y_offsets,
                             at::IntArrayRef outs, bool with_q);
 
+// uora_expand_: u [T, >= R] replaces x and a_cat; u may be float32 or y's dtype.
+GroupShape check_expand_args(const at::Tensor& y, const at::Tensor& u, const at::Tensor& b_cat,
+                             const at::Tensor& lambda_d, const at::Tensor& lambda_b,
+                             const at::Tensor& p, const at::Tensor& slot, at::IntArrayRef modules,
+                             at::IntArrayRef lambda_b_offsets, at::IntArrayRef y_offsets,
+                             at::IntArrayRef outs, bool with_q);
+
 }  // namespace uora

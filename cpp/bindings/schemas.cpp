@@ -20,4 +20,10 @@ TORCH_LIBRARY(uora, m) {
       "uora_group_(Tensor(a!) y, Tensor x, Tensor a_cat, Tensor b_cat, Tensor lambda_d, "
       "Tensor lambda_b, Tensor p, Tensor slot, int[] modules, int[] lambda_b_offsets, "
       "int[] y_offsets, int[] outs, bool with_q) -> ()");
+  // The same delta when the shrink u = x A_cat^T [T, >= R] was already computed (on the GPU it
+  // comes out of the base GEMM, whose weight has A_cat's rows appended): expand only.
+  m.def(
+      "uora_expand_(Tensor(a!) y, Tensor u, Tensor b_cat, Tensor lambda_d, Tensor lambda_b, "
+      "Tensor p, Tensor slot, int[] modules, int[] lambda_b_offsets, int[] y_offsets, int[] outs, "
+      "bool with_q) -> ()");
 }

@@ -9,9 +9,9 @@ import sys
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="uora-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a UORA adapter on the packaged MiniLM and save it")
-    demo.add_argument("--out", default="uora-demo", help="output folder (default: ./uora-demo)")
-    demo.add_argument("--steps", type=int, default=60)
+    demo = sub.add_parser("demo", help="train UORA adapters on the packaged SmolLM2 and serve "
+                                       "them in one mixed batch")
+    demo.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
     if args.command == "demo":
         from uora_rt.demo import run

@@ -136,7 +136,7 @@ def _add_delta(layer: UORALinear, sign: float) -> None:
     w.copy_((w.float() + sign * delta).to(w.dtype))
 
 
-def to_adapter(model: nn.Module) -> fmt.Adapter:
+def to_adapter(model: nn.Module, architecture: str | None = None) -> fmt.Adapter:
     """The model's adapter as an in-memory `.uora` record (CPU copies)."""
     shared = shared_state(model)
     cfg = shared.config
@@ -148,7 +148,7 @@ def to_adapter(model: nn.Module) -> fmt.Adapter:
         lambda_d={n: l.lambda_d.detach().cpu().clone() for n, l in layers},
         p=shared.p.detach().cpu().clone(),
         count=shared.events.detach().cpu().clone(),
-        base={"architecture": model_architecture(model),
+        base={"architecture": architecture or model_architecture(model),
               "modules": {n: [l.out_features, l.in_features] for n, l in layers}},
         training=cfg.training_record(),
     )

@@ -91,3 +91,20 @@ def uora_group_(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, lambda
 def _(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets, y_offsets, outs,
       with_q):
     return None
+
+
+def uora_expand_(y, u, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets, y_offsets,
+                 outs, with_q: bool) -> None:
+    """uora_group_ when the shrink is already done: u [T, >= R] = x @ a_cat[:R, :in].T.
+
+    Semantics: as uora_group_, with A x replaced by p * u[:, :r] + (1 - p) * u[:, r:2r] (with_q)
+    or u[:, :r]. u may be float32 or y's dtype (on the GPU it comes out of the base GEMM, whose
+    weight carries a_cat's rows, so the shrink costs no extra pass over x).
+    """
+    _ops.uora_expand_(y, u, b_cat, lambda_d, lambda_b, p, slot, list(modules),
+                      list(lambda_b_offsets), list(y_offsets), list(outs), with_q)
+
+
+@torch.library.register_fake("uora::uora_expand_")
+def _(y, u, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets, y_offsets, outs, with_q):
+    return None

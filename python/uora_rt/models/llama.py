@@ -174,12 +174,16 @@ class LlamaModel(nn.Module):
                        self.embed.weight.device)
 
     # --- forward ----------------------------------------------------------------------------
-    def forward(self, ids, positions, key_valid, cache: KVCache, hook=None, last_only=False):
+    def forward(self, ids, positions, key_valid, cache: KVCache | None, hook=None,
+                last_only=False, select=None):
         """ids, positions: [B, L]; key_valid: [B, cache.length + L] bool (False = padding).
-        Writes this step's keys/values at cache[length : length + L] and advances the cache."""
+        Writes this step's keys/values at cache[length : length + L] and advances the cache;
+        cache=None attends within this call only (training). Logits: [B, L, V], or [B, 1, V]
+        with last_only, or [N, V] for the N positions where `select` [B, L] is True (the LM head
+        is a large share of a small model's FLOPs: compute only what is used)."""
         s = self.spec
         b, n = ids.shape
-        start = cache.length
+        start = cache.length if cache is not None else 0
         x = self.embed(ids)                                                  # [B, L, H]
         freqs = positions.float()[..., None] * self.inv_freq                 # [B, L, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -202,11 +206,12 @@ class LlamaModel(nn.Module):
             v = v.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            cache.k[i, :, :, start:total] = k
-            cache.v[i, :, :, start:total] = v
-            att = F.scaled_dot_product_attention(
-                q, cache.k[i, :, :, :total], cache.v[i, :, :, :total], attn_mask=mask,
-                enable_gqa=s.kv_heads != s.heads)                            # [B, nH, L, hd]
+            if cache is not None:
+                cache.k[i, :, :, start:total] = k
+                cache.v[i, :, :, start:total] = v
+                k, v = cache.k[i, :, :, :total], cache.v[i, :, :, :total]    # [B, nKV, S, hd]
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 enable_gqa=s.kv_heads != s.heads)  # [B, nH, L, hd]
             att = att.transpose(1, 2).reshape(b, n, q_size)
             o = layer.o(att)
             apply_adapters(hook, i, "o", att, o)
@@ -219,9 +224,12 @@ class LlamaModel(nn.Module):
             d = layer.down(act)
             apply_adapters(hook, i, "down", act, d)
             x = x + d
-        cache.length = total
+        if cache is not None:
+            cache.length = total
         if last_only:
             x = x[:, -1:]
+        elif select is not None:
+            x = x[select]                                                    # [N, H]
         x = rms_norm(x, self.norm, s.rms_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head)                                             # [B, L', V]
