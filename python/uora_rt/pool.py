@@ -19,7 +19,7 @@ from uora_rt import format as fmt
 from uora_rt import ops
 from uora_rt.checkpoint import resolve_module
 from uora_rt.errors import AdapterFormatError
-from uora_rt.models.common import Site
+from uora_rt.models.common import AdapterHook, Site
 from uora_rt.projections import ALGORITHM, projections
 
 
@@ -59,6 +59,7 @@ class Family:
     slot_q: list[bool] = field(default_factory=list)       # slot has p < 1 somewhere
     free: list[int] = field(default_factory=list)
     groups: dict = field(default_factory=dict)             # (layer, group) -> op arguments
+    ext: dict = field(default_factory=dict)                # (layer, group) -> fused weight, bias
 
     @property
     def capacity(self) -> int:
@@ -75,10 +76,17 @@ class Entry:
 
 
 class AdapterPool:
-    def __init__(self, sites: list[Site], device, base_arch: str):
+    """fuse_shrink: compute the primary family's shrink inside each group's base GEMM (its weight
+    with A_cat's rows appended, built lazily per group) instead of a separate pass over x. Worth it
+    where GEMMs are memory-bound (GPU decode); on the CPU the base-only rows would pay for it."""
+
+    def __init__(self, sites: list[Site], device, base_arch: str, group_linear=None,
+                 fuse_shrink: bool = False):
         self.sites = {s.name: s for s in sites}
         self.device = torch.device(device)
         self.base_arch = base_arch
+        self.group_linear = group_linear
+        self.fuse_shrink = fuse_shrink and group_linear is not None
         self.families: dict[tuple, Family] = {}
         self.entries: dict[str, Entry] = {}
         self._lock = threading.RLock()
@@ -205,14 +213,39 @@ class AdapterPool:
                     e = self.entries[n]
                     per_family[e.family.key][i] = e.slot
             views = []
-            for key, seq_slots in per_family.items():
+            # Families in creation order: the pool's first family is the one fused into the
+            # base GEMMs whenever it is present, so one set of fused weights serves every batch.
+            for key in [k for k in self.families if k in per_family]:
+                seq_slots = per_family[key]
                 fam = self.families[key]
                 used = {s for s in seq_slots if s >= 0}
                 with_q = fam.has_q and any(fam.slot_q[s] for s in used)
+                fused = self.fuse_shrink and key == next(iter(self.families))
                 views.append(FamilyView(fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
                                         dict(fam.groups), with_q,
-                                        torch.tensor(seq_slots, dtype=torch.int32)))
+                                        torch.tensor(seq_slots, dtype=torch.int32),
+                                        fam if fused else None))
             return AdapterBatch(self, views, token_valid)
+
+    def fused_weight(self, fam: Family, layer: int, group: str):
+        """[W; A0; QA] (and the bias padded with zeros) for one group, built once per family."""
+        key = (layer, group)
+        hit = fam.ext.get(key)
+        if hit is None:
+            with self._lock:
+                linear = self.group_linear(layer, group)
+                w = linear.weight
+                a = fam.a_cat[:, : w.shape[1]].to(w.dtype)
+                b = None if linear.bias is None else torch.cat(
+                    [linear.bias, linear.bias.new_zeros(a.shape[0])])
+                hit = fam.ext.setdefault(key, (torch.cat([w, a]).contiguous(), b))
+        return hit
+
+    def clear_fused(self):
+        """Base weights changed (merge/unmerge): fused weights must be rebuilt."""
+        with self._lock:
+            for fam in self.families.values():
+                fam.ext.clear()
 
     def _finish(self):
         with self._lock:
@@ -230,9 +263,10 @@ class FamilyView:
     groups: dict
     with_q: bool
     seq_slots: torch.Tensor  # [B] int32, -1 = not this family
+    fused: Family | None = None  # set when this family's shrink runs inside the base GEMM
 
 
-class AdapterBatch:
+class AdapterBatch(AdapterHook):
     """The adapter hook of one request: per-token slots for the current step, per family."""
 
     def __init__(self, pool: AdapterPool, families: list[FamilyView], token_valid):
@@ -251,10 +285,31 @@ class AdapterBatch:
             slots[~token_valid.cpu()] = -1
             self.token_slots.append(slots.reshape(-1).to(token_valid.device))
 
+    def run(self, layer, group, linear, x):
+        first = self.families[0]
+        if first.fused is None or (layer, group) not in first.groups:
+            return super().run(layer, group, linear, x)
+        # One GEMM gives [y | u]: the base output and the fused family's shrink, u = x A_cat^T.
+        w_ext, b_ext = self.pool.fused_weight(first.fused, layer, group)
+        n = linear.weight.shape[0]
+        rank = 2 * first.lambda_d.shape[2] if first.with_q else first.lambda_d.shape[2]
+        y_ext = torch.nn.functional.linear(x, w_ext[: n + rank],
+                                           None if b_ext is None else b_ext[: n + rank])
+        y_ext2d = y_ext.view(-1, n + rank)
+        y2d, u2d = y_ext2d[:, :n], y_ext2d[:, n:]
+        ids, offs, cols, outs = first.groups[(layer, group)]
+        ops.uora_expand_(y2d, u2d, first.b_cat, first.lambda_d, first.lambda_b, first.p,
+                         self.token_slots[0], ids, offs, cols, outs, first.with_q)
+        self._apply_families(layer, group, x.reshape(-1, x.shape[-1]), y2d, skip_first=True)
+        return y_ext[..., :n]
+
     def apply(self, layer, group, x2d, y2d):
-        for f, slots in zip(self.families, self.token_slots):
+        self._apply_families(layer, group, x2d, y2d)
+
+    def _apply_families(self, layer, group, x2d, y2d, skip_first=False):
+        for k, (f, slots) in enumerate(zip(self.families, self.token_slots)):
             args = f.groups.get((layer, group))
-            if args is None:
+            if args is None or (skip_first and k == 0):
                 continue
             ids, offs, cols, outs = args
             ops.uora_group_(y2d, x2d, f.a_cat, f.b_cat, f.lambda_d, f.lambda_b, f.p, slots, ids,

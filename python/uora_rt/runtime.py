@@ -34,7 +34,7 @@ def resolve_base(base) -> Path:
 
 
 class Runtime:
-    def __init__(self, folder, device="cpu", dtype=torch.float32):
+    def __init__(self, folder, device="cpu", dtype=torch.float32, fuse_shrink=None):
         folder = Path(folder)
         self.folder, self.device, self.dtype = folder, torch.device(device), dtype
         self.config = checkpoint.read_config(folder)
@@ -47,7 +47,10 @@ class Runtime:
         model.load_checkpoint(checkpoint.load_tensors(folder))
         self.model = model.eval().requires_grad_(False)
         arch = (self.config.get("architectures") or [self.config.get("model_type", "?")])[0]
-        self.pool = AdapterPool(model.sites(), self.device, arch)
+        # On the GPU the shrink rides in the base GEMM (decode is weight-read-bound, the extra rows
+        # cost ~nothing); on the CPU (compute-bound) only adapter rows should pay for it.
+        fuse = self.device.type == "cuda" if fuse_shrink is None else fuse_shrink
+        self.pool = AdapterPool(model.sites(), self.device, arch, model.group_linear, fuse)
         self.codec = None
         if (folder / "tokenizer.json").is_file():
             from uora_rt.tokenizer import TextCodec
@@ -106,6 +109,7 @@ class Runtime:
             w = self.model.group_linear(site.layer, site.group).weight
             rows = w[site.col: site.col + site.out]
             rows.copy_((rows.float() + sign * delta.to(w.device)).to(w.dtype))
+        self.pool.clear_fused()
 
     # --- batches ----------------------------------------------------------------------------
     def _hook(self, names, token_valid):
@@ -153,10 +157,11 @@ class Runtime:
                         seed, chat)
 
 
-def load(base=None, adapters=(), device="cpu", dtype=torch.float32) -> Runtime:
+def load(base=None, adapters=(), device="cpu", dtype=torch.float32, fuse_shrink=None) -> Runtime:
     """Loads a Hugging Face base checkpoint folder (or "smollm2" / "minilm") and adapters given
-    as paths or (name, path) pairs."""
-    rt = Runtime(resolve_base(base), device, dtype)
+    as paths or (name, path) pairs. fuse_shrink (default: on for CUDA) computes the adapters'
+    shared shrink inside the base GEMM."""
+    rt = Runtime(resolve_base(base), device, dtype, fuse_shrink)
     for a in adapters:
         name, path = a if isinstance(a, tuple) else (None, a)
         rt.add_adapter(path, name)

@@ -18,6 +18,7 @@ from uora_rt import format as fmt
 from uora_rt.config import UORAConfig
 from uora_rt.inject import reinit_step, to_adapter
 from uora_rt.layers import UORAShared
+from uora_rt.models.common import AdapterHook
 from uora_rt.projections import ALGORITHM, ProjectionSpec, check_family
 
 
@@ -37,7 +38,7 @@ class SiteAdapter(nn.Module):
         return F.linear(h, self.shared.B[: self.out_features]) * self.lambda_b
 
 
-class TrainingHook(nn.Module):
+class TrainingHook(nn.Module, AdapterHook):
     """An adapter hook with trainable UORA vectors for the sites `config.target_modules` names."""
 
     def __init__(self, model, config: UORAConfig):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uora_rt.models.common import Site, apply_adapters
+from uora_rt.models.common import Site, run_group
 
 _ACTS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
          "relu": F.relu}
@@ -161,19 +161,15 @@ class BertModel(nn.Module):
         mask = valid[:, None, None, :]                                       # keys only
         hd = s.hidden // s.heads
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(x)                                               # [B, L, 3H]
-            apply_adapters(hook, i, "qkv", x, qkv)
+            qkv = run_group(hook, i, "qkv", layer.qkv, x)                    # [B, L, 3H]
             q, k, v = (t.view(b, n, s.heads, hd).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             att = att.transpose(1, 2).reshape(b, n, s.hidden)
-            a = layer.attn_out(att)
-            apply_adapters(hook, i, "attn_out", att, a)
+            a = run_group(hook, i, "attn_out", layer.attn_out, att)
             x = layer.attn_norm(a + x)
-            h = layer.intermediate(x)
-            apply_adapters(hook, i, "intermediate", x, h)
+            h = run_group(hook, i, "intermediate", layer.intermediate, x)
             h = _ACTS[s.act](h)
-            o = layer.output(h)
-            apply_adapters(hook, i, "output", h, o)
+            o = run_group(hook, i, "output", layer.output, h)
             x = layer.out_norm(o + x)
         return x, self.pool(x, valid)
 

@@ -25,17 +25,22 @@ class Site:
 
 
 class AdapterHook:
-    """Called by a model after each fused group GEMM: adds the adapter deltas in place.
-    The runtime supplies the implementation (pool.AdapterBatch); None means base model only."""
+    """How a model runs each fused group GEMM when adapters are present. The runtime supplies
+    pool.AdapterBatch (serving) or trainer.TrainingHook (training); None = base model only."""
+
+    def run(self, layer: int, group: str, linear, x: torch.Tensor) -> torch.Tensor:
+        """Returns linear(x) plus the adapter deltas of this group ([..., n_out])."""
+        y = linear(x)
+        self.apply(layer, group, x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
+        return y
 
     def apply(self, layer: int, group: str, x2d: torch.Tensor, y2d: torch.Tensor) -> None:
         raise NotImplementedError
 
 
-def apply_adapters(hook, layer, group, x, y):
-    """x: [..., in], y: [..., n_out] contiguous; flattens to the op's [T, *] views."""
-    if hook is not None:
-        hook.apply(layer, group, x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
+def run_group(hook, layer, group, linear, x):
+    """x: [..., in] -> [..., n_out]: the group's base GEMM and its adapter deltas."""
+    return linear(x) if hook is None else hook.run(layer, group, linear, x)
 
 
 class KVCache:
@@ -56,6 +61,3 @@ class KVCache:
         self.k = self.k.index_select(1, rows)
         self.v = self.v.index_select(1, rows)
 
-
-def take_row_slices(weight: torch.Tensor, sites: list[Site]) -> dict[str, slice]:
-    return {s.name: slice(s.col, s.col + s.out) for s in sites}

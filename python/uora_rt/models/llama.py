@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uora_rt.models.common import KVCache, Site, apply_adapters
+from uora_rt.models.common import KVCache, Site, run_group
 
 
 @dataclass
@@ -198,8 +198,7 @@ class LlamaModel(nn.Module):
         q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.in_norm, s.rms_eps)
-            qkv = layer.qkv(h)                                               # [B, L, q+2kv]
-            apply_adapters(hook, i, "qkv", h, qkv)
+            qkv = run_group(hook, i, "qkv", layer.qkv, h)                    # [B, L, q+2kv]
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(b, n, s.heads, s.head_dim).transpose(1, 2)            # [B, nH, L, hd]
             k = k.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)         # [B, nKV, L, hd]
@@ -213,16 +212,13 @@ class LlamaModel(nn.Module):
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  enable_gqa=s.kv_heads != s.heads)  # [B, nH, L, hd]
             att = att.transpose(1, 2).reshape(b, n, q_size)
-            o = layer.o(att)
-            apply_adapters(hook, i, "o", att, o)
+            o = run_group(hook, i, "o", layer.o, att)
             x = x + o
             h = rms_norm(x, layer.post_norm, s.rms_eps)
-            gu = layer.gate_up(h)                                            # [B, L, 2I]
-            apply_adapters(hook, i, "gate_up", h, gu)
+            gu = run_group(hook, i, "gate_up", layer.gate_up, h)             # [B, L, 2I]
             gate, up = gu.chunk(2, dim=-1)
             act = F.silu(gate) * up
-            d = layer.down(act)
-            apply_adapters(hook, i, "down", act, d)
+            d = run_group(hook, i, "down", layer.down, act)
             x = x + d
         if cache is not None:
             cache.length = total
