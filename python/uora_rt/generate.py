@@ -53,11 +53,12 @@ def _encode(rt, prompts, chat):
 
 @torch.no_grad()
 def generate(rt, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
-             stop=None, seed=0, chat=None) -> list[Generation]:
+             stop=None, seed=0, chat=None, static=None) -> list[Generation]:
     """prompts: strings (through the chat template when the tokenizer has one, unless chat=False)
     or lists of token ids; adapters: a name or None per prompt; stop: strings that end a sequence
     (not included in its text); seed: sampling seed (sequence i uses seed + i, so its output does
-    not depend on the rest of the batch)."""
+    not depend on the rest of the batch). static: decode through fixed-shape steps (CUDA graphs on
+    the GPU; default on CUDA) instead of a shrinking batch."""
     model = rt.model
     if model.kind != "decoder":
         raise ValueError("generate needs a decoder model; this base is an encoder")
@@ -66,6 +67,7 @@ def generate(rt, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top
     if len(names) != len(prompts):
         raise ValueError(f"adapters: expected {len(prompts)} entries, got {len(names)}")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
+    static = rt.device.type == "cuda" if static is None else static
     encoded = _encode(rt, prompts, chat)
     b, longest = len(encoded), max(len(e) for e in encoded)
     capacity = longest + max_new_tokens
@@ -80,61 +82,75 @@ def generate(rt, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top
         ids[i, longest - len(e):] = torch.tensor(e)
         valid[i, longest - len(e):] = True
     ids, valid = ids.to(dev), valid.to(dev)
-    eos = set()
-    for key in ("eos_token_id",):
-        v = rt.config.get(key)
-        eos |= set(v if isinstance(v, list) else [v] if v is not None else [])
-    if rt.codec and rt.codec.eos_id is not None:
-        eos.add(rt.codec.eos_id)
+    eos = _eos_ids(rt)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(b)]
     hook = rt._hook(names, valid[:, :longest])
     results: list[Generation | None] = [None] * b
     try:
-        cache = model.new_cache(b, capacity)
+        cache = model.new_cache(b, longest if static else capacity)
         positions = (valid[:, :longest].long().cumsum(1) - 1).clamp(min=0)
         logits = model(ids, positions, valid, cache, hook, last_only=True)[:, -1].float()
-        alive = list(range(b))  # original index of each remaining row
+        if static:
+            dec = rt.decoders.get(rt, b, capacity, hook, graph=dev.type == "cuda")
+            dec.start(cache, valid[:, :longest], positions[:, -1], hook)
+        alive = list(range(b))  # original index of each running sequence
+        row = list(range(b))    # its row in `logits`
         outs = [[] for _ in range(b)]
         pos = positions[:, -1]
         for step in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_p, top_k, [gens[i] for i in alive])
+            nxt = sample(logits[row], temperature, top_p, top_k, [gens[i] for i in alive]).tolist()
             keep = []
-            for row, (i, tok) in enumerate(zip(alive, nxt.tolist())):
-                reason = None
-                if tok in eos:
-                    reason = "stop"
-                else:
-                    outs[i].append(tok)
-                    text = rt.codec.decode(outs[i]) if rt.codec else ""
-                    cut = min((text.find(s) for s in stop if s in text), default=-1)
-                    if cut >= 0:
-                        results[i] = Generation(text[:cut], outs[i], "stop", names[i],
-                                                len(encoded[i]))
-                        continue
-                    if step == max_new_tokens - 1:
-                        reason = "length"
-                if reason:
-                    text = rt.codec.decode(outs[i]) if rt.codec else ""
+            for i, tok in zip(alive, nxt):
+                done = _advance(rt, i, tok, outs, eos, stop, step == max_new_tokens - 1)
+                if done:
+                    text, reason = done
                     results[i] = Generation(text, outs[i], reason, names[i], len(encoded[i]))
                 else:
-                    keep.append(row)
+                    keep.append(i)
             if not keep:
                 break
-            rows = torch.tensor(keep, device=dev)
-            compacted = len(keep) < len(alive)
-            if compacted:  # finished sequences leave the batch
-                cache.keep_rows(rows)
-                valid = valid.index_select(0, rows)
-                nxt, pos = nxt.index_select(0, rows), pos.index_select(0, rows)
-                alive = [alive[r] for r in keep]
-            pos = pos + 1
-            step_valid = torch.ones(len(alive), 1, dtype=torch.bool, device=dev)
-            if hook is not None:
-                hook.set_step(step_valid, rows if compacted else None)
-            logits = model(nxt[:, None], pos[:, None], valid, cache, hook, last_only=True)[:, -1]
-            logits = logits.float()
+            fed = {i: t for i, t in zip(alive, nxt)}
+            if static:  # every row keeps its place; finished rows are fed padding
+                feed = torch.full((b,), pad, dtype=torch.long)
+                feed[keep] = torch.tensor([fed[i] for i in keep])
+                logits = dec.step(feed.to(dev)).float()
+                row = keep
+            else:  # finished sequences leave the batch
+                rows = torch.tensor([alive.index(i) for i in keep], device=dev)
+                if len(keep) < len(alive):
+                    cache.keep_rows(rows)
+                    valid, pos = valid.index_select(0, rows), pos.index_select(0, rows)
+                    if hook is not None:
+                        hook.set_step(torch.ones(len(keep), 1, dtype=torch.bool, device=dev), rows)
+                elif hook is not None and step == 0:
+                    hook.set_step(torch.ones(len(keep), 1, dtype=torch.bool, device=dev))
+                pos = pos + 1
+                tokens = torch.tensor([[fed[i]] for i in keep], device=dev)
+                logits = model(tokens, pos[:, None], valid, cache, hook, last_only=True)[:, -1]
+                logits = logits.float()
+                row = list(range(len(keep)))
+            alive = keep
     finally:
         if hook is not None:
             hook.close()
     return results
 
+
+def _eos_ids(rt) -> set[int]:
+    v = rt.config.get("eos_token_id")
+    eos = set(v if isinstance(v, list) else [v] if v is not None else [])
+    if rt.codec and rt.codec.eos_id is not None:
+        eos.add(rt.codec.eos_id)
+    return eos
+
+
+def _advance(rt, i, tok, outs, eos, stop, last):
+    """Appends one token to sequence i; returns (text, finish reason) when it is finished."""
+    if tok in eos:
+        return (rt.codec.decode(outs[i]) if rt.codec else ""), "stop"
+    outs[i].append(tok)
+    text = rt.codec.decode(outs[i]) if rt.codec else ""
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    if cut >= 0:
+        return text[:cut], "stop"
+    return (text, "length") if last else None

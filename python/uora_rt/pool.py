@@ -221,7 +221,7 @@ class AdapterPool:
                 used = {s for s in seq_slots if s >= 0}
                 with_q = fam.has_q and any(fam.slot_q[s] for s in used)
                 fused = self.fuse_shrink and key == next(iter(self.families))
-                views.append(FamilyView(fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
+                views.append(FamilyView(key, fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
                                         dict(fam.groups), with_q,
                                         torch.tensor(seq_slots, dtype=torch.int32),
                                         fam if fused else None))
@@ -255,6 +255,7 @@ class AdapterPool:
 
 @dataclass
 class FamilyView:
+    key: tuple
     a_cat: torch.Tensor
     b_cat: torch.Tensor
     lambda_d: torch.Tensor
@@ -269,10 +270,11 @@ class FamilyView:
 class AdapterBatch(AdapterHook):
     """The adapter hook of one request: per-token slots for the current step, per family."""
 
-    def __init__(self, pool: AdapterPool, families: list[FamilyView], token_valid):
+    def __init__(self, pool: AdapterPool, families: list[FamilyView], token_valid,
+                 counted: bool = True):
         self.pool, self.families = pool, families
         self.set_step(token_valid)
-        self.closed = False
+        self.closed = not counted  # an uncounted hook never releases the pool's in-flight count
 
     def set_step(self, token_valid: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """token_valid: [B, L] of this forward step; rows: which sequences remain (decode)."""

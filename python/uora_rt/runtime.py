@@ -57,6 +57,9 @@ class Runtime:
 
             self.codec = TextCodec(folder)
         self.merged: str | None = None
+        from uora_rt.decode_graphs import DecoderCache
+
+        self.decoders = DecoderCache()
 
     # --- adapters ---------------------------------------------------------------------------
     @property
@@ -149,12 +152,12 @@ class Runtime:
                 hook.close()
 
     def generate(self, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                 top_k=0, stop=None, seed=0, chat=None):
+                 top_k=0, stop=None, seed=0, chat=None, static=None):
         """See uora_rt.generate.generate."""
         from uora_rt.generate import generate
 
         return generate(self, prompts, adapters, max_new_tokens, temperature, top_p, top_k, stop,
-                        seed, chat)
+                        seed, chat, static)
 
 
 def load(base=None, adapters=(), device="cpu", dtype=torch.float32, fuse_shrink=None) -> Runtime:

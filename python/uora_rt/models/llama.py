@@ -173,6 +173,46 @@ class LlamaModel(nn.Module):
         return KVCache(s.layers, batch, s.kv_heads, capacity, s.head_dim, self.embed.weight.dtype,
                        self.embed.weight.device)
 
+    # --- decode step (CUDA-graph safe) --------------------------------------------------------
+    def decode(self, ids, positions, key_valid, write_idx, cache: KVCache, hook=None):
+        """One token per row with every shape and index fixed, so the step can be captured in a
+        CUDA graph and replayed: ids, positions [B, 1]; write_idx [1] (device) is where this
+        token's key/value go; key_valid [B, capacity] must already include that position.
+        Attention runs over the whole capacity, masked. Returns logits [B, V]."""
+        s = self.spec
+        b = ids.shape[0]
+        x = self.embed(ids)                                                  # [B, 1, H]
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
+        mask = key_valid[:, None, None, :]                                   # [B, 1, 1, C]
+        group = s.heads // s.kv_heads
+        q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.in_norm, s.rms_eps)
+            qkv = run_group(hook, i, "qkv", layer.qkv, h)                    # [B, 1, q+2kv]
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(b, 1, s.heads, s.head_dim).transpose(1, 2)
+            k = k.view(b, 1, s.kv_heads, s.head_dim).transpose(1, 2)
+            v = v.reshape(b, 1, s.kv_heads, s.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            cache.k[i].index_copy_(2, write_idx, k)
+            cache.v[i].index_copy_(2, write_idx, v)
+            # GQA without copying the cache: a group's query heads become queries of one KV head.
+            qg = q.reshape(b, s.kv_heads, group, s.head_dim)                 # [B, nKV, g, hd]
+            att = F.scaled_dot_product_attention(qg, cache.k[i], cache.v[i], attn_mask=mask)
+            att = att.reshape(b, 1, q_size)
+            o = run_group(hook, i, "o", layer.o, att)
+            x = x + o
+            h = rms_norm(x, layer.post_norm, s.rms_eps)
+            gu = run_group(hook, i, "gate_up", layer.gate_up, h)
+            gate, up = gu.chunk(2, dim=-1)
+            x = x + run_group(hook, i, "down", layer.down, F.silu(gate) * up)
+        x = rms_norm(x[:, 0], self.norm, s.rms_eps)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head)                                             # [B, V]
+
     # --- forward ----------------------------------------------------------------------------
     def forward(self, ids, positions, key_valid, cache: KVCache | None, hook=None,
                 last_only=False, select=None):
