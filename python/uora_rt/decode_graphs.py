@@ -17,7 +17,7 @@ import torch
 from uora_rt.pool import AdapterBatch, FamilyView
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-CAPACITY_STEP = 256  # cache capacities are rounded up to this, so few graphs serve all lengths
+CAPACITY_STEP = 64  # cache capacities are rounded up to this, so few graphs serve all lengths
 
 
 def bucket_for(n: int) -> int:
@@ -71,13 +71,12 @@ class StaticDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
 
-    def start(self, prefill_cache, valid, last_pos, hook: AdapterBatch | None):
-        """Loads one request: prefill keys/values, its key mask [B, L] and positions [B]."""
+    def start(self, valid, last_pos, hook: AdapterBatch | None):
+        """Loads one request whose prefill already wrote rows [:B] of self.cache: its key mask
+        [B, L] and last positions [B]."""
         b, n = valid.shape
         self.key_valid.zero_()
         self.key_valid[:b, :n] = valid
-        self.cache.k[:, :b, :, :n] = prefill_cache.k
-        self.cache.v[:, :b, :, :n] = prefill_cache.v
         self.pos.zero_()
         self.pos[:b, 0] = last_pos
         self.write_idx.fill_(n)

@@ -87,12 +87,16 @@ def generate(rt, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top
     hook = rt._hook(names, valid[:, :longest])
     results: list[Generation | None] = [None] * b
     try:
-        cache = model.new_cache(b, longest if static else capacity)
+        if static:  # prefill straight into the decoder's (bucket-sized) cache
+            dec = rt.decoders.get(rt, b, capacity, hook, graph=dev.type == "cuda")
+            cache = dec.cache
+            cache.length = 0
+        else:
+            cache = model.new_cache(b, capacity)
         positions = (valid[:, :longest].long().cumsum(1) - 1).clamp(min=0)
         logits = model(ids, positions, valid, cache, hook, last_only=True)[:, -1].float()
         if static:
-            dec = rt.decoders.get(rt, b, capacity, hook, graph=dev.type == "cuda")
-            dec.start(cache, valid[:, :longest], positions[:, -1], hook)
+            dec.start(valid[:, :longest], positions[:, -1], hook)
         alive = list(range(b))  # original index of each running sequence
         row = list(range(b))    # its row in `logits`
         outs = [[] for _ in range(b)]

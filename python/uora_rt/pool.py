@@ -81,12 +81,13 @@ class AdapterPool:
     where GEMMs are memory-bound (GPU decode); on the CPU the base-only rows would pay for it."""
 
     def __init__(self, sites: list[Site], device, base_arch: str, group_linear=None,
-                 fuse_shrink: bool = False):
+                 fuse_shrink: bool = False, slots: int = 4):
         self.sites = {s.name: s for s in sites}
         self.device = torch.device(device)
         self.base_arch = base_arch
         self.group_linear = group_linear
         self.fuse_shrink = fuse_shrink and group_linear is not None
+        self.initial_slots = max(1, slots)
         self.families: dict[tuple, Family] = {}
         self.entries: dict[str, Entry] = {}
         self._lock = threading.RLock()
@@ -153,7 +154,7 @@ class AdapterPool:
         new = [t for t in targets if t not in fam.lb_offset]
         if not new and fam.p is not None:
             return
-        cap = max(fam.capacity, 4)
+        cap = max(fam.capacity, self.initial_slots)
         old_m, old_nb = len(fam.modules), 0 if fam.lambda_b is None else fam.lambda_b.shape[1]
         for t in new:
             fam.lb_offset[t] = old_nb + sum(self.sites[n].out for n in new[: new.index(t)])

@@ -34,32 +34,61 @@ def resolve_base(base) -> Path:
 
 
 class Runtime:
-    def __init__(self, folder, device="cpu", dtype=torch.float32, fuse_shrink=None):
-        folder = Path(folder)
-        self.folder, self.device, self.dtype = folder, torch.device(device), dtype
-        self.config = checkpoint.read_config(folder)
-        index = checkpoint.tensor_index(folder)
-        with torch.device("meta"):
-            model = models.build(self.config, folder, index.keys())
-        model = model.to(dtype).to_empty(device=self.device)
-        if hasattr(model, "init_buffers"):
-            model.init_buffers()
-        model.load_checkpoint(checkpoint.load_tensors(folder))
+    """A base model, its adapter pool and (for decoders) its tokenizer. Build with `load`
+    (a checkpoint folder) or `Runtime.random` (random weights, for benchmarks)."""
+
+    def __init__(self, model, config: dict, device, folder=None, fuse_shrink=None,
+                 slots: int = 4):
+        self.folder, self.config = (Path(folder) if folder else None), config
+        self.device, self.dtype = torch.device(device), model.embed.weight.dtype if hasattr(
+            model, "embed") else model.word.weight.dtype
         self.model = model.eval().requires_grad_(False)
-        arch = (self.config.get("architectures") or [self.config.get("model_type", "?")])[0]
+        arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
         # On the GPU the shrink rides in the base GEMM (decode is weight-read-bound, the extra rows
         # cost ~nothing); on the CPU (compute-bound) only adapter rows should pay for it.
         fuse = self.device.type == "cuda" if fuse_shrink is None else fuse_shrink
-        self.pool = AdapterPool(model.sites(), self.device, arch, model.group_linear, fuse)
+        self.pool = AdapterPool(model.sites(), self.device, arch, model.group_linear, fuse, slots)
         self.codec = None
-        if (folder / "tokenizer.json").is_file():
+        if self.folder is not None and (self.folder / "tokenizer.json").is_file():
             from uora_rt.tokenizer import TextCodec
 
-            self.codec = TextCodec(folder)
+            self.codec = TextCodec(self.folder)
         self.merged: str | None = None
         from uora_rt.decode_graphs import DecoderCache
 
         self.decoders = DecoderCache()
+
+    @staticmethod
+    def _empty_model(config, folder, names, device, dtype):
+        with torch.device("meta"):
+            model = models.build(config, folder, names)
+        model = model.to(dtype).to_empty(device=torch.device(device))
+        if hasattr(model, "init_buffers"):
+            model.init_buffers()
+        return model
+
+    @classmethod
+    def from_folder(cls, folder, device="cpu", dtype=torch.float32, fuse_shrink=None, slots=4):
+        folder = Path(folder)
+        config = checkpoint.read_config(folder)
+        index = checkpoint.tensor_index(folder)
+        model = cls._empty_model(config, folder, index.keys(), device, dtype)
+        model.load_checkpoint(checkpoint.load_tensors(folder))
+        return cls(model, config, device, folder, fuse_shrink, slots)
+
+    @classmethod
+    def random(cls, config: dict, device="cpu", dtype=torch.float32, seed=0, fuse_shrink=None,
+               slots=4):
+        """Random weights (N(0, 0.02), norms 1) for a transformers-style config: benchmarks only."""
+        model = cls._empty_model(config, "<random>", [], device, dtype)
+        g = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1 and "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+        return cls(model, config, device, None, fuse_shrink, slots)
 
     # --- adapters ---------------------------------------------------------------------------
     @property
@@ -160,11 +189,13 @@ class Runtime:
                         seed, chat, static)
 
 
-def load(base=None, adapters=(), device="cpu", dtype=torch.float32, fuse_shrink=None) -> Runtime:
+def load(base=None, adapters=(), device="cpu", dtype=torch.float32, fuse_shrink=None,
+         slots: int = 4) -> Runtime:
     """Loads a Hugging Face base checkpoint folder (or "smollm2" / "minilm") and adapters given
     as paths or (name, path) pairs. fuse_shrink (default: on for CUDA) computes the adapters'
-    shared shrink inside the base GEMM."""
-    rt = Runtime(resolve_base(base), device, dtype, fuse_shrink)
+    shared shrink inside the base GEMM; slots: initial adapter slots per projection family (the
+    tables double when full; on the GPU a full table means new CUDA graphs, so size it)."""
+    rt = Runtime.from_folder(resolve_base(base), device, dtype, fuse_shrink, slots)
     for a in adapters:
         name, path = a if isinstance(a, tuple) else (None, a)
         rt.add_adapter(path, name)

@@ -245,10 +245,10 @@ class LlamaModel(nn.Module):
             v = v.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            if cache is not None:
-                cache.k[i, :, :, start:total] = k
-                cache.v[i, :, :, start:total] = v
-                k, v = cache.k[i, :, :, :total], cache.v[i, :, :, :total]    # [B, nKV, S, hd]
+            if cache is not None:  # the cache may have more rows (a decode bucket): use the first B
+                cache.k[i, :b, :, start:total] = k
+                cache.v[i, :b, :, start:total] = v
+                k, v = cache.k[i, :b, :, :total], cache.v[i, :b, :, :total]  # [B, nKV, S, hd]
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                  enable_gqa=s.kv_heads != s.heads)  # [B, nH, L, hd]
             att = att.transpose(1, 2).reshape(b, n, q_size)
