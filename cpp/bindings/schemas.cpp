@@ -26,4 +26,7 @@ TORCH_LIBRARY(uora, m) {
       "uora_expand_(Tensor(a!) y, Tensor u, Tensor b_cat, Tensor lambda_d, Tensor lambda_b, "
       "Tensor p, Tensor slot, int[] modules, int[] lambda_b_offsets, int[] y_offsets, int[] outs, "
       "bool with_q) -> ()");
+  // PEFT VeRA's Kaiming-uniform MT19937 draw (algorithm peft-vera-kaiming-mt19937), bit for bit:
+  // A [r, max_in] then B [max_out, r], float32 CPU.
+  m.def("vera_kaiming_factors(int seed, int r, int max_in, int max_out) -> (Tensor, Tensor)");
 }

@@ -49,6 +49,23 @@ def mix_projections(a0, qa, b0, qb, p):
     return _ops.mix_projections(a0, qa, b0, qb, p)
 
 
+def vera_kaiming_factors(seed: int, r: int, max_in: int, max_out: int):
+    """PEFT VeRA's projections (algorithm peft-vera-kaiming-mt19937), bit for bit, float32 CPU.
+
+    Semantics (seed: int64, only its low 32 bits are used, as torch.Generator.manual_seed does):
+        gen = mt19937(seed & 0xFFFFFFFF)                            # init_genrand
+        def kaiming(shape):                                         # row-major, one output each
+            bound = sqrt(3) * (sqrt(2) / sqrt(shape[1]))            # float64
+            lo, hi = float32(-bound), float32(bound)
+            x = (gen.next_u32() & 0xFFFFFF) * 2**-24                # exact
+            return float32(x * (hi - lo) + lo)                      # one rounding (fma/float64)
+        A = kaiming([r, max_in])                                    # drawn first
+        B = kaiming([max_out, r])                                   # then B, same stream
+        return A, B                                                 # [r, max_in], [max_out, r]
+    """
+    return _ops.vera_kaiming_factors(seed, r, max_in, max_out)
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("uora::projection_factor")
     def _(seed, stream, n, r, transposed):
@@ -61,6 +78,11 @@ def _register_fakes() -> None:
     @torch.library.register_fake("uora::mix_projections")
     def _(a0, qa, b0, qb, p):
         return torch.empty_like(a0), torch.empty_like(b0)
+
+    @torch.library.register_fake("uora::vera_kaiming_factors")
+    def _(seed, r, max_in, max_out):
+        return (torch.empty((r, max_in), dtype=torch.float32),
+                torch.empty((max_out, r), dtype=torch.float32))
 
 
 _register_fakes()

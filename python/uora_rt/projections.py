@@ -84,3 +84,39 @@ def projections(seed: int, r: int, max_in: int, max_out: int):
 def clear_cache() -> None:
     with _lock:
         _cache.clear()
+        _vera_cache.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# PEFT VeRA's own draw (algorithm "peft-vera-kaiming-mt19937"): Kaiming-uniform values from one
+# CPU MT19937 stream, A then B. The serving runtime calls vera_projections for that algorithm.
+# ------------------------------------------------------------------------------------------------
+
+VERA_ALGORITHM = "peft-vera-kaiming-mt19937"
+_vera_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def vera_projections(seed: int, r: int, max_in: int, max_out: int):
+    """PEFT VeRA's `(vera_A, vera_B)` for projection_prng_key `seed`, float32 CPU, bit for bit as
+    PEFT draws them (cached; do not mutate).
+
+    Semantics: see ops.vera_kaiming_factors. A: [r, max_in], B: [max_out, r]. B depends on max_in
+    too (it comes after A in the same stream). Like torch.Generator.manual_seed, any seed in
+    [-2**63, 2**64) is accepted and only its low 32 bits matter.
+    """
+    for name, value in (("seed", seed), ("r", r), ("max_in", max_in), ("max_out", max_out)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"vera_projections: {name} must be an int, got {type(value).__name__}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"vera_projections: seed must be in [-2**63, 2**64), got {seed}")
+    if r < 1 or max_in < 1 or max_out < 1:
+        raise ValueError(f"vera_projections: r, max_in, max_out must be >= 1, got {r}, {max_in}, "
+                         f"{max_out}")
+    key = (seed & 0xFFFFFFFF, r, max_in, max_out)  # equal low words give equal draws: one entry
+    with _lock:
+        hit = _vera_cache.get(key)
+    if hit is not None:
+        return hit
+    built = tuple(ops.vera_kaiming_factors(key[0], r, max_in, max_out))
+    with _lock:
+        return _vera_cache.setdefault(key, built)

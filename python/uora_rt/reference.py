@@ -259,3 +259,70 @@ def uora_group(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_
             d = lambda_b[s, off:off + out] * (b @ (lambda_d[s, m] * (a @ x[t].float())))
             y[t, yoff:yoff + out] = (y[t, yoff:yoff + out].float() + d).to(y.dtype)
     return y
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT VeRA's projections (algorithm "peft-vera-kaiming-mt19937"): MT19937 -> 24-bit uniforms
+# -> Kaiming-uniform, A [r, max_in] then B [max_out, r] from one stream.
+# --------------------------------------------------------------------------------------------
+
+_MT_N, _MT_M = 624, 397
+
+
+def mt19937_init(seed: int) -> np.ndarray:
+    """init_genrand: the 624-word state for the low 32 bits of `seed` (what torch's manual_seed keeps)."""
+    state = np.zeros(_MT_N, dtype=np.uint64)
+    state[0] = seed & 0xFFFFFFFF
+    for j in range(1, _MT_N):
+        prev = int(state[j - 1])
+        state[j] = (1812433253 * (prev ^ (prev >> 30)) + j) & 0xFFFFFFFF
+    return state
+
+
+def mt19937_twist(state: np.ndarray) -> np.ndarray:
+    """The next 624-word state. Word i reads words i+1 and i+397 (mod 624) as the serial loop
+    leaves them, so it is computed in the chunks [0,227) [227,454) [454,623) [623] in which every
+    word read is either untouched or already final."""
+    s = state.copy()
+    upper, lower, mag = np.uint64(0x80000000), np.uint64(0x7FFFFFFF), np.uint64(0x9908B0DF)
+    for lo, hi in ((0, 227), (227, 454), (454, 623), (623, 624)):
+        i = np.arange(lo, hi)
+        y = (s[i] & upper) | (s[(i + 1) % _MT_N] & lower)
+        s[i] = s[(i + _MT_M) % _MT_N] ^ (y >> np.uint64(1)) ^ np.where(y & np.uint64(1), mag,
+                                                                        np.uint64(0))
+    return s
+
+
+def mt19937_temper(y: np.ndarray) -> np.ndarray:
+    y = y ^ (y >> np.uint64(11))
+    y = y ^ ((y << np.uint64(7)) & np.uint64(0x9D2C5680))
+    y = y ^ ((y << np.uint64(15)) & np.uint64(0xEFC60000))
+    y = y ^ (y >> np.uint64(18))
+    return (y & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def mt19937_outputs(seed: int, count: int) -> np.ndarray:
+    """The first `count` 32-bit outputs of MT19937 seeded with init_genrand(seed & 0xFFFFFFFF)."""
+    state, out = mt19937_init(seed), []
+    for _ in range((count + _MT_N - 1) // _MT_N):
+        state = mt19937_twist(state)
+        out.append(mt19937_temper(state))
+    return np.concatenate(out)[:count] if out else np.zeros(0, dtype=np.uint32)
+
+
+def kaiming_uniform(words: np.ndarray, fan_in: int) -> np.ndarray:
+    """torch's uniform_(-bound, bound) on float32 from 32-bit words, bound as PEFT's _kaiming_init."""
+    bound = np.sqrt(3.0) * (np.sqrt(2.0) / np.sqrt(float(fan_in)))  # float64, PEFT's order
+    lo, hi = np.float32(-bound), np.float32(bound)
+    x = (words & np.uint32(0xFFFFFF)).astype(np.float64) * 2.0**-24
+    # Exact in float64 (24-bit x times 24-bit span), so the one cast is the single rounding that
+    # torch's fused multiply-add performs.
+    return (x * np.float64(hi - lo) + np.float64(lo)).astype(np.float32)
+
+
+def vera_kaiming_factors(seed: int, r: int, max_in: int, max_out: int):
+    """float32 (A [r, max_in], B [max_out, r]) exactly as uora::vera_kaiming_factors."""
+    words = mt19937_outputs(seed, r * max_in + max_out * r)
+    a = kaiming_uniform(words[: r * max_in], max_in).reshape(r, max_in)
+    b = kaiming_uniform(words[r * max_in:], r).reshape(max_out, r)
+    return a, b
