@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from uora_rt.commands import convert as convert_cmd
+from uora_rt.commands import inspect as inspect_cmd
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="uora-rt", description=__doc__)
@@ -12,11 +15,18 @@ def main(argv=None) -> int:
     demo = sub.add_parser("demo", help="train UORA adapters on the packaged SmolLM2 and serve "
                                        "them in one mixed batch")
     demo.add_argument("--max-new-tokens", type=int, default=32)
+    convert_cmd.add_arguments(sub.add_parser(
+        "convert", help="convert adapters: PEFT VeRA -> .uora, .uora -> PEFT VeRA or LoRA"))
+    inspect_cmd.add_arguments(sub.add_parser("inspect", help="describe a .uora adapter file"))
     args = parser.parse_args(argv)
     if args.command == "demo":
         from uora_rt.demo import run
 
         return run(args)
+    if args.command == "convert":
+        return convert_cmd.run(args)
+    if args.command == "inspect":
+        return inspect_cmd.run(args)
     return 2
 
 
