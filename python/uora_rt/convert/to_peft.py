@@ -59,8 +59,9 @@ def _layout(adapter: fmt.Adapter, base):
         key = f"__metadata__.base.modules.{t}"
         found = found_base.shape(t, where, key)
         if tuple(found) != want:
-            raise AdapterFormatError(where, key, f"{list(want)} (out, in) as in the base model",
-                                     f"{list(found)} in {found_base.source}: shape mismatch")
+            raise AdapterFormatError(where, key, f"{list(want)} (out, in), the adapter's shape",
+                                     f"{list(found)} in the base {found_base.source}: "
+                                     "shape mismatch")
     conv = {t for t in adapter.targets if found_base.is_conv1d(t)}
     return shapes, conv, found_base.name_or_path
 
