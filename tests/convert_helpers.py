@@ -5,7 +5,6 @@ reference for every conversion)."""
 import warnings
 
 import torch
-
 from models_tiny import tiny_bert, tiny_gpt2, tiny_llama
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}

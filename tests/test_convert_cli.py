@@ -6,10 +6,9 @@ import shutil
 
 import pytest
 import torch
-
 import uora_rt
 from conftest import MODEL_TOL, assert_close
-from convert_helpers import fresh, forward, peft_load, peft_vera, save_base
+from convert_helpers import forward, fresh, peft_load, peft_vera, save_base
 from models_tiny import randomize_lambdas
 from uora_rt import format as fmt
 from uora_rt.cli import main
@@ -47,7 +46,7 @@ def test_single_conversions(setup, capsys):
 
 
 def test_single_errors_are_one_line(setup, capsys):
-    tmp, base, _ = setup
+    tmp, _, _ = setup
     assert main(["convert", str(tmp / "peft"), str(tmp / "x.uora"), "--to", "uora"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--base DIR" in err and "Traceback" not in err
@@ -95,7 +94,7 @@ def test_inspect(tmp_path, capsys):
     uora_rt.save_adapter(model, path)
     assert main(["inspect", str(path), "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    # Independent numbers: the model's own parameter count, file size, P after 4 events on one index.
+    # Independent numbers: the model's parameter count, the file size, P after 4 events at index 2.
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert d["parameters"]["total"] == trainable and d["bytes"]["total"] == path.stat().st_size
     assert d["p"]["reinitialized_indices"] == 1 and d["p"]["events"] == 4

@@ -7,7 +7,6 @@ import struct
 
 import pytest
 import torch
-
 from convert_helpers import fresh, peft_vera, rewrite_safetensors, save_base
 from models_tiny import tiny_llama
 from uora_rt.convert import from_peft, to_peft_lora, to_peft_vera
@@ -153,7 +152,7 @@ def test_corrupted_safetensors(vera, tmp_path, damage):
 
 def test_no_base(vera, tmp_path):
     peft, _ = vera
-    with pytest.raises(ValueError, match="base_model_name_or_path=None is not a local model folder"):
+    with pytest.raises(ValueError, match="base_model_name_or_path=None is not a local model"):
         from_peft(peft, tmp_path / "x.uora")
     with pytest.raises(FileNotFoundError, match="not a local folder"):
         from_peft(peft, tmp_path / "x.uora", base=tmp_path / "missing")

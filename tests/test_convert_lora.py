@@ -3,14 +3,13 @@ PEFT VeRA forward; UORA files exported as PEFT VeRA equal ours; the authors' UOR
 (modified A/B) convert as explicit projections."""
 
 import json
+import shutil
 
 import pytest
 import torch
-
 import uora_rt
 from conftest import MODEL_TOL, assert_close
-from convert_helpers import (fresh, forward, peft_load, peft_vera, rewrite_safetensors,
-                             save_base)
+from convert_helpers import forward, fresh, peft_load, peft_vera, rewrite_safetensors, save_base
 from models_tiny import randomize_lambdas
 from uora_rt import format as fmt
 from uora_rt.convert import from_peft, to_peft_lora, to_peft_vera
@@ -107,7 +106,7 @@ def modified_vera(tmp_path, kind="llama"):
     qb = torch.linalg.qr(torch.randn(b.shape, generator=g))[0].contiguous()
     mod = tmp_path / "modified"
     mod.mkdir()
-    (mod / "adapter_config.json").write_text((tmp_path / "peft" / "adapter_config.json").read_text())
+    shutil.copy(tmp_path / "peft" / "adapter_config.json", mod / "adapter_config.json")
 
     def edit(t):
         t["base_model.vera_A"] = 0.5 * t["base_model.vera_A"] + 0.5 * qa
@@ -151,3 +150,36 @@ def test_authors_uora_tuner_checkpoint(tmp_path):
     assert adapter.training["tau"] == 1e-5 and adapter.training["source"] == "peft UORA"
     to_peft_vera(tmp_path / "u.uora", tmp_path / "back", base=tmp_path / "base")
     assert torch.equal(forward(peft_load("llama", tmp_path / "back")), want)
+
+
+def test_real_minilm_checkpoint(tmp_path):
+    # all-MiniLM-L6-v2 (real weights, an HF folder): base shapes come from its safetensors header.
+    from transformers import BertModel
+    from uora_rt import assets
+
+    folder = assets.minilm_dir()
+
+    def minilm():
+        return BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
+
+    ids = torch.tensor([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    model = minilm()
+    uora_rt.inject(model, uora_rt.UORAConfig(r=32, target_modules=["query", "value"], tau=0.05))
+    randomize_lambdas(model, scale=0.3)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            layer.lambda_d[::5] = 0.0
+    assert uora_rt.reinit_step(model) > 0
+    uora_rt.save_adapter(model, tmp_path / "a.uora")
+    with torch.no_grad():
+        ours = model(input_ids=ids)[0]
+    report = to_peft_lora(tmp_path / "a.uora", tmp_path / "lora", base=folder)
+    to_peft_vera(tmp_path / "a.uora", tmp_path / "vera", base=folder)
+    from peft import PeftModel
+
+    for out in ("lora", "vera"):
+        peft_model = PeftModel.from_pretrained(minilm(), str(tmp_path / out)).eval()
+        with torch.no_grad():
+            assert_close(peft_model(input_ids=ids)[0], ours, table=MODEL_TOL, msg=out)
+    # 12 targets of 384 x 384 at r 32: LoRA holds 12 * 32 * 768 floats, the .uora 12 * (384 + 32).
+    assert report.lora_bytes >= 12 * 32 * 768 * 4 > 20 * report.uora_bytes

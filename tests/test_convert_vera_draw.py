@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from uora_rt import ops, reference
 from uora_rt.projections import vera_projections
 

@@ -1,14 +1,15 @@
 // PEFT VeRA's projection draw, algorithm "peft-vera-kaiming-mt19937" (DESIGN §2, conversion issue).
 //
-// PEFT builds vera_A [r, max_in] and then vera_B [max_out, r] from ONE CPU torch.Generator seeded with
-// projection_prng_key, each with Kaiming-uniform values:
+// PEFT builds vera_A [r, max_in] and then vera_B [max_out, r] from ONE CPU torch.Generator seeded
+// with projection_prng_key, each with Kaiming-uniform values:
 //   bound  = sqrt(3) * (sqrt(2) / sqrt(fan_in))      in double; fan_in = max_in for A, r for B
 //   from   = float(-bound), to = float(bound)
 //   x      = (u & 0xFFFFFF) * 2^-24                  u: the next 32-bit MT19937 output, row-major
 //   value  = x * (to - from) + from                  ONE rounding to float32
-// torch's CPU kernel evaluates the last line in float with an FMA; we evaluate it in double, which
-// is exact here (x has 24 bits and to - from 24 bits, so the product fits in 48 bits, and every
-// term is a multiple of 2^-24 * ulp(to - from)), so the single rounding to float gives the same bits.
+// torch's CPU kernel evaluates the last line in float with an FMA; we evaluate it in double, where
+// it is exact: with to - from = m * 2^e (m < 2^24), x * (to - from) = k * m * 2^(e-24) and
+// from = -m * 2^(e-1) are multiples of 2^(e-24) and the sum lies below 2^(e+24), i.e. 48 bits.
+// So the one cast to float is the same single rounding, and the same bits, as the FMA.
 // The MT19937 engine is the textbook one (Matsumoto & Nishimura 1998, init_genrand), which is what
 // at::mt19937 implements; torch seeds it with the low 32 bits of the seed.
 #pragma once

@@ -270,7 +270,7 @@ _MT_N, _MT_M = 624, 397
 
 
 def mt19937_init(seed: int) -> np.ndarray:
-    """init_genrand: the 624-word state for the low 32 bits of `seed` (what torch's manual_seed keeps)."""
+    """init_genrand: the 624-word state for the low 32 bits of `seed` (all torch's seeding keeps)."""
     state = np.zeros(_MT_N, dtype=np.uint64)
     state[0] = seed & 0xFFFFFFFF
     for j in range(1, _MT_N):
@@ -311,7 +311,7 @@ def mt19937_outputs(seed: int, count: int) -> np.ndarray:
 
 
 def kaiming_uniform(words: np.ndarray, fan_in: int) -> np.ndarray:
-    """torch's uniform_(-bound, bound) on float32 from 32-bit words, bound as PEFT's _kaiming_init."""
+    """torch's float32 uniform_(-bound, bound) from 32-bit words; bound as PEFT's _kaiming_init."""
     bound = np.sqrt(3.0) * (np.sqrt(2.0) / np.sqrt(float(fan_in)))  # float64, PEFT's order
     lo, hi = np.float32(-bound), np.float32(bound)
     x = (words & np.uint32(0xFFFFFF)).astype(np.float64) * 2.0**-24

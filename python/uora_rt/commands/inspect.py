@@ -48,14 +48,16 @@ def describe(path) -> dict:
 
 def _print(d: dict) -> None:
     b, proj, par, p, base = d["bytes"], d["projection"], d["parameters"], d["p"], d["base"]
-    extra = f", explicit projections {b['explicit_projections']:,}" if b["explicit_projections"] else ""
+    extra = (f", explicit projections {b['explicit_projections']:,}"
+             if b["explicit_projections"] else "")
     print(f"file         {d['file']}")
     print(f"bytes        {b['total']:,} (header {b['header']:,}, tensors {b['tensors']:,}{extra})")
     print(f"projection   {proj['algorithm']}  seed {proj['seed']}  r {proj['r']}  "
           f"max_in {proj['max_in']}  max_out {proj['max_out']}")
     print(f"base         {base['architecture']}  fingerprint {base['fingerprint']}  "
           f"({base['modules']} modules)")
-    print(f"parameters   {par['total']:,} (lambda_b {par['lambda_b']:,}, lambda_d {par['lambda_d']:,})")
+    print(f"parameters   {par['total']:,} (lambda_b {par['lambda_b']:,}, "
+          f"lambda_d {par['lambda_d']:,})")
     if p["reinitialized_indices"]:
         print(f"P            min {p['min']:.6g}  mean {p['mean']:.6g}  max {p['max']:.6g}  "
               f"{p['reinitialized_indices']} of {p['r']} indices reinitialized, "

@@ -89,7 +89,8 @@ def _training_record(src) -> dict:
     cfg = src.config
     record = {"source": f"peft {src.peft_type}", "peft_version": cfg.get("peft_version"),
               "projection_prng_key": src.seed}
-    for ours, theirs in (("d_initial", "d_initial"), ("dropout", f"{src.peft_type.lower()}_dropout"),
+    dropout = f"{src.peft_type.lower()}_dropout"
+    for ours, theirs in (("d_initial", "d_initial"), ("dropout", dropout),
                          ("alpha", "alpha"), ("tau", "tau"), ("k", "count_k")):
         if isinstance(cfg.get(theirs), (int, float)) and not isinstance(cfg.get(theirs), bool):
             record[ours] = cfg[theirs]

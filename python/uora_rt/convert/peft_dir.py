@@ -86,7 +86,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     fmt._read_header(str(path), data)  # truncation / not-safetensors, with the .uora messages
     try:
         return st_load(data)
-    except Exception as e:  # safetensors' validation: offsets, dtypes, sizes
+    except Exception as e:  # noqa: BLE001 - safetensors: offsets, dtypes, sizes
         raise AdapterFormatError(path, "<tensors>", "valid safetensors data", f"{e}") from None
 
 
