@@ -106,3 +106,10 @@ def test_cache_and_bad_requests():
 
 def test_opcheck_schema_and_fake():
     torch.library.opcheck(torch.ops.uora.vera_kaiming_factors.default, (3, 4, 10, 6))
+
+
+def test_algorithm_id_is_the_format_constant():
+    from uora_rt import format as fmt
+    from uora_rt.projections import VERA_ALGORITHM
+
+    assert VERA_ALGORITHM == fmt.PEFT_VERA_ALGORITHM == "peft-vera-kaiming-mt19937"
