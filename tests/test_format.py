@@ -180,3 +180,12 @@ def test_write_is_atomic_and_roundtrips(good, tmp_path):
     for t in adapter.targets:
         assert torch.equal(again.lambda_b[t], adapter.lambda_b[t])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_saved_file_has_the_umask_permissions(good, tmp_path):
+    import os
+    import stat
+
+    (tmp_path / "plain").write_bytes(b"x")  # what any plain open() creates here
+    want = stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+    assert stat.S_IMODE(os.stat(good).st_mode) == want

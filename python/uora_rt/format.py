@@ -106,6 +106,11 @@ def save(adapter: Adapter, path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; an adapter gets the permissions a plain open() gives it.
+        # (Reading the umask sets it briefly: to 0o077, so a racing thread's file is never wider.)
+        umask = os.umask(0o077)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
