@@ -270,7 +270,7 @@ _MT_N, _MT_M = 624, 397
 
 
 def mt19937_init(seed: int) -> np.ndarray:
-    """init_genrand: the 624-word state for the low 32 bits of `seed` (all torch's seeding keeps)."""
+    """init_genrand: the 624-word state from the low 32 bits of `seed` (all that torch keeps)."""
     state = np.zeros(_MT_N, dtype=np.uint64)
     state[0] = seed & 0xFFFFFFFF
     for j in range(1, _MT_N):
