@@ -16,6 +16,7 @@ import os
 import time
 
 import torch
+from tqdm import tqdm
 
 import uora_rt
 from uora_rt import format as fmt
@@ -71,12 +72,17 @@ def run(args) -> int:
     print(f"\nONE mixed batch of {len(prompts)} requests, {len(set(names))} adapters (incl. none):\n")
     for (prompt, name), g in zip(requests, mixed):
         print(f"  [{name or 'base':6}] {prompt}\n           -> {g.text.strip()}")
+    groups = list(dict.fromkeys(names))
+    bar = tqdm(total=1 + len(groups), desc="timing baselines", leave=False)
     _, t_base = timed_generate(rt, prompts, [None] * len(prompts), max_new)
+    bar.update()
     t_split = 0.0
-    for name in dict.fromkeys(names):  # one batch per adapter, as a server that cannot mix
+    for name in groups:  # one batch per adapter, as a server that cannot mix
         idx = [i for i, n in enumerate(names) if n == name]
         _, dt = timed_generate(rt, [prompts[i] for i in idx], [name] * len(idx), max_new)
         t_split += dt
+        bar.update()
+    bar.close()
     tokens = sum(len(g.tokens) for g in mixed)
     print(f"\n  {'setup':44} {'time':>8} {'tokens/s':>9}")
     for label, dt in [("mixed batch, every sequence its adapter", t_mixed),
