@@ -7,7 +7,7 @@ Measured in one process, same inputs:
 Goals (issue 3): 16 distinct adapters <= 1.05x our no-adapter forward; our no-adapter forward no
 slower than transformers.
 
-python bench/bench_serving_cpu.py [--repeats 5]
+python bench/bench_serving_cpu.py [--repeats 9]
 """
 
 import argparse
@@ -42,7 +42,7 @@ def random_adapter(rt, seed, reinit):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9)
     args = ap.parse_args()
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
@@ -76,10 +76,8 @@ def main():
     for d in (1, 4, 16):
         runs[f"PEFT LoRA r16, {d} distinct (adapter_names)"] = \
             lambda d=d: lora(input_ids=ids, adapter_names=names("l", d))
-    times = {}
     with torch.no_grad():
-        for label, fn in runs.items():
-            times[label] = common.median_time(fn, repeats=args.repeats)
+        times = common.interleaved_medians(runs, repeats=args.repeats)
     ours, base_hf = times["uora_rt, no adapters"], times["transformers base"]
     records = []
     print(f"SmolLM2-135M float32, batch {BATCH} x {LENGTH} tokens, {torch.get_num_threads()} threads")

@@ -76,7 +76,8 @@ void uora_group_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_cat,
   const auto [idx, slots] = adapter_rows(slot);
   if (idx.size(0) == 0 || modules.empty()) return;
   // The shared shrink, for adapter rows only: base-only rows cost nothing.
-  const auto xs = x.index_select(0, idx).to(at::kFloat);
+  // Every row carries an adapter (the common case): no gather copy.
+  const auto xs = (idx.size(0) == g.rows ? x : x.index_select(0, idx)).to(at::kFloat);
   const auto a = a_cat.narrow(0, 0, g.R).narrow(1, 0, g.in).to(at::kFloat);
   const auto u = at::mm(xs, a.t()).contiguous();
   expand_rows(y, u, idx, slots, b_cat, lambda_d, lambda_b, p, modules, lambda_b_offsets, y_offsets,

@@ -235,6 +235,10 @@ class LlamaModel(nn.Module):
         kpos = torch.arange(total, device=ids.device)
         mask = (kpos[None, :] <= qpos[:, None])[None] & key_valid[:, None, :total]
         mask = (mask | (kpos[None, :] == qpos[:, None])[None])[:, None]
+        # No padding and a fresh cache: plain causal attention, which SDPA runs on its fast
+        # kernels (an explicit mask sends it to slower ones).
+        causal_only = start == 0 and not key_valid.device.type == "cuda" and bool(
+            key_valid[:, :total].all())
         q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.in_norm, s.rms_eps)
@@ -249,8 +253,9 @@ class LlamaModel(nn.Module):
                 cache.k[i, :b, :, start:total] = k
                 cache.v[i, :b, :, start:total] = v
                 k, v = cache.k[i, :b, :, :total], cache.v[i, :b, :, :total]  # [B, nKV, S, hd]
-            att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 enable_gqa=s.kv_heads != s.heads)  # [B, nH, L, hd]
+            att = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if causal_only else mask, is_causal=causal_only,
+                enable_gqa=s.kv_heads != s.heads)                            # [B, nH, L, hd]
             att = att.transpose(1, 2).reshape(b, n, q_size)
             o = run_group(hook, i, "o", layer.o, att)
             x = x + o
