@@ -104,7 +104,7 @@ void expand(at::Tensor& y, const at::Tensor& u, const at::Tensor& b_cat_in,
     const void* vp[kernels::kMaxExpandModules] = {};
     for (size_t j = 0; j < n; ++j) {
       const auto bj = b_mm.narrow(0, 0, outs[j0 + j]).narrow(1, 0, g.R);  // [out_j, R]
-      v[j] = at::mm(z.select(1, static_cast<int64_t>(j)), bj.t());      // [T, out_j]
+      v[j] = at::mm(z.select(1, static_cast<int64_t>(j)), bj.t()).contiguous();  // [T, out_j]
       vp[j] = v[j].data_ptr();
     }
     check_launch(kernels::expand_epilogue_cuda(a, vp, kernel_dtype(v[0]), stream),

@@ -23,6 +23,10 @@ constexpr int kPad = 8;      // row padding (16 B): ldmatrix rows hit distinct b
 
 inline int round_up(int64_t v, int m) { return static_cast<int>((v + m - 1) / m * m); }
 
+// Loads are issued kBatch at a time per thread before any is used: the prologue is latency-bound
+// (gathers from L2), so independent loads in flight, not bandwidth, set its time.
+constexpr int kBatch = 8;
+
 // B[c0 + c, h * r + i0 + ii] -> bs[c][h * ip + ii] as TY, zeros outside [0, out) x [0, r).
 template <typename TY, typename TB>
 __device__ void load_b_tile(const ExpandParams& a, const ExpandModule& md, TY* bs, int ld, int c0,
@@ -30,62 +34,105 @@ __device__ void load_b_tile(const ExpandParams& a, const ExpandModule& md, TY* b
   const TB* b = static_cast<const TB*>(a.b);
   if (vec) {  // r and ldb are multiples of the vector width, b is 16-byte aligned
     constexpr int kVW = 16 / sizeof(TB);
-    const int per_row = kp / kVW;
-    for (int q = threadIdx.x; q < kBN * per_row; q += kThreads) {
+    const int per_row = kp / kVW, total = kBN * per_row;
+    auto src_of = [&](int q, bool& ok) {
       const int c = q / per_row, kk = (q % per_row) * kVW;
       const int h = kk / ip;
       const int64_t i = i0 + (kk - h * ip);
-      const bool ok = c0 + c < md.out && i < a.r;
-      const TB* src = ok ? b + static_cast<int64_t>(c0 + c) * a.ldb + h * a.r + i : b;
-      TY* dst = bs + c * ld + kk;
-      if constexpr (std::is_same_v<TB, TY>) {
-        dev::cp_async16(dst, src, ok ? 16 : 0);
-      } else {  // fp32 B: four values -> four TY (8 bytes)
-        const float4 v = ok ? *reinterpret_cast<const float4*>(src) : make_float4(0, 0, 0, 0);
-        dst[0] = from_f<TY>(v.x);
-        dst[1] = from_f<TY>(v.y);
-        dst[2] = from_f<TY>(v.z);
-        dst[3] = from_f<TY>(v.w);
+      ok = q < total && c0 + c < md.out && i < a.r;
+      return ok ? b + static_cast<int64_t>(c0 + c) * a.ldb + h * a.r + i : b;
+    };
+    auto dst_of = [&](int q) { return bs + (q / per_row) * ld + (q % per_row) * kVW; };
+    if constexpr (std::is_same_v<TB, TY>) {  // asynchronous copies, all in flight at once
+      for (int q = threadIdx.x; q < total; q += kThreads) {
+        bool ok;
+        const TB* src = src_of(q, ok);
+        dev::cp_async16(dst_of(q), src, ok ? 16 : 0);
+      }
+    } else {  // fp32 B: four values -> four TY
+      for (int q0 = threadIdx.x; q0 < total; q0 += kThreads * kBatch) {
+        float4 v[kBatch];
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          bool ok;
+          const TB* src = src_of(q0 + k * kThreads, ok);
+          v[k] = ok ? *reinterpret_cast<const float4*>(src) : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int k = 0; k < kBatch; ++k) {
+          if (q0 + k * kThreads >= total) break;
+          TY* dst = dst_of(q0 + k * kThreads);
+          dst[0] = from_f<TY>(v[k].x);
+          dst[1] = from_f<TY>(v[k].y);
+          dst[2] = from_f<TY>(v[k].z);
+          dst[3] = from_f<TY>(v[k].w);
+        }
       }
     }
-  } else {
-#pragma unroll 4
-    for (int e = threadIdx.x; e < kBN * kp; e += kThreads) {
-      const int c = e / kp, kk = e % kp;
-      const int h = kk / ip;
-      const int64_t i = i0 + (kk - h * ip);
-      float v = 0.0f;
-      if (c0 + c < md.out && i < a.r) v = to_f(b[static_cast<int64_t>(c0 + c) * a.ldb + h * a.r + i]);
-      bs[c * ld + kk] = from_f<TY>(v);
+  } else {  // unaligned or r not a multiple of the vector width: element by element
+    const int total = kBN * kp;
+    for (int e0 = threadIdx.x; e0 < total; e0 += kThreads * kBatch) {
+      float v[kBatch];
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int e = e0 + k * kThreads;
+        const int c = e / kp, kk = e % kp;
+        const int h = kk / ip;
+        const int64_t i = i0 + (kk - h * ip);
+        v[k] = (e < total && c0 + c < md.out && i < a.r)
+                   ? to_f(b[static_cast<int64_t>(c0 + c) * a.ldb + h * a.r + i])
+                   : 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < kBatch; ++k) {
+        const int e = e0 + k * kThreads;
+        if (e < total) bs[(e / kp) * ld + e % kp] = from_f<TY>(v[k]);
+      }
     }
   }
 }
 
-// zs[t][ii] = z0, zs[t][ip + ii] = z1 (with_q) for the tile's tokens and i = i0 + ii.
+// zs[t][ii] = z0, zs[t][ip + ii] = z1 (with_q) for the tile's tokens and i = i0 + ii. Rows without
+// an adapter get zeros and their u is never read.
 template <typename TY, typename TU>
 __device__ void mix_z_tile(const ExpandParams& a, const ExpandModule& md, TY* zs, int ld,
                            const int* s_slot, int64_t t0, int64_t i0, int ip) {
+  constexpr int kZB = 2 * kBatch;
   const TU* u = static_cast<const TU*>(a.u);
-#pragma unroll 4
-  for (int e = threadIdx.x; e < kBM * ip; e += kThreads) {
-    const int t = e / ip, ii = e % ip;
-    const int s = s_slot[t];
-    const int64_t i = i0 + ii;
-    float z0 = 0.0f, z1 = 0.0f;
-    if (s >= 0 && i < a.r) {
-      const TU* ur = u + (t0 + t) * a.ldu;
-      const float ld_si = a.lambda_d[(static_cast<int64_t>(s) * a.modules_total + md.module) * a.r + i];
-      if (a.with_q) {
-        const float p = a.p[static_cast<int64_t>(s) * a.r + i];
-        const float h = ld_si * (p * to_f(ur[i]) + (1.0f - p) * to_f(ur[a.r + i]));
-        z0 = p * h;
-        z1 = (1.0f - p) * h;
-      } else {
-        z0 = ld_si * to_f(ur[i]);
+  const int total = kBM * ip;
+  for (int e0 = threadIdx.x; e0 < total; e0 += kThreads * kZB) {
+    float u0[kZB], uq[kZB], pv[kZB], lv[kZB];
+#pragma unroll
+    for (int k = 0; k < kZB; ++k) {
+      const int e = e0 + k * kThreads;
+      const int t = e / ip;
+      const int64_t i = i0 + e % ip;
+      const int s = e < total ? s_slot[t] : -1;
+      u0[k] = uq[k] = lv[k] = 0.0f;
+      pv[k] = 1.0f;
+      if (s >= 0 && i < a.r) {
+        const TU* ur = u + (t0 + t) * a.ldu;
+        u0[k] = to_f(ur[i]);
+        lv[k] = a.lambda_d[(static_cast<int64_t>(s) * a.modules_total + md.module) * a.r + i];
+        if (a.with_q) {
+          uq[k] = to_f(ur[a.r + i]);
+          pv[k] = a.p[static_cast<int64_t>(s) * a.r + i];
+        }
       }
     }
-    zs[t * ld + ii] = from_f<TY>(z0);
-    if (a.with_q) zs[t * ld + ip + ii] = from_f<TY>(z1);
+#pragma unroll
+    for (int k = 0; k < kZB; ++k) {
+      const int e = e0 + k * kThreads;
+      if (e >= total) break;
+      TY* zr = zs + (e / ip) * ld + e % ip;
+      if (a.with_q) {
+        const float h = lv[k] * (pv[k] * u0[k] + (1.0f - pv[k]) * uq[k]);
+        zr[0] = from_f<TY>(pv[k] * h);
+        zr[ip] = from_f<TY>((1.0f - pv[k]) * h);
+      } else {
+        zr[0] = from_f<TY>(lv[k] * u0[k]);
+      }
+    }
   }
 }
 
