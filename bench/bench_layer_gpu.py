@@ -111,6 +111,17 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     ceil = gb.ceilings()
     print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 mm {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    env = common.environment()
+    env["git"] = os.environ.get("UORA_GIT_SHA", env["git"])
+    env["device"] = torch.cuda.get_device_name()
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+
+    def save(records):
+        (outdir / "layer_gpu.json").write_text(json.dumps(
+            {"env": env, "ceilings": ceil, "shapes_out_in": shapes, "ranks": ranks,
+             "tokens": tokens, "adapters": 64, "records": records}, indent=1) + "\n")
+
     records = []
     for out, inp in shapes:
         for r in ranks:
@@ -124,14 +135,7 @@ def main():
                               f"{x['us']:9.1f} us  x{x['ratio']:6.3f}  {x['TBps']:5.2f} TB/s "
                               f"{x['TFLOPs']:6.1f} TFLOP/s{g}", flush=True)
                     torch.cuda.empty_cache()
-    env = common.environment()
-    env["git"] = os.environ.get("UORA_GIT_SHA", env["git"])
-    env["device"] = torch.cuda.get_device_name()
-    outdir = Path(args.out)
-    outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / "layer_gpu.json").write_text(json.dumps(
-        {"env": env, "ceilings": ceil, "shapes_out_in": shapes, "ranks": ranks, "tokens": tokens,
-         "adapters": 64, "records": records}, indent=1) + "\n")
+                    save(records)  # after every case: a run cut short still leaves its numbers
     plot(records, outdir / "layer_gpu.png")
     print(f"wrote {outdir / 'layer_gpu.json'} and layer_gpu.png")
 
