@@ -4,7 +4,7 @@ Methods (each y = x W^T + the adapters' delta):
   base       the base GEMM alone
   fused      base GEMM over [W; A_cat] (shrink inside it) + uora_expand_        (the runtime's path)
   group      base GEMM + uora_group_ (own shrink GEMM + expand)
-  torch      DESIGN §4 as plain torch ops (gather, mix, two GEMMs, scale-add)
+  torch_comp DESIGN §4 as plain torch ops (gather, mix, two GEMMs, scale-add)
   peft_loop  per adapter: gather its rows, two small GEMMs, scale, scatter-add (PEFT mixed batch)
 Cold: CUDA events, warm-up, L2 flushed before every repetition, median. Graph (T <= 256): eight
 layers with their own weights (shared A_cat/B_cat/tables, as in a model) captured in one CUDA graph,
@@ -28,13 +28,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "kernels"))
-import common  # noqa: E402
-import gpu_bench as gb  # noqa: E402
+import common
+import gpu_bench as gb
 
 SHAPES = [(4096, 4096), (4096, 11008)]  # (out, in)
 RANKS = [64, 256, 1024]
 TOKENS = [1, 16, 64, 256, 4096, 16384]
-OURS = ["fused", "group", "torch"]
+OURS = ["fused", "group", "torch_comp"]
 
 
 def measure(out, inp, r, T, with_q, graph: bool):
@@ -44,7 +44,8 @@ def measure(out, inp, r, T, with_q, graph: bool):
     if "peft_loop" in methods:
         L.prepare_loop()
     recs = []
-    res = {m: gb.time_cold(getattr(L, m)) for m in methods}
+    reps = 15 if T <= 4096 else 7
+    res = {m: gb.time_cold(getattr(L, m), reps=reps) for m in methods}
     if graph:
         layers = [L]
         for _ in range(7):
@@ -76,7 +77,7 @@ def plot(records, path):
     for i, (out, inp) in enumerate(SHAPES):
         for j, r in enumerate(RANKS):
             ax = axes[i][j]
-            for m, style in [("fused", "C0-o"), ("group", "C1-s"), ("torch", "C2-^"),
+            for m, style in [("fused", "C0-o"), ("group", "C1-s"), ("torch_comp", "C2-^"),
                              ("peft_loop", "C3-x")]:
                 pts = [(x["T"], x["ratio"]) for x in records if x["out"] == out and
                        x["in"] == inp and x["r"] == r and x["method"] == m and x["with_q"]]

@@ -5,8 +5,7 @@ import itertools
 
 import pytest
 import torch
-
-from conftest import REINIT_LITERAL_ATOL, TOL, assert_close, requires_cuda
+from conftest import REINIT_LITERAL_ATOL, assert_close, requires_cuda
 from test_group_op import make_case
 from uora_rt import ops, projections, reference
 
@@ -83,7 +82,7 @@ def test_base_only_rows_untouched_and_no_nan_leak(monkeypatch, impl, dtype):
     monkeypatch.setenv("UORA_EXPAND_IMPL", impl)
     args = make_case(2049, (64, 2049), 16, 3, 133, "base_rows", True, dtype, "cuda", seed=5)
     expected = want(args)
-    ext, y, u = shrink_into_ext(args, dtype)
+    _, y, u = shrink_into_ext(args, dtype)
     base = args[7] < 0
     u[base] = float("nan")
     before = y.clone()
@@ -127,8 +126,8 @@ def test_device_mismatch_is_named():
 
 def reinit_state(layers, r, max_in, max_out, device):
     a0, b0, qa, qb = projections(3, r, max_in, max_out)
-    s = dict(counts=torch.zeros(layers, r, dtype=torch.int32), p=torch.ones(r), a=a0.clone(),
-             b=b0.clone(), a0=a0, qa=qa, b0=b0, qb=qb)
+    s = {"counts": torch.zeros(layers, r, dtype=torch.int32), "p": torch.ones(r), "a": a0.clone(),
+         "b": b0.clone(), "a0": a0, "qa": qa, "b0": b0, "qb": qb}
     return {k: v.to(device) for k, v in s.items()}
 
 
@@ -203,7 +202,7 @@ def test_graph_replay_is_bit_exact_and_follows_tables(op, tokens, dtype):
     args = make_case(2049, (2049, 64), 32, 6, tokens, "zipf", True, dtype, "cuda", seed=tokens)
     y0 = args[0].clone()
     b_cat = args[3].to(dtype)
-    ext, y, u = shrink_into_ext(args, dtype)
+    _, y, u = shrink_into_ext(args, dtype)
     if op == "expand":
         def run():
             ops.uora_expand_(y, u, b_cat, *args[4:])

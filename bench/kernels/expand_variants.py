@@ -7,7 +7,7 @@ in a CUDA graph over 8 layers (decode-like). Decides kFusedMaxRows and PDL (NOTE
   v2  v1 without programmatic dependent launch
   v3  GEMM route: mix once into z, cuBLAS z B^T, epilogue kernel
 
-python bench/kernels/expand_variants.py            (on the GPU machine)
+python bench/kernels/expand_variants.py [OUT.json] [--quick]   (on the GPU machine)
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-import gpu_bench as gb  # noqa: E402
-from uora_rt import ops, reference  # noqa: E402
+import gpu_bench as gb
+from uora_rt import ops, reference
 
 VERSIONS = {"v1": ("fused", True), "v2": ("fused", False), "v3": ("gemm", True)}
 
@@ -82,10 +82,10 @@ def run(shapes=((4096, 4096), (4096, 11008)), ranks=(64, 256, 1024),
                 yext = torch.empty(T, n + L.R, device="cuda", dtype=torch.bfloat16)
                 args = (L.b_cat, L.lambda_d, L.lambda_b, L.p, L.slot, [0], [0], [0], [n], True)
 
-                def gemm(L=L, yext=yext):
-                    torch.matmul(L.x, L.w_ext[: n + L.R].t(), out=yext)
+                def gemm(L=L, yext=yext, k=n + L.R):
+                    torch.matmul(L.x, L.w_ext[:k].t(), out=yext)
 
-                def mk(name, L=L, yext=yext, args=args):
+                def mk(name, yext=yext, args=args, gemm=gemm, n=n):
                     def f():
                         gemm()
                         if name == "v0":
@@ -95,12 +95,15 @@ def run(shapes=((4096, 4096), (4096, 11008)), ranks=(64, 256, 1024),
                     return f
 
                 rec = {"out": out, "in": inp, "r": r, "T": T, "gemm_cold": gb.time_cold(gemm)}
+                if T >= 1024:  # the GEMM route's cuBLAS part alone: v3 - this = mix + epilogue
+                    z = torch.randn(T, L.R, device="cuda", dtype=torch.bfloat16)
+                    rec["mm_only_cold"] = gb.time_cold(lambda z=z, L=L: z @ L.b_cat[:, : L.R].t())
                 layers = [L] + [copy.copy(L) for _ in range(7)]
                 for extra in layers[1:]:
                     extra.w_ext = torch.randn_like(L.w_ext)
                 if T <= 256:
                     rec["gemm_graph"] = gb.time_graph(
-                        [lambda e=e: torch.matmul(e.x, e.w_ext[: n + L.R].t(), out=yext)
+                        [lambda e=e, k=n + L.R, yext=yext: torch.matmul(e.x, e.w_ext[:k].t(), out=yext)
                          for e in layers])
                 for name in ["v0", *VERSIONS]:
                     if name != "v0":
@@ -109,8 +112,8 @@ def run(shapes=((4096, 4096), (4096, 11008)), ranks=(64, 256, 1024),
                     if T <= 256:
                         fns = []
                         for e in layers:
-                            def f(e=e):
-                                torch.matmul(e.x, e.w_ext[: n + L.R].t(), out=yext)
+                            def f(e=e, k=n + L.R, n=n, yext=yext, args=args, name=name):
+                                torch.matmul(e.x, e.w_ext[:k].t(), out=yext)
                                 if name == "v0":
                                     v0_expand(yext[:, :n], yext[:, n:], *args)
                                 else:
@@ -121,18 +124,23 @@ def run(shapes=((4096, 4096), (4096, 11008)), ranks=(64, 256, 1024),
                 rows.append(rec)
                 print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in rec.items()), flush=True)
-                del layers, L
     return rows
 
 
 def main():
     worst = check_versions()
-    rows = run()
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("expand_variants.json")
+    if "--quick" in sys.argv:  # decode sizes only: where the fused kernel competes
+        rows = run(shapes=((4096, 4096),), tokens=(1, 8, 16, 32, 64))
+    else:
+        rows = run()
+    paths = [a for a in sys.argv[1:] if not a.startswith("--")]
+    out = Path(paths[0]) if paths else Path("expand_variants.json")
     out.write_text(json.dumps({"check": worst, "rows": rows}, indent=1))
     print("expand cost over the [W; A_cat] GEMM, µs (cold | graph):")
     for r in rows:
         line = f"{r['out']}x{r['in']} r={r['r']:4d} T={r['T']:5d} gemm {r['gemm_cold']:7.1f}"
+        if "mm_only_cold" in r:
+            line += f" (route-2 cuBLAS alone {r['mm_only_cold']:6.1f})"
         for name in ["v0", *VERSIONS]:
             g = r.get(f"{name}_graph")
             line += f" | {name} {r[name + '_cold']:7.1f}" + (f" {g:6.1f}" if g is not None else "")

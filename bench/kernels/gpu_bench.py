@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
 from uora_rt import ops
 
 BF16 = torch.bfloat16
@@ -76,7 +75,6 @@ def ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=BF16)
     b = torch.randn(8192, 8192, device="cuda", dtype=BF16)
     mm_us = time_cold(lambda: a @ b, reps=10)
-    del src, dst, a, b
     return {"copy_TBps": 2 * n / copy_us / 1e6, "bf16_mm_TFLOPs": 2 * 8192**3 / mm_us / 1e6}
 
 

@@ -22,8 +22,9 @@
 namespace uora {
 namespace {
 
-// Measured on an H200 (bench/kernels/NOTES.md): above this many rows the GEMM route wins.
-constexpr int64_t kFusedMaxRows = 64;
+// Measured on an H200 (bench/kernels/NOTES.md): the fused kernel recomputes z in every block of
+// 32 output columns, so beyond one 16-row tile the GEMM route (z mixed once) wins.
+constexpr int64_t kFusedMaxRows = 16;
 
 kernels::DType kernel_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {

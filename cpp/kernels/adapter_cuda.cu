@@ -92,48 +92,63 @@ __device__ void load_b_tile(const ExpandParams& a, const ExpandModule& md, TY* b
   }
 }
 
-// zs[t][ii] = z0, zs[t][ip + ii] = z1 (with_q) for the tile's tokens and i = i0 + ii. Rows without
-// an adapter get zeros and their u is never read.
+// zs[t][ii] = z0, zs[t][ip + ii] = z1 (with_q) for the tile's tokens and i = i0 + ii. One warp per
+// row (rows w, w + 4, ...), lanes along i: no index division, coalesced gathers, and a row without an
+// adapter is skipped by its whole warp. Such a row's z is left as it is (even NaN): row t of the MMA
+// depends only on row t of z, and the epilogue never stores it.
 template <typename TY, typename TU>
 __device__ void mix_z_tile(const ExpandParams& a, const ExpandModule& md, TY* zs, int ld,
                            const int* s_slot, int64_t t0, int64_t i0, int ip) {
   constexpr int kZB = 2 * kBatch;
-  const TU* u = static_cast<const TU*>(a.u);
-  const int total = kBM * ip;
-  for (int e0 = threadIdx.x; e0 < total; e0 += kThreads * kZB) {
-    float u0[kZB], uq[kZB], pv[kZB], lv[kZB];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int t = warp; t < kBM; t += kThreads / 32) {
+    const int s = s_slot[t];
+    if (s < 0) continue;
+    const TU* ur = static_cast<const TU*>(a.u) + (t0 + t) * a.ldu;
+    const float* ldr = a.lambda_d + (static_cast<int64_t>(s) * a.modules_total + md.module) * a.r;
+    const float* pr = a.p + static_cast<int64_t>(s) * a.r;  // dereferenced only with_q
+    TY* zr = zs + t * ld;
+    for (int ii0 = lane; ii0 < ip; ii0 += 32 * kZB) {
+      float u0[kZB], uq[kZB], pv[kZB], lv[kZB];
 #pragma unroll
-    for (int k = 0; k < kZB; ++k) {
-      const int e = e0 + k * kThreads;
-      const int t = e / ip;
-      const int64_t i = i0 + e % ip;
-      const int s = e < total ? s_slot[t] : -1;
-      u0[k] = uq[k] = lv[k] = 0.0f;
-      pv[k] = 1.0f;
-      if (s >= 0 && i < a.r) {
-        const TU* ur = u + (t0 + t) * a.ldu;
-        u0[k] = to_f(ur[i]);
-        lv[k] = a.lambda_d[(static_cast<int64_t>(s) * a.modules_total + md.module) * a.r + i];
+      for (int k = 0; k < kZB; ++k) {
+        const int ii = ii0 + 32 * k;
+        const int64_t i = i0 + ii;
+        u0[k] = uq[k] = lv[k] = 0.0f;  // zeros in the padding past r: B is zero there too
+        pv[k] = 1.0f;
+        if (ii < ip && i < a.r) {
+          u0[k] = to_f(ur[i]);
+          lv[k] = ldr[i];
+          if (a.with_q) {
+            uq[k] = to_f(ur[a.r + i]);
+            pv[k] = pr[i];
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < kZB; ++k) {
+        const int ii = ii0 + 32 * k;
+        if (ii >= ip) break;
         if (a.with_q) {
-          uq[k] = to_f(ur[a.r + i]);
-          pv[k] = a.p[static_cast<int64_t>(s) * a.r + i];
+          const float h = lv[k] * (pv[k] * u0[k] + (1.0f - pv[k]) * uq[k]);
+          zr[ii] = from_f<TY>(pv[k] * h);
+          zr[ip + ii] = from_f<TY>((1.0f - pv[k]) * h);
+        } else {
+          zr[ii] = from_f<TY>(lv[k] * u0[k]);
         }
       }
     }
-#pragma unroll
-    for (int k = 0; k < kZB; ++k) {
-      const int e = e0 + k * kThreads;
-      if (e >= total) break;
-      TY* zr = zs + (e / ip) * ld + e % ip;
-      if (a.with_q) {
-        const float h = lv[k] * (pv[k] * u0[k] + (1.0f - pv[k]) * uq[k]);
-        zr[0] = from_f<TY>(pv[k] * h);
-        zr[ip] = from_f<TY>((1.0f - pv[k]) * h);
-      } else {
-        zr[0] = from_f<TY>(lv[k] * u0[k]);
-      }
-    }
   }
+}
+
+// One m16n8k16 step of this warp's tile at K offset kk.
+template <typename TY>
+__device__ __forceinline__ void mma_step(float (&acc)[4], const TY* zs, const TY* bs, int ld,
+                                         int n0, int lane, int kk) {
+  uint32_t af[4], bf[2];
+  dev::ldmatrix_x4(af, zs + (lane % 16) * ld + kk + (lane / 16) * 8);
+  dev::ldmatrix_x2(bf, bs + (n0 + lane % 8) * ld + kk + ((lane / 8) % 2) * 8);
+  dev::mma_16816<TY>(acc, af, bf);
 }
 
 template <typename TY, typename TU, typename TB>
@@ -165,7 +180,8 @@ __global__ void __launch_bounds__(kThreads)
   TY* bs = zs + kBM * ld;
   const int warp = tid / 32, lane = tid % 32;
   const int n0 = warp * 8;
-  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  // Two accumulators for alternate K steps: halves the chain of dependent MMAs (latency-bound).
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, acc1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
   for (int64_t i0 = 0; i0 < a.r; i0 += ip) {
     if (i0 > 0) __syncthreads();  // the previous phase's MMAs are done with the tiles
@@ -173,14 +189,16 @@ __global__ void __launch_bounds__(kThreads)
     mix_z_tile<TY, TU>(a, md, zs, ld, s_slot, t0, i0, ip);  // overlaps the copies in flight
     dev::cp_async_wait_all();
     __syncthreads();
-#pragma unroll 4
-    for (int kk = 0; kk < kp; kk += 16) {
-      uint32_t af[4], bf[2];
-      dev::ldmatrix_x4(af, zs + (lane % 16) * ld + kk + (lane / 16) * 8);
-      dev::ldmatrix_x2(bf, bs + (n0 + lane % 8) * ld + kk + ((lane / 8) % 2) * 8);
-      dev::mma_16816<TY>(acc, af, bf);
+    int kk = 0;
+#pragma unroll 2
+    for (; kk + 32 <= kp; kk += 32) {
+      mma_step<TY>(acc, zs, bs, ld, n0, lane, kk);
+      mma_step<TY>(acc1, zs, bs, ld, n0, lane, kk + 16);
     }
+    if (kk < kp) mma_step<TY>(acc, zs, bs, ld, n0, lane, kk);
   }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) acc[e] += acc1[e];
 
   // Epilogue: accumulator (row g | g + 8, columns 2q, 2q + 1) -> y, one rounding per element.
   TY* y = static_cast<TY*>(a.y);
