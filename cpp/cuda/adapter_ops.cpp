@@ -2,9 +2,9 @@
 // kernels/adapter_cuda.cu, on the current stream under a device guard. No host synchronization
 // and no allocation whose size depends on data, so every path can be captured in a CUDA graph.
 //
-// Route by T (a shape): up to kFusedMaxRows rows and a 16-bit y, one fused kernel (decode);
-// otherwise z is mixed once into a buffer and the expand GEMM runs in cuBLAS (prefill), followed
-// by the lambda_b/accumulate epilogue. UORA_EXPAND_IMPL=fused|gemm forces a route (benchmarks);
+// Route by shapes (T, R), never by data: small T * R and a 16-bit y, one fused kernel (decode);
+// otherwise z is mixed once into a buffer and the expand GEMM runs in cuBLAS, followed by the
+// lambda_b/accumulate epilogue (3 kernels + one GEMM per module). UORA_EXPAND_IMPL=fused|gemm forces a route (benchmarks);
 // UORA_PDL=0 turns off programmatic dependent launch of the fused kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one needs cuSPARSE headers
@@ -22,9 +22,12 @@
 namespace uora {
 namespace {
 
-// Measured on an H200 (bench/kernels/NOTES.md): the fused kernel recomputes z in every block of
-// 32 output columns, so beyond one 16-row tile the GEMM route (z mixed once) wins.
-constexpr int64_t kFusedMaxRows = 16;
+// Measured on an H200 (bench/kernels/NOTES.md): the fused kernel's time grows with R (its B tile)
+// and with the rows it mixes (every block of 32 output columns mixes z again); the GEMM route costs
+// ~8 us flat at decode sizes. The fused kernel won at T = 1 with R <= 512 and lost at T = 16 for
+// every R and at R = 2048 already at T = 1; the crossover in between is interpolated (T*R ~ 1.2k).
+constexpr int64_t kFusedMaxR = 512;
+constexpr int64_t kFusedMaxWork = 1024;  // rows * R
 
 kernels::DType kernel_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
@@ -39,12 +42,12 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "uora (CUDA): ", what, " failed: ", cudaGetErrorString(err));
 }
 
-bool use_gemm_route(const at::Tensor& y, int64_t rows) {
+bool use_gemm_route(const at::Tensor& y, int64_t rows, int64_t R) {
   if (y.scalar_type() == at::kFloat) return true;  // the fused kernel is bf16/fp16 MMA only
   const char* impl = std::getenv("UORA_EXPAND_IMPL");
   if (impl != nullptr && std::strcmp(impl, "fused") == 0) return false;
   if (impl != nullptr && std::strcmp(impl, "gemm") == 0) return true;
-  return rows > kFusedMaxRows;
+  return R > kFusedMaxR || rows * R > kFusedMaxWork;
 }
 
 // The expand of one group from u (any row stride, unit column stride); modules in chunks of 8.
@@ -77,7 +80,7 @@ void expand(at::Tensor& y, const at::Tensor& u, const at::Tensor& b_cat_in,
   a.with_q = with_q;
   const char* pdl = std::getenv("UORA_PDL");
   a.pdl = !(pdl != nullptr && std::strcmp(pdl, "0") == 0);
-  const bool gemm = use_gemm_route(y, g.rows);
+  const bool gemm = use_gemm_route(y, g.rows, g.R);
   // The GEMM route multiplies in y's dtype; a float32 b_cat is converted once per call.
   at::Tensor b_mm;
   if (gemm) {

@@ -9,7 +9,7 @@
 // written. Every launcher is asynchronous on `stream`, allocates nothing and reads nothing back to
 // the host, so all of them can be captured in a CUDA graph.
 //
-// Two routes, chosen by the glue on T (a shape, never on data):
+// Two routes, chosen by the glue on (T, R) (shapes, never data):
 //   expand_fused_cuda  one kernel: the mix above in its prologue (per 16-token tile), bf16/fp16
 //                      tensor-core MMA over K = R, lambda_b and the accumulate into y in its
 //                      epilogue. Built for decode (T small), where B_cat is read once per tile of
