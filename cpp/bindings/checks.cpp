@@ -174,6 +174,13 @@ void check_tables(GroupShape& g, const at::Tensor& y, const at::Tensor& ref, con
                 "lambda_b_offsets[", j, "] = ", lambda_b_offsets[j], " + out ", outs[j],
                 ": expected <= nb = ", g.nb);
   }
+  // Modules of one call are accumulated in parallel on the GPU: their columns of y must not overlap.
+  for (size_t j = 0; j < m; ++j)
+    for (size_t i = 0; i < j; ++i)
+      TORCH_CHECK(y_offsets[i] + outs[i] <= y_offsets[j] || y_offsets[j] + outs[j] <= y_offsets[i],
+                  "y_offsets: modules ", i, " and ", j, " write overlapping columns [",
+                  y_offsets[i], ", ", y_offsets[i] + outs[i], ") and [", y_offsets[j], ", ",
+                  y_offsets[j] + outs[j], ")");
 }
 
 GroupShape lead_shape(const at::Tensor& y, const at::Tensor& lambda_d, bool with_q) {

@@ -103,7 +103,10 @@ def uora_group_(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, lambda
             d = lambda_b[s, off_j : off_j + out] * (B @ (lambda_d[s, m] * (A @ x[t])))
             y[t, y_off_j : y_off_j + out] = (y[t, y_off_j : ...].float() + d).to(y.dtype)
     computed through the identity of DESIGN §4: one shrink u = A_cat x per row, no per-adapter
-    GEMM. Rows with slot -1 cost nothing.
+    GEMM. Rows with slot -1 cost nothing. The modules' column ranges of y must not overlap (CUDA
+    accumulates modules in parallel; checked on every device). On CUDA a slot outside [0, S) is
+    treated as -1 (it cannot be checked without a host sync), and no op synchronizes with the host
+    or allocates by data, so calls can be captured in CUDA graphs.
     """
     _ops.uora_group_(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, list(modules),
                      list(lambda_b_offsets), list(y_offsets), list(outs), with_q)
