@@ -106,6 +106,10 @@ def test_argument_errors_name_the_argument():
     with pytest.raises(RuntimeError, match=r"outs\[0\] = 200"):
         ops.uora_group_(*bad)
     bad = list(args)
+    bad[7] = torch.tensor([0, 1, 2, 1], dtype=torch.int32)  # 2 slots: slot 2 does not exist
+    with pytest.raises(RuntimeError, match=r"slot\[2\] = 2: expected < slots = 2"):
+        ops.uora_group_(*bad)
+    bad = list(args)
     bad[6] = args[6][:, :3]
     with pytest.raises(RuntimeError, match=r"p: expected \[slots, r\]"):
         ops.uora_group_(*bad)

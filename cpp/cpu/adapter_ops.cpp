@@ -56,12 +56,15 @@ void expand_rows(at::Tensor& y, const at::Tensor& u, const at::Tensor& idx, cons
 }
 
 // Rows of slot that carry an adapter, as (row indices, their slots); empty when none does.
-std::pair<at::Tensor, at::Tensor> adapter_rows(const at::Tensor& slot) {
+std::pair<at::Tensor, at::Tensor> adapter_rows(const at::Tensor& slot, int64_t slots) {
   const auto slot_c = slot.contiguous();
   const int32_t* s = slot_c.data_ptr<int32_t>();
   std::vector<int64_t> rows;
-  for (int64_t t = 0; t < slot_c.size(0); ++t)
+  for (int64_t t = 0; t < slot_c.size(0); ++t) {
+    // The CPU can check what the GPU cannot without a host sync (there: treated as -1).
+    TORCH_CHECK(s[t] < slots, "slot[", t, "] = ", s[t], ": expected < slots = ", slots);
     if (s[t] >= 0) rows.push_back(t);
+  }
   const auto idx = at::from_blob(rows.data(), {static_cast<int64_t>(rows.size())}, at::kLong).clone();
   return {idx, slot_c.index_select(0, idx)};
 }
@@ -73,7 +76,7 @@ void uora_group_cpu(at::Tensor& y, const at::Tensor& x, const at::Tensor& a_cat,
                     at::IntArrayRef y_offsets, at::IntArrayRef outs, bool with_q) {
   const GroupShape g = check_group_args(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules,
                                         lambda_b_offsets, y_offsets, outs, with_q);
-  const auto [idx, slots] = adapter_rows(slot);
+  const auto [idx, slots] = adapter_rows(slot, g.slots);
   if (idx.size(0) == 0 || modules.empty()) return;
   // The shared shrink, for adapter rows only: base-only rows cost nothing.
   // Every row carries an adapter (the common case): no gather copy.
@@ -91,7 +94,7 @@ void uora_expand_cpu(at::Tensor& y, const at::Tensor& u, const at::Tensor& b_cat
                      at::IntArrayRef outs, bool with_q) {
   const GroupShape g = check_expand_args(y, u, b_cat, lambda_d, lambda_b, p, slot, modules,
                                          lambda_b_offsets, y_offsets, outs, with_q);
-  const auto [idx, slots] = adapter_rows(slot);
+  const auto [idx, slots] = adapter_rows(slot, g.slots);
   if (idx.size(0) == 0 || modules.empty()) return;
   const auto us = u.narrow(1, 0, g.R).index_select(0, idx).to(at::kFloat).contiguous();
   expand_rows(y, us, idx, slots, b_cat, lambda_d, lambda_b, p, modules, lambda_b_offsets, y_offsets,

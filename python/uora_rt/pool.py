@@ -81,13 +81,16 @@ class AdapterPool:
     where GEMMs are memory-bound (GPU decode); on the CPU the base-only rows would pay for it."""
 
     def __init__(self, sites: list[Site], device, base_arch: str, group_linear=None,
-                 fuse_shrink: bool = False, slots: int = 4):
+                 fuse_shrink: bool = False, slots: int = 4, factor_dtype=torch.float32):
         self.sites = {s.name: s for s in sites}
         self.device = torch.device(device)
         self.base_arch = base_arch
         self.group_linear = group_linear
         self.fuse_shrink = fuse_shrink and group_linear is not None
         self.initial_slots = max(1, slots)
+        # The shared factors in the dtype the kernels multiply in: bf16 on a bf16 GPU model
+        # (tensor cores, half the bytes); float32 on the CPU. Vectors stay float32 everywhere.
+        self.factor_dtype = factor_dtype
         self.families: dict[tuple, Family] = {}
         self.entries: dict[str, Entry] = {}
         self._lock = threading.RLock()
@@ -119,7 +122,8 @@ class AdapterPool:
             fam = self.families.get(key)
             if fam is None:
                 a_cat, b_cat, has_q = family_factors(adapter)
-                fam = Family(key, adapter.r, a_cat.to(self.device), b_cat.to(self.device), has_q)
+                fam = Family(key, adapter.r, a_cat.to(self.device, self.factor_dtype).contiguous(),
+                             b_cat.to(self.device, self.factor_dtype).contiguous(), has_q)
                 self.families[key] = fam
             self._ensure_modules(fam, targets)
             slot = fam.free.pop() if fam.free else self._grow(fam)

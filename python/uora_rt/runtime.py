@@ -47,7 +47,9 @@ class Runtime:
         # On the GPU the shrink rides in the base GEMM (decode is weight-read-bound, the extra rows
         # cost ~nothing); on the CPU (compute-bound) only adapter rows should pay for it.
         fuse = self.device.type == "cuda" if fuse_shrink is None else fuse_shrink
-        self.pool = AdapterPool(model.sites(), self.device, arch, model.group_linear, fuse, slots)
+        factor_dtype = self.dtype if self.device.type == "cuda" else torch.float32
+        self.pool = AdapterPool(model.sites(), self.device, arch, model.group_linear, fuse, slots,
+                                factor_dtype)
         self.codec = None
         if self.folder is not None and (self.folder / "tokenizer.json").is_file():
             from uora_rt.tokenizer import TextCodec
