@@ -125,6 +125,7 @@ def main():
             print(f"{b:5d} {d:8d} {ms:8.2f} {b / ms * 1e3:9.0f} {ms / base_ms:8.3f} {floor:8.2f}")
         rt.decoders.items.clear()
         torch.cuda.empty_cache()
+        common.write("e2e_gpu", records)  # partial results survive a later failure
 
     ids = torch.randint(0, 32000, (8, CTX), device="cuda")
     valid = torch.ones(8, CTX, dtype=torch.bool, device="cuda")
@@ -177,6 +178,7 @@ def main():
         del rs
         gc.collect()
         torch.cuda.empty_cache()
+        common.write("e2e_gpu", records)
 
     baselines(records, batches, ids)
     common.write("e2e_gpu", records)
