@@ -1,0 +1,45 @@
+"""Renders bench/results/layer_gpu.json as the markdown table bench/results/layer_gpu.md.
+
+python bench/render_layer_table.py
+"""
+
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main():
+    d = json.loads((RESULTS / "layer_gpu.json").read_text())
+    c = d["ceilings"]
+    rows = {}
+    for r in d["records"]:
+        rows.setdefault((r["out"], r["in"], r["r"], int(r["with_q"]), r["T"]), {})[r["method"]] = r
+    out = ["# Layer benchmark (issue 5 §5a): one adapted linear, 64 distinct adapters, bf16, H200", "",
+           f"Command: `python bench/bench_layer_gpu.py` on the GPU machine ({d['env']['torch']}); "
+           f"ceilings measured in the same run: {json.dumps(c)}. Cold = CUDA events with L2 "
+           "flushed, median; graph = 8 layers in one CUDA graph, per layer (T <= 256). Ratios are "
+           "to the base GEMM. fused = base GEMM over [W; A_cat[:R]] + uora_expand_ (the "
+           "runtime's GPU path); group = base GEMM + uora_group_; torch = plain torch composition "
+           "of DESIGN §4; peft loop = per-adapter gather / two GEMMs / scatter (PEFT style).", "",
+           "| out x in | r | Q | T | base us | fused us | fused x | fused x (graph) | group x | "
+           "torch x | peft loop x | fused TB/s | fused TFLOP/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (o, i, r, q, t), m in sorted(rows.items()):
+        b, f = m.get("base"), m.get("fused")
+        if not b or not f:
+            continue
+
+        def x(name, key="ratio"):
+            v = m.get(name, {}).get(key)
+            return "-" if v is None else f"{v:.2f}"
+
+        out.append(f"| {o}x{i} | {r} | {q} | {t} | {b['us']:.1f} | {f['us']:.1f} | {x('fused')} | "
+                   f"{x('fused', 'graph_ratio')} | {x('group')} | {x('torch_comp')} | "
+                   f"{x('peft_loop')} | {f['TBps']:.2f} | {f['TFLOPs']:.0f} |")
+    (RESULTS / "layer_gpu.md").write_text("\n".join(out) + "\n")
+    print(f"wrote {RESULTS / 'layer_gpu.md'} ({len(out) - 6} rows)")
+
+
+if __name__ == "__main__":
+    main()
