@@ -261,8 +261,12 @@ def _build(path: str, meta: dict, tensors: dict) -> Adapter:
         if tuple(t.shape) != shape:
             what = "r mismatch: " if key.endswith("lambda_d") or key.startswith("reinit.") else ""
             raise AdapterFormatError(path, key, f"shape {list(shape)}", f"{what}{list(t.shape)}")
-        if dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-            raise AdapterFormatError(path, key, "finite values", "NaN or Inf")
+    floats = [k for k, (_, dt) in shapes.items() if dt.is_floating_point]
+    # One pass over every float value (a file holds hundreds of small tensors); only a failing
+    # file pays for finding which key holds the NaN or Inf.
+    if not bool(torch.isfinite(torch.cat([tensors[k].reshape(-1) for k in floats])).all()):
+        bad = next(k for k in floats if not bool(torch.isfinite(tensors[k]).all()))
+        raise AdapterFormatError(path, bad, "finite values", "NaN or Inf")
     p, count = tensors["reinit.p"], tensors["reinit.count"]
     if not bool(((p > 0) & (p <= 1)).all()):
         raise AdapterFormatError(path, "reinit.p", "values in (0, 1]",
