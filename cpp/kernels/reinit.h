@@ -57,6 +57,24 @@ struct ReinitParams {
   int32_t k = 1;
 };
 
+// The per-index step both devices run (one CPU loop iteration, one CUDA thread): walks the layers
+// in order, bumps the counters, counts the fires and decays the record. Returns the fires.
+UORA_HD int32_t reinit_index(const ReinitParams& q, int64_t i) {
+  int32_t fires = 0;
+  for (int64_t l = 0; l < q.layers; ++l) {
+    const float v = q.lambda_d[l * q.r + i];
+    if (v < q.tau && -v < q.tau) {  // |v| < tau; false for NaN
+      const int32_t c = ++q.counts[l * q.r + i];
+      if (c % q.k == 0) ++fires;
+    }
+  }
+  q.fires[i] = fires;
+  float p = q.p[i];
+  for (int32_t f = 0; f < fires; ++f) p = reinit_decay(p, q.alpha);
+  q.p[i] = p;
+  return fires;
+}
+
 // CPU implementation (reinit_cpu.cpp).
 void reinit_cpu(const ReinitParams& params);
 

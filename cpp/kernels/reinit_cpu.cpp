@@ -5,21 +5,7 @@ namespace uora::kernels {
 void reinit_cpu(const ReinitParams& q) {
   // Pass 1: counters, fires and the record, per index.
   bool any = false;
-  for (int64_t i = 0; i < q.r; ++i) {
-    int32_t fires = 0;
-    for (int64_t l = 0; l < q.layers; ++l) {
-      const float v = q.lambda_d[l * q.r + i];
-      if (v < q.tau && -v < q.tau) {  // |v| < tau; false for NaN
-        const int32_t c = ++q.counts[l * q.r + i];
-        if (c % q.k == 0) ++fires;
-      }
-    }
-    q.fires[i] = fires;
-    float pi = q.p[i];
-    for (int32_t f = 0; f < fires; ++f) pi = reinit_decay(pi, q.alpha);
-    q.p[i] = pi;
-    any = any || fires > 0;
-  }
+  for (int64_t i = 0; i < q.r; ++i) any = reinit_index(q, i) > 0 || any;
   if (!any) return;
   // Pass 2: rewrite the fired rows of A and columns of B, sweeping memory in order (B's columns
   // are strided, so B goes row by row with a per-column test).

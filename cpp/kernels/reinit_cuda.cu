@@ -13,19 +13,7 @@ constexpr int kThreads = 256;
 // number of fires are the CPU's; p decays once per fire, in float32.
 __global__ void __launch_bounds__(kThreads) reinit_count_kernel(ReinitParams q) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= q.r) return;
-  int32_t fires = 0;
-  for (int64_t l = 0; l < q.layers; ++l) {
-    const float v = q.lambda_d[l * q.r + i];
-    if (v < q.tau && -v < q.tau) {  // |v| < tau; false for NaN
-      const int32_t c = ++q.counts[l * q.r + i];
-      if (c % q.k == 0) ++fires;
-    }
-  }
-  q.fires[i] = fires;
-  float p = q.p[i];
-  for (int32_t f = 0; f < fires; ++f) p = reinit_decay(p, q.alpha);
-  q.p[i] = p;
+  if (i < q.r) reinit_index(q, i);
 }
 
 // Element-wise over A [r, max_in] then B [max_out, r]; rows/columns that did not fire are left
