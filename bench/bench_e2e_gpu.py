@@ -53,7 +53,6 @@ def ceilings():
     bw = 2 * x.numel() / (ms / 1e3)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     ms_mm = cuda_time(lambda: a @ a, 10)
-    del x, y
     return bw, 2 * 8192**3 / (ms_mm / 1e3)
 
 
@@ -159,7 +158,7 @@ def main():
     records.append({"kind": "file_to_servable", "ms": load_ms, "bytes": path.stat().st_size
                     if path.exists() else None})
     print(f"adapter file (7B q/v, r={R}) to servable: {load_ms:.2f} ms (median of 20)")
-    del rt
+    rt = None  # free the 7B model before the scale runs allocate theirs
     gc.collect()
     torch.cuda.empty_cache()
     for registered in (10, 1000) if args.quick else (10, 1000, 100_000):

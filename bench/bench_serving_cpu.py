@@ -19,7 +19,6 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 import uora_rt  # noqa: E402
-from uora_rt import format as fmt  # noqa: E402
 from uora_rt.gguf_import import default_base  # noqa: E402
 from uora_rt.trainer import TrainingHook  # noqa: E402
 

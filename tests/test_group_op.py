@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import TOL, assert_close
+from conftest import assert_close
 from uora_rt import ops, projections, reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

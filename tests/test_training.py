@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import uora_rt
-from conftest import TOL, assert_close
+from conftest import assert_close
 from models_tiny import randomize_lambdas, tiny_bert, tiny_gpt2, tiny_llama
 from uora_rt import reference
 from uora_rt.inject import adapter_layers, shared_state
