@@ -10,6 +10,14 @@ from uora_rt.commands import inspect as inspect_cmd
 
 
 def main(argv=None) -> int:
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:  # `uora-rt inspect FILE | head`: the reader left, nothing went wrong
+        sys.stderr.close()
+        return 0
+
+
+def _dispatch(argv) -> int:
     parser = argparse.ArgumentParser(prog="uora-rt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train UORA adapters on the packaged SmolLM2 and serve "
