@@ -228,26 +228,3 @@ def test_fused_shrink_path_equals_separate_shrink(tmp_path):
     assert fused.pool.families[next(iter(fused.pool.families))].ext  # the fused path really ran
     assert fused.generate([[1, 2, 3]], adapters=["a"], max_new_tokens=6)[0].tokens == \
         plain.generate([[1, 2, 3]], adapters=["a"], max_new_tokens=6)[0].tokens
-
-
-@pytest.mark.parametrize("fuse", [False, True])
-def test_static_decode_steps_equal_dynamic_batch(tmp_path, fuse):
-    # The fixed-shape decode step the GPU captures in CUDA graphs, run eagerly on the CPU.
-    fn = LLAMA_VARIANTS["llama_gqa_untied"]
-    base = save_base(fn, tmp_path / "base")
-    a = make_adapter(fn, tmp_path / "a.uora", reinit=True, scale=1.0)
-    b = make_adapter(fn, tmp_path / "b.uora", seed=2, targets=("k_proj", "down_proj"), scale=1.0)
-    rt = uora_rt.load(base, adapters=[("a", a), ("b", b)], fuse_shrink=fuse)
-    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [9], [3, 3, 3, 3]]
-    names = ["a", None, "b", "a"]
-    for kwargs in ({}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}):
-        dynamic = rt.generate(prompts, adapters=names, max_new_tokens=10, static=False, **kwargs)
-        static = rt.generate(prompts, adapters=names, max_new_tokens=10, static=True, **kwargs)
-        assert [g.tokens for g in static] == [g.tokens for g in dynamic]
-    # a row that stops early (a stop token) keeps its slot in the static batch without harm
-    eos = dynamic[0].tokens[2]
-    rt.config["eos_token_id"] = eos
-    dyn = rt.generate(prompts, adapters=names, max_new_tokens=10, static=False)
-    sta = rt.generate(prompts, adapters=names, max_new_tokens=10, static=True)
-    assert [g.tokens for g in sta] == [g.tokens for g in dyn]
-    assert any(g.finish_reason == "stop" for g in dyn)

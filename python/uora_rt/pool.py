@@ -1,17 +1,26 @@
-"""The adapter pool: projection families built once per key, slots that hold only vectors.
+"""The adapter pool: every registered adapter in host memory, a bounded set of them on the device.
 
-A family (algorithm, seed, r, max_in, max_out) owns the stacked factors A_cat = [A0; QA] and
-B_cat = [B0 | QB] on the device and tables with one row per slot:
-    lambda_d [slots, modules, r]   lambda_b [slots, sum of outs] (packed)   p [slots, r]
-Tables are replaced, never resized in place, so a batch that took a snapshot (`AdapterBatch`)
-keeps consistent tensors while adapters are added or removed; a removed adapter's slot is reused
-only once no batch is in flight.
+A projection family (algorithm, seed, r, max_in, max_out) owns its shared factors on the device,
+A_cat = [A0; QA] and B_cat = [B0 | QB], built once, and two tiers of per-adapter vectors:
+    host   (every registered adapter)   rows of host_d [N, M, r], host_b [N, NB], host_p [N, r]
+    device (`slots` of them)            lambda_d [S, M, r], lambda_b [S, NB], p [S, r]
+(M: the modules the family's adapters target; NB: the sum of their outs, packed.)
+
+Lifetimes: a request *leases* its adapter when it is accepted (remove_adapter then lets it
+finish and refuses new requests) and *pins* the adapter's device slot while it runs (a pinned
+slot is never evicted). Pinning an adapter that is not resident uploads its vectors into a free
+slot, or into the least recently used unpinned one. Device tables keep their size and identity
+(CUDA graphs that read them stay valid); only a new target module widens them, by replacement,
+so a step already holding the old tensors stays consistent. A family whose last adapter is gone
+releases its device tensors.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -31,7 +40,7 @@ def family_key(adapter: fmt.Adapter):
 
 
 def family_factors(adapter: fmt.Adapter):
-    """(A_cat, B_cat, has_q): [A0; QA] and [B0 | QB] for UORA, the plain A and B otherwise."""
+    """(A_cat, B_cat, has_q) float32 CPU: [A0; QA] and [B0 | QB] for UORA, plain A and B else."""
     spec = adapter.projection
     if spec.algorithm == ALGORITHM:
         a0, b0, qa, qb = projections(spec.seed, spec.r, spec.max_in, spec.max_out)
@@ -44,58 +53,78 @@ def family_factors(adapter: fmt.Adapter):
     return adapter.explicit[0], adapter.explicit[1], False
 
 
-@dataclass
 class Family:
-    key: tuple
-    r: int
-    a_cat: torch.Tensor
-    b_cat: torch.Tensor
-    has_q: bool
-    modules: list[str] = field(default_factory=list)      # module id -> site name
-    lb_offset: dict[str, int] = field(default_factory=dict)
-    lambda_d: torch.Tensor | None = None
-    lambda_b: torch.Tensor | None = None
-    p: torch.Tensor | None = None
-    slot_q: list[bool] = field(default_factory=list)       # slot has p < 1 somewhere
-    free: list[int] = field(default_factory=list)
-    groups: dict = field(default_factory=dict)             # (layer, group) -> op arguments
-    ext: dict = field(default_factory=dict)                # (layer, group) -> fused weight, bias
+    def __init__(self, key, r: int, factors, slots: int, device, factor_dtype):
+        a_cat, b_cat, has_q = factors
+        self.key, self.r, self.has_q = key, r, has_q
+        # float32 CPU factors for merging (exact); the device copies in the kernels' dtype.
+        self.factors_f32 = (a_cat, b_cat)
+        self.a_cat = a_cat.to(device, factor_dtype).contiguous()
+        self.b_cat = b_cat.to(device, factor_dtype).contiguous()
+        self.modules: list[str] = []                 # module id -> site name
+        self.lb_offset: dict[str, int] = {}
+        self.host_d = torch.zeros(0, 0, r)
+        self.host_b = torch.zeros(0, 0)
+        self.host_p = torch.ones(0, r)
+        self.host_free: list[int] = []
+        self.lambda_d = torch.zeros(slots, 0, r, device=device)
+        self.lambda_b = torch.zeros(slots, 0, device=device)
+        self.p = torch.ones(slots, r, device=device)
+        self.slot_entry: list[Entry | None] = [None] * slots
+        self.pins = [0] * slots
+        self.free_slots = list(range(slots - 1, -1, -1))
+        self.lru: OrderedDict[int, None] = OrderedDict()  # resident, unpinned; oldest first
+        self.members = 0                              # registered entries (removed but leased too)
+        self.groups: dict = {}                        # (layer, group) -> op arguments
+        self.ext: dict = {}                           # (layer, group) -> fused weight, bias
 
     @property
-    def capacity(self) -> int:
-        return 0 if self.p is None else self.p.shape[0]
+    def slots(self) -> int:
+        return len(self.slot_entry)
+
+    def device_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in
+                   (self.a_cat, self.b_cat, self.lambda_d, self.lambda_b, self.p))
 
 
-@dataclass
+@dataclass(eq=False)
 class Entry:
+    """One registered adapter: where its vectors live (host row, device slot) and who holds it."""
+
     name: str
     family: Family
-    slot: int
-    adapter: fmt.Adapter
+    row: int
     targets: list[str]  # site names
+    has_q: bool         # p < 1 somewhere: the Q halves are needed
+    path: str | None
+    refs: int = 0       # leases: accepted requests (and synchronous batches) using it
+    removed: bool = False
+    slot: int = -1      # device slot, -1 = host only
 
 
 class AdapterPool:
-    """fuse_shrink: compute the primary family's shrink inside each group's base GEMM (its weight
-    with A_cat's rows appended, built lazily per group) instead of a separate pass over x. Worth it
-    where GEMMs are memory-bound (GPU decode); on the CPU the base-only rows would pay for it."""
+    """slots: device slots per projection family (how many distinct adapters of a family can run
+    at once; vLLM's max_loras). fuse_shrink: compute the first family's shrink inside each group's
+    base GEMM (its weight with A_cat's rows appended, built lazily per group) instead of a
+    separate pass over x: worth it where GEMMs are memory-bound (GPU decode)."""
 
     def __init__(self, sites: list[Site], device, base_arch: str, group_linear=None,
-                 fuse_shrink: bool = False, slots: int = 4, factor_dtype=torch.float32):
+                 fuse_shrink: bool = False, slots: int = 64, factor_dtype=torch.float32):
+        if slots < 1:
+            raise ValueError(f"slots: expected >= 1, got {slots}")
         self.sites = {s.name: s for s in sites}
         self.device = torch.device(device)
         self.base_arch = base_arch
         self.group_linear = group_linear
         self.fuse_shrink = fuse_shrink and group_linear is not None
-        self.initial_slots = max(1, slots)
+        self.slots = slots
         # The shared factors in the dtype the kernels multiply in: bf16 on a bf16 GPU model
         # (tensor cores, half the bytes); float32 on the CPU. Vectors stay float32 everywhere.
         self.factor_dtype = factor_dtype
         self.families: dict[tuple, Family] = {}
         self.entries: dict[str, Entry] = {}
+        self.stats = {"uploads": 0, "evictions": 0}
         self._lock = threading.RLock()
-        self._in_flight = 0
-        self._pending_free: list[tuple[Family, int]] = []
 
     # --- validation -------------------------------------------------------------------------
     def _resolve_targets(self, adapter: fmt.Adapter, source) -> list[str]:
@@ -111,8 +140,9 @@ class AdapterPool:
             names.append(site_name)
         return names
 
-    # --- add / remove -----------------------------------------------------------------------
+    # --- registration -----------------------------------------------------------------------
     def add(self, name: str, adapter: fmt.Adapter) -> None:
+        """Registers an adapter (host memory only; it reaches the device when a request runs)."""
         source = adapter.path or name
         targets = self._resolve_targets(adapter, source)  # validate before touching anything
         with self._lock:
@@ -121,70 +151,76 @@ class AdapterPool:
             key = family_key(adapter)
             fam = self.families.get(key)
             if fam is None:
-                a_cat, b_cat, has_q = family_factors(adapter)
-                fam = Family(key, adapter.r, a_cat.to(self.device, self.factor_dtype).contiguous(),
-                             b_cat.to(self.device, self.factor_dtype).contiguous(), has_q)
+                fam = Family(key, adapter.r, family_factors(adapter), self.slots, self.device,
+                             self.factor_dtype)
                 self.families[key] = fam
             self._ensure_modules(fam, targets)
-            slot = fam.free.pop() if fam.free else self._grow(fam)
-            lam_d = torch.zeros(len(fam.modules), fam.r)
-            lam_b = torch.zeros(fam.lambda_b.shape[1])
+            row = fam.host_free.pop() if fam.host_free else self._grow_host(fam)
+            fam.host_d[row].zero_()
+            fam.host_b[row].zero_()
             for t, site_name in zip(adapter.targets, targets):
-                lam_d[fam.modules.index(site_name)] = adapter.lambda_d[t]
+                fam.host_d[row, fam.modules.index(site_name)] = adapter.lambda_d[t]
                 off = fam.lb_offset[site_name]
-                lam_b[off:off + self.sites[site_name].out] = adapter.lambda_b[t]
-            # The slot is free: no batch in flight reads it, so writing in place is safe.
-            fam.lambda_d[slot] = lam_d.to(self.device)
-            fam.lambda_b[slot] = lam_b.to(self.device)
-            fam.p[slot] = adapter.p.to(self.device)
-            fam.slot_q[slot] = bool((adapter.p < 1).any())
-            self.entries[name] = Entry(name, fam, slot, adapter, targets)
+                fam.host_b[row, off:off + self.sites[site_name].out] = adapter.lambda_b[t]
+            fam.host_p[row] = adapter.p
+            fam.members += 1
+            self.entries[name] = Entry(name, fam, row, targets, bool((adapter.p < 1).any()),
+                                       adapter.path)
 
     def remove(self, name: str) -> None:
+        """Unregisters an adapter: new requests for it fail at once; those holding it finish."""
         with self._lock:
             entry = self.entries.pop(name, None)
             if entry is None:
                 raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.entries)}")
-            self._pending_free.append((entry.family, entry.slot))
-            self._release_pending()
+            entry.removed = True
+            if entry.refs == 0:
+                self._drop(entry)
 
-    def _release_pending(self):
-        if self._in_flight == 0:
-            for fam, slot in self._pending_free:
-                fam.free.append(slot)
-            self._pending_free.clear()
+    def _drop(self, entry: Entry) -> None:
+        fam = entry.family
+        if entry.slot >= 0:  # refs == 0, so nothing pins it
+            fam.lru.pop(entry.slot, None)
+            fam.slot_entry[entry.slot] = None
+            fam.free_slots.append(entry.slot)
+            entry.slot = -1
+        fam.host_free.append(entry.row)
+        fam.members -= 1
+        if fam.members == 0:  # the family's factors, tables and fused weights go with it
+            del self.families[fam.key]
 
     def _ensure_modules(self, fam: Family, targets: list[str]) -> None:
-        new = [t for t in targets if t not in fam.lb_offset]
-        if not new and fam.p is not None:
+        new = [t for t in dict.fromkeys(targets) if t not in fam.lb_offset]
+        if not new:
             return
-        cap = max(fam.capacity, self.initial_slots)
-        old_m, old_nb = len(fam.modules), 0 if fam.lambda_b is None else fam.lambda_b.shape[1]
+        old_m, old_nb = len(fam.modules), fam.host_b.shape[1]
+        nb = old_nb
         for t in new:
-            fam.lb_offset[t] = old_nb + sum(self.sites[n].out for n in new[: new.index(t)])
+            fam.lb_offset[t] = nb
             fam.modules.append(t)
-        nb = old_nb + sum(self.sites[t].out for t in new)
-        lambda_d = torch.zeros(cap, len(fam.modules), fam.r, device=self.device)
-        lambda_b = torch.zeros(cap, nb, device=self.device)
-        p = torch.ones(cap, fam.r, device=self.device)
-        if fam.p is not None:  # copy into new tensors: in-flight batches keep the old ones
-            lambda_d[:, :old_m] = fam.lambda_d
-            lambda_b[:, :old_nb] = fam.lambda_b
-            p.copy_(fam.p)
-        else:
-            fam.slot_q = [False] * cap
-            fam.free = list(range(cap - 1, -1, -1))
-        fam.lambda_d, fam.lambda_b, fam.p = lambda_d, lambda_b, p
+            nb += self.sites[t].out
+        m, rows = len(fam.modules), fam.host_d.shape[0]
+
+        def widen(old_d, old_b, n, device):
+            d = torch.zeros(n, m, fam.r, device=device)
+            b = torch.zeros(n, nb, device=device)
+            d[:, :old_m], b[:, :old_nb] = old_d, old_b
+            return d, b
+
+        fam.host_d, fam.host_b = widen(fam.host_d, fam.host_b, rows, "cpu")
+        # New tensors: a step in flight keeps the old ones, which stay consistent.
+        fam.lambda_d, fam.lambda_b = widen(fam.lambda_d, fam.lambda_b, fam.slots, self.device)
         fam.groups = self._group_table(fam)
 
-    def _grow(self, fam: Family) -> int:
-        old = fam.capacity
-        cap = old * 2
-        fam.lambda_d = torch.cat([fam.lambda_d, torch.zeros_like(fam.lambda_d)])
-        fam.lambda_b = torch.cat([fam.lambda_b, torch.zeros_like(fam.lambda_b)])
-        fam.p = torch.cat([fam.p, torch.ones_like(fam.p)])
-        fam.slot_q += [False] * (cap - old)
-        fam.free += list(range(cap - 1, old, -1))
+    def _grow_host(self, fam: Family) -> int:
+        old = fam.host_d.shape[0]
+        cap = max(4, 2 * old)
+        d = torch.zeros(cap, len(fam.modules), fam.r)
+        b = torch.zeros(cap, fam.host_b.shape[1])
+        p = torch.ones(cap, fam.r)
+        d[:old], b[:old], p[:old] = fam.host_d, fam.host_b, fam.host_p
+        fam.host_d, fam.host_b, fam.host_p = d, b, p
+        fam.host_free += list(range(cap - 1, old, -1))
         return old
 
     def _group_table(self, fam: Family) -> dict:
@@ -198,39 +234,109 @@ class AdapterPool:
             outs.append(s.out)
         return table
 
-    # --- batches ----------------------------------------------------------------------------
-    def batch(self, names: list[str | None], token_valid: torch.Tensor) -> "AdapterBatch | None":
-        """A snapshot for one request: names per sequence, token_valid [B, L] (False = padding)."""
+    def vectors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """site name -> (lambda_d [r], lambda_b [out]) of a registered adapter (CPU copies)."""
         with self._lock:
-            unknown = [n for n in names if n is not None and n not in self.entries]
-            if unknown:
-                raise KeyError(f"unknown adapter(s) {unknown}; loaded: {sorted(self.entries)}")
-            if all(n is None for n in names):
-                return None
-            self._in_flight += 1
-            per_family: dict[tuple, list[int]] = {}
-            for n in names:
-                if n is not None:
-                    e = self.entries[n]
-                    per_family.setdefault(e.family.key, [-1] * len(names))
-            for i, n in enumerate(names):
-                if n is not None:
-                    e = self.entries[n]
-                    per_family[e.family.key][i] = e.slot
+            e = self.entries[name]
+            fam = e.family
+            return {t: (fam.host_d[e.row, fam.modules.index(t)].clone(),
+                        fam.host_b[e.row, fam.lb_offset[t]:fam.lb_offset[t] + self.sites[t].out]
+                        .clone()) for t in e.targets}
+
+    # --- leases and device slots ------------------------------------------------------------
+    def lease(self, name: str) -> Entry:
+        with self._lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                raise KeyError(f"unknown adapter {name!r}; loaded: {sorted(self.entries)}")
+            entry.refs += 1
+            return entry
+
+    def release(self, entry: Entry) -> None:
+        with self._lock:
+            entry.refs -= 1
+            if entry.removed and entry.refs == 0:
+                self._drop(entry)
+
+    def pin(self, entry: Entry) -> bool:
+        """Makes a leased adapter resident and keeps it so until unpin. False: every slot of its
+        family is pinned (the caller waits for one to be released)."""
+        with self._lock:
+            fam = entry.family
+            s = entry.slot
+            if s >= 0:
+                if fam.pins[s] == 0:
+                    fam.lru.pop(s)
+                fam.pins[s] += 1
+                return True
+            if fam.free_slots:
+                s = fam.free_slots.pop()
+            elif fam.lru:
+                s, _ = fam.lru.popitem(last=False)
+                fam.slot_entry[s].slot = -1
+                self.stats["evictions"] += 1
+            else:
+                return False
+            # Nothing running reads slot s (it was free or unpinned): writing in place is safe.
+            fam.lambda_d[s].copy_(fam.host_d[entry.row])
+            fam.lambda_b[s].copy_(fam.host_b[entry.row])
+            fam.p[s].copy_(fam.host_p[entry.row])
+            fam.slot_entry[s], entry.slot, fam.pins[s] = entry, s, 1
+            self.stats["uploads"] += 1
+            return True
+
+    def unpin(self, entry: Entry) -> None:
+        with self._lock:
+            fam, s = entry.family, entry.slot
+            fam.pins[s] -= 1
+            if fam.pins[s] == 0:
+                fam.lru[s] = None  # most recently used
+
+    @contextmanager
+    def serving(self, names: list[str | None]):
+        """Leases and pins every distinct adapter of a synchronous batch for its duration;
+        yields {name: Entry}."""
+        held: dict[str, Entry] = {}
+        pinned: list[Entry] = []
+        try:
+            for n in dict.fromkeys(n for n in names if n is not None):
+                held[n] = self.lease(n)
+            for e in held.values():
+                if not self.pin(e):
+                    raise ValueError(f"this batch uses more distinct adapters of one projection "
+                                     f"family than its {e.family.slots} device slots")
+                pinned.append(e)
+            yield held
+        finally:
+            for e in pinned:
+                self.unpin(e)
+            for e in held.values():
+                self.release(e)
+
+    def device_bytes(self) -> int:
+        """Device memory of every family's factors and slot tables (fused weights excluded)."""
+        with self._lock:
+            return sum(f.device_bytes() for f in self.families.values())
+
+    # --- per-step hooks ---------------------------------------------------------------------
+    def hook(self, token_slots: dict[Family, torch.Tensor],
+             with_q: dict[Family, bool]) -> "AdapterBatch | None":
+        """The adapter hook of one forward: per family, each token's slot ([T] int32 on the
+        device, -1 = not this family; every slot named must be pinned) and whether any of those
+        adapters has reinit events (else the Q halves are skipped)."""
+        with self._lock:
             views = []
-            # Families in creation order: the pool's first family is the one fused into the
-            # base GEMMs whenever it is present, so one set of fused weights serves every batch.
-            for key in [k for k in self.families if k in per_family]:
-                seq_slots = per_family[key]
-                fam = self.families[key]
-                used = {s for s in seq_slots if s >= 0}
-                with_q = fam.has_q and any(fam.slot_q[s] for s in used)
-                fused = self.fuse_shrink and key == next(iter(self.families))
-                views.append(FamilyView(key, fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
-                                        dict(fam.groups), with_q,
-                                        torch.tensor(seq_slots, dtype=torch.int32),
-                                        fam if fused else None))
-            return AdapterBatch(self, views, token_valid)
+            first = next(iter(self.families.values()), None)
+            # Families in creation order: the pool's first family is the one fused into the base
+            # GEMMs whenever it is present, so one set of fused weights serves every batch.
+            for fam in self.families.values():
+                slots = token_slots.get(fam)
+                if slots is None:
+                    continue
+                views.append(FamilyView(fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
+                                        fam.groups, fam.has_q and with_q.get(fam, False), slots,
+                                        fam if (self.fuse_shrink and fam is first) else None))
+            return AdapterBatch(self, views) if views else None
 
     def fused_weight(self, fam: Family, layer: int, group: str):
         """[W; A0; QA] (and the bias padded with zeros) for one group, built once per family."""
@@ -252,15 +358,11 @@ class AdapterPool:
             for fam in self.families.values():
                 fam.ext.clear()
 
-    def _finish(self):
-        with self._lock:
-            self._in_flight -= 1
-            self._release_pending()
-
 
 @dataclass
 class FamilyView:
-    key: tuple
+    """What one forward reads of a family (tensors captured when the step was built)."""
+
     a_cat: torch.Tensor
     b_cat: torch.Tensor
     lambda_d: torch.Tensor
@@ -268,29 +370,15 @@ class FamilyView:
     p: torch.Tensor
     groups: dict
     with_q: bool
-    seq_slots: torch.Tensor  # [B] int32, -1 = not this family
+    token_slots: torch.Tensor  # [T] int32, -1 = not this family
     fused: Family | None = None  # set when this family's shrink runs inside the base GEMM
 
 
 class AdapterBatch(AdapterHook):
-    """The adapter hook of one request: per-token slots for the current step, per family."""
+    """The adapter hook of one forward: per family, per-token slots."""
 
-    def __init__(self, pool: AdapterPool, families: list[FamilyView], token_valid,
-                 counted: bool = True):
+    def __init__(self, pool: AdapterPool, families: list[FamilyView]):
         self.pool, self.families = pool, families
-        self.set_step(token_valid)
-        self.closed = not counted  # an uncounted hook never releases the pool's in-flight count
-
-    def set_step(self, token_valid: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """token_valid: [B, L] of this forward step; rows: which sequences remain (decode)."""
-        if rows is not None:
-            for f in self.families:
-                f.seq_slots = f.seq_slots.index_select(0, rows.cpu())
-        self.token_slots = []
-        for f in self.families:
-            slots = f.seq_slots[:, None].expand(token_valid.shape).clone()
-            slots[~token_valid.cpu()] = -1
-            self.token_slots.append(slots.reshape(-1).to(token_valid.device))
 
     def run(self, layer, group, linear, x):
         first = self.families[0]
@@ -306,7 +394,7 @@ class AdapterBatch(AdapterHook):
         y2d, u2d = y_ext2d[:, :n], y_ext2d[:, n:]
         ids, offs, cols, outs = first.groups[(layer, group)]
         ops.uora_expand_(y2d, u2d, first.b_cat, first.lambda_d, first.lambda_b, first.p,
-                         self.token_slots[0], ids, offs, cols, outs, first.with_q)
+                         first.token_slots, ids, offs, cols, outs, first.with_q)
         self._apply_families(layer, group, x.reshape(-1, x.shape[-1]), y2d, skip_first=True)
         return y_ext[..., :n]
 
@@ -314,15 +402,10 @@ class AdapterBatch(AdapterHook):
         self._apply_families(layer, group, x2d, y2d)
 
     def _apply_families(self, layer, group, x2d, y2d, skip_first=False):
-        for k, (f, slots) in enumerate(zip(self.families, self.token_slots)):
+        for k, f in enumerate(self.families):
             args = f.groups.get((layer, group))
             if args is None or (skip_first and k == 0):
                 continue
             ids, offs, cols, outs = args
-            ops.uora_group_(y2d, x2d, f.a_cat, f.b_cat, f.lambda_d, f.lambda_b, f.p, slots, ids,
-                            offs, cols, outs, f.with_q)
-
-    def close(self):
-        if not self.closed:
-            self.closed = True
-            self.pool._finish()
+            ops.uora_group_(y2d, x2d, f.a_cat, f.b_cat, f.lambda_d, f.lambda_b, f.p,
+                            f.token_slots, ids, offs, cols, outs, f.with_q)

@@ -3,6 +3,7 @@ which every sequence may use a different adapter (or none)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 
 from uora_rt import checkpoint, models
 from uora_rt import format as fmt
-from uora_rt.pool import AdapterPool, family_factors
+from uora_rt.models.common import PaddedAttention
+from uora_rt.pool import AdapterPool
 
 
 @dataclass
@@ -38,7 +40,7 @@ class Runtime:
     (a checkpoint folder) or `Runtime.random` (random weights, for benchmarks)."""
 
     def __init__(self, model, config: dict, device, folder=None, fuse_shrink=None,
-                 slots: int = 4):
+                 slots: int = 64):
         self.folder, self.config = (Path(folder) if folder else None), config
         self.device, self.dtype = torch.device(device), model.embed.weight.dtype if hasattr(
             model, "embed") else model.word.weight.dtype
@@ -56,9 +58,9 @@ class Runtime:
 
             self.codec = TextCodec(self.folder)
         self.merged: str | None = None
-        from uora_rt.decode_graphs import DecoderCache
-
-        self.decoders = DecoderCache()
+        self.weights_version = 0  # bumped by merge/unmerge: engines drop what they derived
+        self._in_flight = 0       # requests of engines and synchronous batches being served
+        self._flight_lock = threading.Lock()
 
     @staticmethod
     def _empty_model(config, folder, names, device, dtype):
@@ -70,7 +72,7 @@ class Runtime:
         return model
 
     @classmethod
-    def from_folder(cls, folder, device="cpu", dtype=torch.float32, fuse_shrink=None, slots=4):
+    def from_folder(cls, folder, device="cpu", dtype=torch.float32, fuse_shrink=None, slots=64):
         folder = Path(folder)
         config = checkpoint.read_config(folder)
         index = checkpoint.tensor_index(folder)
@@ -80,7 +82,7 @@ class Runtime:
 
     @classmethod
     def random(cls, config: dict, device="cpu", dtype=torch.float32, seed=0, fuse_shrink=None,
-               slots=4):
+               slots=64):
         """Random weights (N(0, 0.02), norms 1) for a transformers-style config: benchmarks only."""
         model = cls._empty_model(config, "<random>", [], device, dtype)
         g = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
@@ -98,7 +100,9 @@ class Runtime:
         return sorted(self.pool.entries)
 
     def add_adapter(self, path, name: str | None = None) -> str:
-        """Validates a `.uora` file against the base and makes it servable. Returns its name."""
+        """Validates a `.uora` file (or an in-memory fmt.Adapter) against the base and registers
+        it (host memory; it is uploaded to a device slot when a request needs it). Returns its
+        name. Never disturbs requests in flight."""
         adapter = path if isinstance(path, fmt.Adapter) else fmt.load(path)
         name = name or (Path(adapter.path).stem if adapter.path else None)
         if not name:
@@ -107,9 +111,24 @@ class Runtime:
         return name
 
     def remove_adapter(self, name: str) -> None:
+        """New requests for `name` fail (KeyError) at once; requests already holding it finish
+        with it, and its slot returns when the last of them ends."""
         if name == self.merged:
             raise ValueError(f"{name!r} is merged into the weights: unmerge() first")
         self.pool.remove(name)
+
+    def enter(self) -> None:
+        with self._flight_lock:
+            self._in_flight += 1
+
+    def exit(self) -> None:
+        with self._flight_lock:
+            self._in_flight -= 1
+
+    def _check_idle(self, what: str) -> None:
+        if self._in_flight:
+            raise ValueError(f"{what}: {self._in_flight} request(s) are being served; the weights "
+                             f"can only change when none is")
 
     # --- single-adapter serving with zero overhead --------------------------------------------
     @torch.no_grad()
@@ -117,6 +136,7 @@ class Runtime:
         """Folds one adapter into the base weights; until unmerge(), every sequence must use it."""
         if self.merged is not None:
             raise ValueError(f"{self.merged!r} is already merged: unmerge() first")
+        self._check_idle("merge")
         self._fold(name, +1.0)
         self.merged = name
 
@@ -124,6 +144,7 @@ class Runtime:
     def unmerge(self) -> None:
         if self.merged is None:
             raise ValueError("no adapter is merged")
+        self._check_idle("unmerge")
         self._fold(self.merged, -1.0)
         self.merged = None
 
@@ -131,33 +152,45 @@ class Runtime:
         entry = self.pool.entries.get(name)
         if entry is None:
             raise KeyError(f"no adapter named {name!r}; loaded: {self.adapters}")
-        ad = entry.adapter
-        a_cat, b_cat, has_q = family_factors(ad)
-        r = ad.r
-        p = ad.p.float()
-        a = p[:, None] * a_cat[:r] + (1 - p[:, None]) * a_cat[r:] if has_q else a_cat
-        b = p * b_cat[:, :r] + (1 - p) * b_cat[:, r:] if has_q else b_cat
-        for t, site_name in zip(ad.targets, entry.targets):
+        fam = entry.family
+        a_cat, b_cat = fam.factors_f32
+        r = fam.r
+        p = fam.host_p[entry.row]
+        a = p[:, None] * a_cat[:r] + (1 - p[:, None]) * a_cat[r:] if fam.has_q else a_cat
+        b = p * b_cat[:, :r] + (1 - p) * b_cat[:, r:] if fam.has_q else b_cat
+        for site_name, (lam_d, lam_b) in self.pool.vectors(name).items():
             site = self.pool.sites[site_name]
-            delta = (ad.lambda_b[t][:, None] * b[: site.out]) @ (ad.lambda_d[t][:, None] * a[:, : site.inp])
+            delta = (lam_b[:, None] * b[: site.out]) @ (lam_d[:, None] * a[:, : site.inp])
             w = self.model.group_linear(site.layer, site.group).weight
             rows = w[site.col: site.col + site.out]
             rows.copy_((rows.float() + sign * delta.to(w.device)).to(w.dtype))
         self.pool.clear_fused()
+        self.weights_version += 1  # captured graphs and fused weights are stale
 
     # --- batches ----------------------------------------------------------------------------
-    def _hook(self, names, token_valid):
-        if self.merged is not None:
-            if any(n != self.merged for n in names):
-                raise ValueError(f"the runtime is merged with {self.merged!r}: every sequence must "
-                                 f"use it (unmerge() to serve others)")
-            return None
-        return self.pool.batch(names, token_valid)
+    def check_merged(self, names) -> None:
+        if self.merged is not None and any(n != self.merged for n in names):
+            raise ValueError(f"the runtime is merged with {self.merged!r}: every sequence must "
+                             f"use it (unmerge() to serve others)")
+
+    def _row_hook(self, names, held, valid):
+        """The hook of a padded batch: each row's adapter slot on its valid tokens."""
+        per_fam, with_q = {}, {}
+        for i, n in enumerate(names):
+            if n is None:
+                continue
+            e = held[n]
+            t = per_fam.setdefault(e.family, torch.full(valid.shape, -1, dtype=torch.int32))
+            t[i] = e.slot
+            with_q[e.family] = with_q.get(e.family, False) or e.has_q
+        pad = ~valid.cpu()
+        slots = {f: t.masked_fill(pad, -1).reshape(-1).to(self.device) for f, t in per_fam.items()}
+        return self.pool.hook(slots, with_q) if slots else None
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, adapters=None) -> Output:
         """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, either side);
-        adapters: one name or None per sequence."""
+        adapters: one name or None per sequence. One pass, no KV cache."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, length], got {list(ids.shape)}")
@@ -169,34 +202,37 @@ class Runtime:
         if len(names) != ids.shape[0]:
             raise ValueError(f"adapters: expected {ids.shape[0]} entries (one per sequence), "
                              f"got {len(names)}")
-        hook = self._hook(names, valid)
+        self.check_merged(names)
+        served = [] if self.merged is not None else names
+        self.enter()
         try:
-            if self.model.kind == "decoder":
-                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-                cache = self.model.new_cache(ids.shape[0], ids.shape[1])
-                logits = self.model(ids, positions, valid, cache, hook)
-                return Output(logits=logits.float())
-            hidden, pooled = self.model(ids, valid, hook)
-            return Output(hidden_states=hidden, pooled=pooled)
+            with self.pool.serving(served) as held:
+                hook = self._row_hook(served, held, valid) if held else None
+                if self.model.kind == "decoder":
+                    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+                    logits = self.model(ids, positions, PaddedAttention(valid), hook)
+                    return Output(logits=logits.float())
+                hidden, pooled = self.model(ids, valid, hook)
+                return Output(hidden_states=hidden, pooled=pooled)
         finally:
-            if hook is not None:
-                hook.close()
+            self.exit()
 
     def generate(self, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                 top_k=0, stop=None, seed=0, chat=None, static=None):
-        """See uora_rt.generate.generate."""
+                 top_k=0, stop=None, seed=0, chat=None):
+        """See uora_rt.generate.generate (a loop over an engine)."""
         from uora_rt.generate import generate
 
         return generate(self, prompts, adapters, max_new_tokens, temperature, top_p, top_k, stop,
-                        seed, chat, static)
+                        seed, chat)
 
 
 def load(base=None, adapters=(), device="cpu", dtype=torch.float32, fuse_shrink=None,
-         slots: int = 4) -> Runtime:
+         slots: int = 64) -> Runtime:
     """Loads a Hugging Face base checkpoint folder (or "smollm2" / "minilm") and adapters given
     as paths or (name, path) pairs. fuse_shrink (default: on for CUDA) computes the adapters'
-    shared shrink inside the base GEMM; slots: initial adapter slots per projection family (the
-    tables double when full; on the GPU a full table means new CUDA graphs, so size it)."""
+    shared shrink inside the base GEMM; slots: device slots per projection family, i.e. how many
+    distinct adapters of one family can run at once (any number can be registered: the others
+    wait in host memory)."""
     rt = Runtime.from_folder(resolve_base(base), device, dtype, fuse_shrink, slots)
     for a in adapters:
         name, path = a if isinstance(a, tuple) else (None, a)

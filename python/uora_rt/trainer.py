@@ -18,7 +18,7 @@ from uora_rt import format as fmt
 from uora_rt.config import UORAConfig
 from uora_rt.inject import reinit_step, to_adapter
 from uora_rt.layers import UORAShared
-from uora_rt.models.common import AdapterHook
+from uora_rt.models.common import AdapterHook, PaddedAttention
 from uora_rt.projections import ALGORITHM, ProjectionSpec, check_family
 
 
@@ -105,7 +105,7 @@ def train_chat_adapter(rt, pairs, config: UORAConfig, steps=20, lr=5e-2, batch_s
         target = labels[:, 1:]
         select = torch.zeros_like(valid)
         select[:, :-1] = target != -100  # logits only where a next-token label exists
-        logits = model(ids, positions, valid, None, hook, select=select)  # [N, V]
+        logits = model(ids, positions, PaddedAttention(valid), hook, rows=select)  # [N, V]
         loss = F.cross_entropy(logits.float(), target[target != -100])
         opt.zero_grad()
         loss.backward()

@@ -1,10 +1,11 @@
-"""Pieces shared by the model families: adapter sites, the per-call adapter hook, KV cache."""
+"""Pieces shared by the model families: adapter sites, the adapter hook, padded attention."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -43,21 +44,27 @@ def run_group(hook, layer, group, linear, x):
     return linear(x) if hook is None else hook.run(layer, group, linear, x)
 
 
-class KVCache:
-    """Preallocated keys/values: k, v [layers, batch, kv_heads, capacity, head_dim]."""
+class PaddedAttention:
+    """Attention for a padded batch with no KV cache (Runtime.forward, training): causal within
+    each row, padding keys hidden. valid: [B, L] bool (False = padding, on either side)."""
 
-    def __init__(self, layers, batch, kv_heads, capacity, head_dim, dtype, device):
-        shape = (layers, batch, kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # positions filled so far (the same for every row: rows are left-padded)
+    def __init__(self, valid: torch.Tensor):
+        self.valid = valid
+        n = valid.shape[1]
+        pos = torch.arange(n, device=valid.device)
+        causal = pos[None, :] <= pos[:, None]                                # [L, L]
+        # Each position may always see itself, so padding rows never softmax over nothing.
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(n, dtype=torch.bool,
+                                                              device=valid.device)[None]
+        self.mask = mask[:, None]                                            # [B, 1, L, L]
+        # No padding: plain causal attention, which SDPA runs on its fast kernels on the CPU (an
+        # explicit mask sends it to slower ones).
+        self.causal_only = valid.device.type != "cuda" and bool(valid.all())
 
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[3]
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drops finished sequences: keeps only `rows` of the batch."""
-        self.k = self.k.index_select(1, rows)
-        self.v = self.v.index_select(1, rows)
-
+    def __call__(self, layer, q, k, v):
+        """q [B, L, nH, hd], k, v [B, L, nKV, hd] -> [B, L, nH, hd]."""
+        att = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if self.causal_only else self.mask, is_causal=self.causal_only,
+            enable_gqa=q.shape[2] != k.shape[2])
+        return att.transpose(1, 2)

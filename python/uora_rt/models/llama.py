@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uora_rt.models.common import KVCache, Site, run_group
+from uora_rt.models.common import Site, run_group
 
 
 @dataclass
@@ -93,6 +93,11 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x, cos, sin):
+    """x [..., heads, hd]; cos, sin [..., 1, hd] (transformers' rotate_half convention)."""
+    return x * cos + rotate_half(x) * sin
+
+
 class LlamaLayer(nn.Module):
     def __init__(self, s: LlamaSpec):
         super().__init__()
@@ -106,7 +111,8 @@ class LlamaLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """forward(ids [B, L], positions [B, L], key_valid [B, S], cache, hook) -> logits [B, L', V]."""
+    """forward(ids, positions, attention, hook) -> logits. One block serves every caller: the
+    engine (packed tokens [T] over a paged KV cache), padded batches and training ([B, L])."""
 
     kind = "decoder"
 
@@ -168,109 +174,38 @@ class LlamaModel(nn.Module):
                                                         t[f"{m}.up_proj.bias"]]))
                     layer.down.bias.copy_(t[f"{m}.down_proj.bias"])
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
-        s = self.spec
-        return KVCache(s.layers, batch, s.kv_heads, capacity, s.head_dim, self.embed.weight.dtype,
-                       self.embed.weight.device)
-
-    # --- decode step (CUDA-graph safe) --------------------------------------------------------
-    def decode(self, ids, positions, key_valid, write_idx, cache: KVCache, hook=None):
-        """One token per row with every shape and index fixed, so the step can be captured in a
-        CUDA graph and replayed: ids, positions [B, 1]; write_idx [1] (device) is where this
-        token's key/value go; key_valid [B, capacity] must already include that position.
-        Attention runs over the whole capacity, masked. Returns logits [B, V]."""
-        s = self.spec
-        b = ids.shape[0]
-        x = self.embed(ids)                                                  # [B, 1, H]
-        freqs = positions.float()[..., None] * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
-        mask = key_valid[:, None, None, :]                                   # [B, 1, 1, C]
-        group = s.heads // s.kv_heads
-        q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.in_norm, s.rms_eps)
-            qkv = run_group(hook, i, "qkv", layer.qkv, h)                    # [B, 1, q+2kv]
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(b, 1, s.heads, s.head_dim).transpose(1, 2)
-            k = k.view(b, 1, s.kv_heads, s.head_dim).transpose(1, 2)
-            v = v.reshape(b, 1, s.kv_heads, s.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            cache.k[i].index_copy_(2, write_idx, k)
-            cache.v[i].index_copy_(2, write_idx, v)
-            # GQA without copying the cache: a group's query heads become queries of one KV head.
-            qg = q.reshape(b, s.kv_heads, group, s.head_dim)                 # [B, nKV, g, hd]
-            att = F.scaled_dot_product_attention(qg, cache.k[i], cache.v[i], attn_mask=mask)
-            att = att.reshape(b, 1, q_size)
-            o = run_group(hook, i, "o", layer.o, att)
-            x = x + o
-            h = rms_norm(x, layer.post_norm, s.rms_eps)
-            gu = run_group(hook, i, "gate_up", layer.gate_up, h)
-            gate, up = gu.chunk(2, dim=-1)
-            x = x + run_group(hook, i, "down", layer.down, F.silu(gate) * up)
-        x = rms_norm(x[:, 0], self.norm, s.rms_eps)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)                                             # [B, V]
-
     # --- forward ----------------------------------------------------------------------------
-    def forward(self, ids, positions, key_valid, cache: KVCache | None, hook=None,
-                last_only=False, select=None):
-        """ids, positions: [B, L]; key_valid: [B, cache.length + L] bool (False = padding).
-        Writes this step's keys/values at cache[length : length + L] and advances the cache;
-        cache=None attends within this call only (training). Logits: [B, L, V], or [B, 1, V]
-        with last_only, or [N, V] for the N positions where `select` [B, L] is True (the LM head
-        is a large share of a small model's FLOPs: compute only what is used)."""
-        s = self.spec
-        b, n = ids.shape
-        start = cache.length if cache is not None else 0
-        x = self.embed(ids)                                                  # [B, L, H]
-        freqs = positions.float()[..., None] * self.inv_freq                 # [B, L, hd/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype)[:, None], emb.sin().to(x.dtype)[:, None]
-        # Mask [B, 1, L, S]: causal over the cache, padding keys hidden; each position may always
-        # see itself so that padding rows never softmax over nothing.
-        total = start + n
-        qpos = torch.arange(start, total, device=ids.device)
-        kpos = torch.arange(total, device=ids.device)
-        mask = (kpos[None, :] <= qpos[:, None])[None] & key_valid[:, None, :total]
-        mask = (mask | (kpos[None, :] == qpos[:, None])[None])[:, None]
-        # No padding and a fresh cache: plain causal attention, which SDPA runs on its fast
-        # kernels (an explicit mask sends it to slower ones).
-        causal_only = start == 0 and not key_valid.device.type == "cuda" and bool(
-            key_valid[:, :total].all())
+    def block(self, i: int, x, cos, sin, attention, hook):
+        """One decoder layer. x: [..., H]; cos, sin: [..., 1, hd]."""
+        s, layer = self.spec, self.layers[i]
+        lead = x.shape[:-1]
         q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.in_norm, s.rms_eps)
-            qkv = run_group(hook, i, "qkv", layer.qkv, h)                    # [B, L, q+2kv]
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(b, n, s.heads, s.head_dim).transpose(1, 2)            # [B, nH, L, hd]
-            k = k.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)         # [B, nKV, L, hd]
-            v = v.view(b, n, s.kv_heads, s.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            if cache is not None:  # the cache may have more rows (a decode bucket): use the first B
-                cache.k[i, :b, :, start:total] = k
-                cache.v[i, :b, :, start:total] = v
-                k, v = cache.k[i, :b, :, :total], cache.v[i, :b, :, :total]  # [B, nKV, S, hd]
-            att = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if causal_only else mask, is_causal=causal_only,
-                enable_gqa=s.kv_heads != s.heads)                            # [B, nH, L, hd]
-            att = att.transpose(1, 2).reshape(b, n, q_size)
-            o = run_group(hook, i, "o", layer.o, att)
-            x = x + o
-            h = rms_norm(x, layer.post_norm, s.rms_eps)
-            gu = run_group(hook, i, "gate_up", layer.gate_up, h)             # [B, L, 2I]
-            gate, up = gu.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-            d = run_group(hook, i, "down", layer.down, act)
-            x = x + d
-        if cache is not None:
-            cache.length = total
-        if last_only:
-            x = x[:, -1:]
-        elif select is not None:
-            x = x[select]                                                    # [N, H]
-        x = rms_norm(x, self.norm, s.rms_eps)
+        h = rms_norm(x, layer.in_norm, s.rms_eps)
+        qkv = run_group(hook, i, "qkv", layer.qkv, h)                        # [..., q+2kv]
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rope(q.view(*lead, s.heads, s.head_dim), cos, sin)         # [..., nH, hd]
+        k = apply_rope(k.view(*lead, s.kv_heads, s.head_dim), cos, sin)      # [..., nKV, hd]
+        v = v.reshape(*lead, s.kv_heads, s.head_dim)
+        att = attention(i, q, k, v)                                          # [..., nH, hd]
+        x = x + run_group(hook, i, "o", layer.o, att.reshape(*lead, q_size))
+        h = rms_norm(x, layer.post_norm, s.rms_eps)
+        gate, up = run_group(hook, i, "gate_up", layer.gate_up, h).chunk(2, dim=-1)  # [..., I]
+        return x + run_group(hook, i, "down", layer.down, F.silu(gate) * up)
+
+    def forward(self, ids, positions, attention, hook=None, rows=None):
+        """ids, positions: [T] (the engine's packed tokens) or [B, L]. attention(layer, q, k, v)
+        -> [..., nH, hd] with q [..., nH, hd] and k, v [..., nKV, hd] (models.common.
+        PaddedAttention, engine.attention.PagedAttention). rows: the tokens that get logits (an
+        index or bool mask over the leading dims; the LM head is a large share of a small model's
+        FLOPs, so compute only what is used); None = all. Returns logits [..., V]."""
+        x = self.embed(ids)                                                  # [..., H]
+        freqs = positions.float()[..., None] * self.inv_freq                 # [..., hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
+        for i in range(len(self.layers)):
+            x = self.block(i, x, cos, sin, attention, hook)
+        if rows is not None:
+            x = x[rows]
+        x = rms_norm(x, self.norm, self.spec.rms_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)                                             # [B, L', V]
+        return F.linear(x, head)

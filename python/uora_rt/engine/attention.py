@@ -1,0 +1,101 @@
+"""Attention over the page table, for the packed tokens of one engine step.
+
+A step's tokens are packed as [decode rows (one token per sequence) | prefill chunks]. For each
+layer the new keys/values are written into the KV pool at their slots first; then
+- decode rows: one call over the block tables with per-row lengths (`decode_fn`: the C++ op
+  uora::paged_attention_ on the CPU, which reads the pages in place; or `torch_paged_decode`,
+  which gathers them, on devices the op does not cover yet);
+- each prefill chunk: SDPA over its own new keys when it has no context (causal), else over its
+  context gathered from the pool with an offset causal mask.
+reference.paged_attention is the oracle for all of it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("uora_rt.engine")
+
+
+def torch_paged_decode(out, q, k_cache, v_cache, meta, scale):
+    """One query per row: gather each row's keys through its block table (positions past its
+    length read the zeroed block 0 and are masked), then SDPA. q, out [B, nH, hd]; caches
+    [num_blocks, block_size, nKV, hd]; meta.decode_block_tables [B, W] int32,
+    meta.decode_seq_lens [B] int32."""
+    block_tables, seq_lens = meta.decode_block_tables, meta.decode_seq_lens
+    bs = k_cache.shape[1]
+    width = block_tables.shape[1] * bs
+    pos = torch.arange(width, device=q.device)
+    slots = block_tables.long()[:, pos // bs] * bs + pos % bs                  # [B, W*bs]
+    valid = pos[None, :] < seq_lens[:, None].long()
+    slots = torch.where(valid, slots, torch.zeros_like(slots))
+    flat_k = k_cache.view(-1, *k_cache.shape[2:])
+    flat_v = v_cache.view(-1, *v_cache.shape[2:])
+    k = flat_k[slots].transpose(1, 2)                                          # [B, nKV, S, hd]
+    v = flat_v[slots].transpose(1, 2)
+    att = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None],
+                                         scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    out.copy_(att[:, :, 0])
+
+
+def cpu_paged_decode(out, q, k_cache, v_cache, meta, scale):
+    from uora_rt import ops
+
+    ops.paged_attention_(out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
+                         meta.decode_query_start, scale)
+
+
+def choose_decode_fn(device: torch.device, path: str | None = None):
+    """The decode attention path for a device ("cpp" or "torch"; None = the fastest available),
+    said once in the log (never silently)."""
+    from uora_rt import ops
+
+    if path not in (None, "cpp", "torch"):
+        raise ValueError(f"attention path: expected None, 'cpp' or 'torch', got {path!r}")
+    cpp = device.type == "cpu" and hasattr(ops, "paged_attention_")
+    if path == "cpp" and not cpp:
+        raise ValueError(f"the C++ paged attention op does not run on {device.type}")
+    if cpp and path != "torch":
+        log.info("paged attention: uora::paged_attention_ (C++, pages read in place)")
+        return cpu_paged_decode, "cpp"
+    log.info("paged attention on %s: the PyTorch gather path (no paged kernel for this device "
+             "yet)", device.type)
+    return torch_paged_decode, "torch"
+
+
+class PagedAttention:
+    """The model's attention callable for one step (see models.llama.LlamaModel.forward)."""
+
+    def __init__(self, meta, kv, decode_fn):
+        self.meta, self.kv, self.decode_fn = meta, kv, decode_fn
+
+    def __call__(self, layer, q, k, v):
+        """q [T, nH, hd], k, v [T, nKV, hd] -> [T, nH, hd]."""
+        m = self.meta
+        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
+        flat_k = k_cache.view(-1, *k_cache.shape[2:])
+        flat_v = v_cache.view(-1, *v_cache.shape[2:])
+        flat_k.index_copy_(0, m.slot_mapping, k)
+        flat_v.index_copy_(0, m.slot_mapping, v)
+        out = torch.empty_like(q)
+        scale = q.shape[-1] ** -0.5
+        nd = m.num_decode
+        if nd:
+            self.decode_fn(out[:nd], q[:nd], k_cache, v_cache, m, scale)
+        for seg in m.prefills:
+            qs = q[seg.start:seg.start + seg.count].transpose(0, 1)[None]      # [1, nH, n, hd]
+            if seg.context_slots is None:  # a fresh prompt: only its own keys, plain causal
+                ks = k[seg.start:seg.start + seg.count]
+                vs = v[seg.start:seg.start + seg.count]
+                mask, causal = None, True
+            else:
+                ks, vs = flat_k[seg.context_slots], flat_v[seg.context_slots]
+                mask, causal = seg.mask, False
+            att = F.scaled_dot_product_attention(
+                qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], attn_mask=mask,
+                is_causal=causal, scale=scale, enable_gqa=qs.shape[1] != ks.shape[1])
+            out[seg.start:seg.start + seg.count] = att[0].transpose(0, 1)
+        return out

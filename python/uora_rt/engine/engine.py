@@ -1,0 +1,246 @@
+"""`uora_rt.Engine`: requests that arrive at any time, each with its adapter (or none), served
+by continuous batching over a paged KV cache. add_request and abort are safe from any thread
+while one thread runs step()."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import threading
+import time
+
+from uora_rt.engine.detokenizer import Detokenizer
+from uora_rt.engine.kv_cache import BlockAllocator, KVPool, bytes_per_token, default_kv_tokens
+from uora_rt.engine.metadata import build_step
+from uora_rt.engine.request import Request, RequestOutput, SamplingParams, Status
+from uora_rt.engine.runner import ModelRunner
+from uora_rt.engine.sampler import Sampler
+from uora_rt.engine.scheduler import Scheduler
+
+log = logging.getLogger("uora_rt.engine")
+
+
+class Engine:
+    """rt: a decoder Runtime. kv_cache_tokens: KV capacity in tokens (rounded up to whole
+    blocks); max_num_seqs: requests running at once; max_step_tokens: tokens computed per step
+    (decodes first, then prefill chunks). Defaults: what the device's free memory allows, 256
+    sequences and 8,192 tokens on a GPU, 64 and 512 on the CPU (a CPU step of 512 prompt tokens
+    already takes ~0.2 s on SmolLM2-135M; longer steps would stall the running decodes).
+    attention: the decode attention path, "cpp" (the CPU op) or "torch" (None: the fastest
+    the device has; the choice is logged)."""
+
+    def __init__(self, rt, kv_cache_tokens: int | None = None, max_num_seqs: int | None = None,
+                 max_step_tokens: int | None = None, block_size: int = 16,
+                 attention: str | None = None):
+        if rt.model.kind != "decoder":
+            raise ValueError("the engine serves decoder models; this base is an encoder")
+        self.rt, spec = rt, rt.model.spec
+        cuda = rt.device.type == "cuda"
+        self.max_num_seqs = max_num_seqs or (256 if cuda else 64)
+        self.max_step_tokens = max_step_tokens or (8192 if cuda else 512)
+        self.max_model_len = spec.max_positions
+        if kv_cache_tokens is None:
+            weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
+            kv_cache_tokens = min(default_kv_tokens(spec, rt.dtype, rt.device, weights),
+                                  self.max_num_seqs * self.max_model_len)
+        for name, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", self.max_num_seqs),
+                        ("max_step_tokens", self.max_step_tokens), ("block_size", block_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"Engine: {name} must be a positive integer, got {v!r}")
+        self.block_size = block_size
+        num_blocks = -(-kv_cache_tokens // block_size) + 1  # + the reserved block 0
+        self.kv = KVPool(spec, num_blocks, block_size, rt.dtype, rt.device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.scheduler = Scheduler(self.allocator, block_size, self.max_num_seqs,
+                                   self.max_step_tokens, rt.pool)
+        self.runner = ModelRunner(rt, self.kv, attention)
+        self.sampler = Sampler(rt.device)
+        self.eos = _eos_ids(rt)
+        self._lock = threading.Lock()
+        self._inbox: list[Request] = []
+        self._aborts: set[str] = set()
+        self._live: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._seeds = random.Random()
+        self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "step_s": 0.0,
+                      "forward_s": 0.0, "peak_blocks": 0}
+        log.info("engine: %d KV blocks of %d tokens (%.2f GB), %d sequences, %d tokens per step",
+                 num_blocks - 1, block_size, self.kv.nbytes() / 1e9, self.max_num_seqs,
+                 self.max_step_tokens)
+
+    # --- requests ---------------------------------------------------------------------------
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.allocator.capacity * self.block_size
+
+    def add_request(self, prompt, adapter: str | None = None, params: SamplingParams | None = None,
+                    request_id: str | None = None, on_output=None) -> str:
+        """prompt: a string (through the chat template, as generate does) or token ids.
+        on_output(RequestOutput), if given, is called from the stepping thread with each output
+        of this request. Raises KeyError (unknown adapter) or ValueError (bad prompt or
+        parameters, a request that can never fit) before anything in the engine changes."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
+        ids = self._encode(prompt)
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                             f"{total} exceeds the model's {self.max_model_len} positions")
+        # The last generated token is never written to the cache.
+        if -(-(total - 1) // self.block_size) > self.allocator.capacity:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"can never fit the KV cache ({self.kv_capacity_tokens} tokens)")
+        self.rt.check_merged([adapter])
+        use_lease = adapter is not None and self.rt.merged is None
+        lease = self.rt.pool.lease(adapter) if use_lease else None  # KeyError if unknown
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        codec = self.rt.codec
+        req = Request("", ids, adapter, lease, params, seed, Detokenizer(codec, params.stop),
+                      set() if params.ignore_eos else self.eos, on_output)
+        with self._lock:
+            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+            if rid in self._live:
+                if lease is not None:
+                    self.rt.pool.release(lease)
+                raise ValueError(f"request id {rid!r} is already in use")
+            req.request_id = rid
+            self._live[rid] = req
+            self._inbox.append(req)
+            self.rt.enter()
+        return rid
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.rt.codec is None:
+                raise ValueError("text prompts need a tokenizer; this base has no tokenizer.json")
+            ids = self.rt.codec.encode_prompt(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.rt.model.spec.vocab
+            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+                   or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got "
+                                 f"{bad[:5]}")
+        if not ids:
+            raise ValueError("empty prompt")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request at the next step (finish_reason "abort"). False if it is not live."""
+        with self._lock:
+            if request_id not in self._live:
+                return False
+            self._aborts.add(request_id)
+            return True
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._live)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting + len(self._inbox)
+
+    @property
+    def blocks_used(self) -> int:
+        return self.allocator.capacity - self.allocator.num_free
+
+    # --- the loop ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration: one output per request that produced a token or ended."""
+        t0 = time.perf_counter()
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        for req in new:
+            self.scheduler.add(req)
+        outputs = [self._finish(self._live[rid], "abort") for rid in aborts if rid in self._live]
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return outputs
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_used)
+        try:
+            meta = build_step(scheduled, self.rt.pool, self.block_size, self.rt.device,
+                              self.rt.merged is None)
+            t1 = time.perf_counter()
+            logits = self.runner.execute(meta)
+            tokens = (self.sampler(logits, meta.sampling, meta.any_sampled, meta.any_top_p)
+                      .tolist() if meta.sampled else [])
+            self.stats["forward_s"] += time.perf_counter() - t1
+        except Exception as e:  # fail the step's requests, keep serving the others
+            log.exception("engine step failed; failing its %d requests", len(scheduled))
+            return outputs + [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
+                              for s in scheduled]
+        for s in scheduled:
+            s.req.computed += s.count
+            key = "decode_tokens" if s.count == 1 else "prefill_tokens"
+            self.stats[key] += s.count
+        for s, tok in zip(meta.sampled, tokens):
+            outputs.append(self._append(s.req, tok))
+        self.stats["steps"] += 1
+        self.stats["step_s"] += time.perf_counter() - t0
+        return outputs
+
+    def _append(self, req: Request, tok: int) -> RequestOutput:
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        if tok in req.eos:
+            return self._finish(req, "stop")
+        req.tokens.append(tok)
+        if req.detok.push(tok):
+            return self._finish(req, "stop", new=[tok])
+        if req.num_tokens - req.prompt_len >= req.params.max_tokens:
+            return self._finish(req, "length", new=[tok])
+        return self._emit(req, [tok])
+
+    def _finish(self, req: Request, reason: str, error: str | None = None,
+                new: list[int] | None = None) -> RequestOutput:
+        self.scheduler.finish(req)
+        if req.lease is not None:
+            self.rt.pool.release(req.lease)
+        req.finish_reason, req.error = reason, error
+        with self._lock:
+            self._live.pop(req.request_id, None)
+        self.rt.exit()
+        return self._emit(req, new or [])
+
+    def _emit(self, req: Request, new: list[int]) -> RequestOutput:
+        done = req.status is Status.FINISHED
+        out = RequestOutput(req.request_id, req.adapter, req.output_ids, req.detok.text, done,
+                            req.finish_reason, req.prompt_len, new, req.detok.take_new(done),
+                            req.seed, req.error)
+        if req.on_output is not None:
+            try:
+                req.on_output(out)
+            except Exception:  # a consumer's failure must not stop the engine
+                log.exception("on_output of %s failed", req.request_id)
+        return out
+
+    def run_until_done(self) -> dict[str, RequestOutput]:
+        """Steps until every request has finished; returns each request's final output."""
+        done = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return done
+
+
+def _eos_ids(rt) -> set[int]:
+    v = rt.config.get("eos_token_id")
+    eos = set(v if isinstance(v, list) else [v] if v is not None else [])
+    if rt.codec and rt.codec.eos_id is not None:
+        eos.add(rt.codec.eos_id)
+    return eos
+
+
+def kv_bytes_per_token(rt) -> int:
+    return bytes_per_token(rt.model.spec, rt.dtype)
+
