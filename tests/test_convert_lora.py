@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 import uora_rt
-from conftest import MODEL_TOL, assert_close
+from conftest import MODEL_TOL, assert_close, requires_minilm
 from convert_helpers import forward, fresh, peft_load, peft_vera, rewrite_safetensors, save_base
 from models_tiny import randomize_lambdas
 from uora_rt import format as fmt
@@ -152,6 +152,7 @@ def test_authors_uora_tuner_checkpoint(tmp_path):
     assert torch.equal(forward(peft_load("llama", tmp_path / "back")), want)
 
 
+@requires_minilm
 def test_real_minilm_checkpoint(tmp_path):
     # all-MiniLM-L6-v2 (real weights, an HF folder): base shapes come from its safetensors header.
     from transformers import BertModel

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import uora_rt
+from conftest import requires_minilm
 from uora_rt import assets, tasks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, requires_minilm]
 
 
 def load_minilm():

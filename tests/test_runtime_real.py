@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import uora_rt
-from conftest import MODEL_TOL, assert_close
+from conftest import MODEL_TOL, assert_close, requires_minilm, requires_smollm2
 from peft_ref import make_adapter, peft_vera_model
 from uora_rt import assets
 
@@ -25,6 +25,7 @@ def hf_llama(folder):
     return LlamaForCausalLM.from_pretrained(str(folder)).eval()
 
 
+@requires_smollm2
 def test_smollm2_mixed_batch_and_greedy_equal_peft(smollm2, tmp_path):
     fn = lambda: hf_llama(smollm2)  # noqa: E731
     a = make_adapter(fn, tmp_path / "a.uora", r=32, targets=("q_proj", "v_proj"), scale=0.3)
@@ -54,6 +55,7 @@ def test_smollm2_mixed_batch_and_greedy_equal_peft(smollm2, tmp_path):
         assert len(gens[i].tokens) == len([t for t in out if t != eos]) or gens[i].finish_reason == "stop"
 
 
+@requires_minilm
 def test_minilm_mixed_batch_equals_peft_with_declared_pooling(tmp_path):
     from transformers import BertModel
 
