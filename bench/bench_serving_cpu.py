@@ -20,23 +20,8 @@ import torch  # noqa: E402
 
 import uora_rt  # noqa: E402
 from uora_rt.gguf_import import default_base  # noqa: E402
-from uora_rt.trainer import TrainingHook  # noqa: E402
 
 BATCH, LENGTH, R = 16, 64, 64
-
-
-def random_adapter(rt, seed, reinit):
-    """A UORA adapter for rt's base with random vectors (speed does not depend on the values)."""
-    torch.manual_seed(seed)
-    hook = TrainingHook(rt.model, uora_rt.UORAConfig(r=R, target_modules=["q_proj", "v_proj"],
-                                                     tau=0.5 if reinit else 1e-5))
-    with torch.no_grad():
-        for a in hook.adapters:
-            a.lambda_b.normal_(0, 0.1)
-            a.lambda_d.normal_(0, 0.1)
-    if reinit:
-        uora_rt.reinit_step(hook)
-    return uora_rt.to_adapter(hook, "LlamaForCausalLM")
 
 
 def main():
@@ -51,8 +36,8 @@ def main():
     folder = default_base("float32")
     rt = uora_rt.load(folder)
     for i in range(16):
-        rt.add_adapter(random_adapter(rt, i, reinit=False), name=f"plain{i}")
-        rt.add_adapter(random_adapter(rt, 100 + i, reinit=True), name=f"reinit{i}")
+        rt.add_adapter(common.random_adapter(rt, i, R), name=f"plain{i}")
+        rt.add_adapter(common.random_adapter(rt, 100 + i, R, reinit=True), name=f"reinit{i}")
     ids = torch.randint(0, rt.model.spec.vocab, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
     hf = LlamaForCausalLM.from_pretrained(str(folder)).eval()
     lora = get_peft_model(LlamaForCausalLM.from_pretrained(str(folder)).eval(),

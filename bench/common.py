@@ -66,3 +66,21 @@ def write(name: str, records: list[dict]) -> Path:
     path.write_text(json.dumps({"env": environment(), "records": records}, indent=1) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def random_adapter(rt, seed: int, r: int = 64, targets=("q_proj", "v_proj"), reinit=False):
+    """A UORA adapter for rt's base with random vectors (speed does not depend on the values);
+    reinit fires events so that P < 1 (the Q halves run)."""
+    import uora_rt
+    from uora_rt.trainer import TrainingHook
+
+    torch.manual_seed(seed)
+    hook = TrainingHook(rt.model, uora_rt.UORAConfig(r=r, target_modules=list(targets),
+                                                     tau=0.5 if reinit else 1e-5))
+    with torch.no_grad():
+        for a in hook.adapters:
+            a.lambda_b.normal_(0, 0.1)
+            a.lambda_d.normal_(0, 0.1)
+    if reinit:
+        uora_rt.reinit_step(hook)
+    return uora_rt.to_adapter(hook, "LlamaForCausalLM")
