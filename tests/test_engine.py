@@ -167,14 +167,16 @@ def test_generate_runs_on_the_engine_and_equals_peft(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_engine_equals_cpu_engine(tmp_path):
+@pytest.mark.parametrize("attention", [None, "torch"])  # None: Triton where it is installed
+def test_gpu_engine_equals_cpu_engine(tmp_path, attention):
     fn, base, ads = build(tmp_path)
     prompts = random_prompts(6, seed=6)
     names = ["a0", "a1", None, "a2", "a0", "a1"]
     tokens = {}
     for device in ("cpu", "cuda"):
         rt = load(base, ads, device=device)
-        engine = Engine(rt, kv_cache_tokens=2048, max_step_tokens=32)
+        engine = Engine(rt, kv_cache_tokens=2048, max_step_tokens=32,
+                        attention=attention if device == "cuda" else None)
         rids = [engine.add_request(p, n, SamplingParams(max_tokens=12))
                 for p, n in zip(prompts, names)]
         done = engine.run_until_done()

@@ -3,8 +3,8 @@
 A step's tokens are packed as [decode rows (one token per sequence) | prefill chunks]. For each
 layer the new keys/values are written into the KV pool at their slots first; then
 - decode rows: one call over the block tables with per-row lengths (`decode_fn`: the C++ op
-  uora::paged_attention_ on the CPU, which reads the pages in place; or `torch_paged_decode`,
-  which gathers them, on devices the op does not cover yet);
+  uora::paged_attention_ on the CPU and the Triton kernel of triton_decode.py on CUDA, both
+  reading the pages in place; or `torch_paged_decode`, which gathers them, where neither runs);
 - each prefill chunk: SDPA over its own new keys when it has no context (causal), else over its
   context gathered from the pool with an offset causal mask.
 reference.paged_attention is the oracle for all of it.
@@ -48,19 +48,31 @@ def cpu_paged_decode(out, q, k_cache, v_cache, meta, scale):
                          meta.decode_query_start, scale)
 
 
-def choose_decode_fn(device: torch.device, path: str | None = None):
-    """The decode attention path for a device ("cpp" or "torch"; None = the fastest available),
-    said once in the log (never silently)."""
-    from uora_rt import ops
+def triton_paged_decode(out, q, k_cache, v_cache, meta, scale):
+    from uora_rt.engine import triton_decode
 
-    if path not in (None, "cpp", "torch"):
-        raise ValueError(f"attention path: expected None, 'cpp' or 'torch', got {path!r}")
-    cpp = device.type == "cpu" and hasattr(ops, "paged_attention_")
-    if path == "cpp" and not cpp:
-        raise ValueError(f"the C++ paged attention op does not run on {device.type}")
-    if cpp and path != "torch":
+    triton_decode.paged_decode(out, q, k_cache, v_cache, meta.decode_block_tables,
+                               meta.decode_seq_lens, scale, meta.decode_max_len)
+
+
+def choose_decode_fn(device: torch.device, path: str | None = None):
+    """The decode attention path for a device ("cpp", "triton" or "torch"; None = the fastest
+    available), said once in the log (never silently)."""
+    from uora_rt import ops
+    from uora_rt.engine import triton_decode
+
+    paths = {"cpp": device.type == "cpu" and hasattr(ops, "paged_attention_"),
+             "triton": device.type == "cuda" and triton_decode.available(), "torch": True}
+    if path is not None and path not in paths:
+        raise ValueError(f"attention path: expected None or one of {sorted(paths)}, got {path!r}")
+    if path is not None and not paths[path]:
+        raise ValueError(f"the {path} paged attention path does not run on {device.type}")
+    if paths["cpp"] and path in (None, "cpp"):
         log.info("paged attention: uora::paged_attention_ (C++, pages read in place)")
         return cpu_paged_decode, "cpp"
+    if paths["triton"] and path in (None, "triton"):
+        log.info("paged attention: Triton paged decode (pages read in place)")
+        return triton_paged_decode, "triton"
     log.info("paged attention on %s: the PyTorch gather path (no paged kernel for this device "
              "yet)", device.type)
     return torch_paged_decode, "torch"

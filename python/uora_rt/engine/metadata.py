@@ -34,6 +34,7 @@ class StepMetadata:
     decode_block_tables: torch.Tensor   # [num_decode, W] int32
     decode_seq_lens: torch.Tensor       # [num_decode] int32 (including this step's token)
     decode_query_start: torch.Tensor    # [num_decode + 1] int32 (0, 1, 2, ...)
+    decode_max_len: int                 # the longest decode row (host side: sizes grids)
     prefills: list[PrefillSegment]
     logits_rows: torch.Tensor           # [R] int64: packed tokens whose logits are sampled
     sampled: list                       # [R] the ScheduledSeq each logits row belongs to
@@ -108,6 +109,7 @@ def build_step(scheduled, pool, block_size: int, device, use_adapters: bool) -> 
         decode_block_tables=torch.from_numpy(table).to(device),
         decode_seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
         decode_query_start=torch.arange(len(decodes) + 1, dtype=torch.int32, device=device),
+        decode_max_len=max(lens, default=0),
         prefills=segments,
         logits_rows=torch.tensor(rows, dtype=torch.long, device=device),
         sampled=[s for _, s in sampled],
