@@ -1,0 +1,148 @@
+"""The engine's sampler on the CPU: median time per call at batch 1 / 16 / 64, vocabulary 49152.
+
+Setups: greedy (any_sampled=False), temperature 0.7, top-k 50, top-p 0.9 (T 0.7 and T 1.0: the
+larger temperature needs larger top-k windows), mixed rows (greedy / T 0.7 / top-k 50 / top-p 0.9
+/ top-k 40 + top-p 0.95, cycling), top-p 0.9 through the full-sort path (what the CPU avoids),
+and SamplingTensors.from_lists. Ratios are against logits.argmax(-1) in the same run; goal: a few
+ms at most next to a 50-150 ms CPU decode step at batch 16-64.
+
+Logits: SmolLM2-135M-Instruct's next-token logits at every position of a short English passage
+(real next-token distributions; top-p 0.9 at T 1.0 keeps 1 to ~800 tokens there), or with
+--synthetic (or without the model) random normal logits with SmolLM2's spread (std 3.5);
+--save-logits FILE keeps them, --logits FILE reads them back (machines without the model).
+--device cuda times the CUDA path instead (synchronized; eager, plus the mixed rows replayed
+from a CUDA graph; results in sampler_cuda.json).
+
+python bench/bench_sampler.py [--repeats 21] [--threads N] [--synthetic | --logits FILE]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+import torch  # noqa: E402
+
+from uora_rt.engine.sampler import Sampler, SamplingTensors  # noqa: E402
+
+V, BATCHES = 49152, (1, 16, 64)
+PASSAGE = ("The old lighthouse keeper climbed the spiral stairs every evening, counting each of "
+           "the one hundred and twelve steps as his father had taught him. At the top, he wiped "
+           "the salt from the great lens, trimmed the wick, and watched the ships pass along the "
+           "rocky coast. Some nights the fog rolled in so thick that he could not see his own "
+           "hands, and on those nights he rang the bell until morning. Villagers said he never "
+           "slept, but the truth was simpler: he loved the sea more than sleep, and the sea, in "
+           "its own cold way, seemed to love him back.")
+
+
+def real_logits(rows: int) -> torch.Tensor | None:
+    try:
+        from tokenizers import Tokenizer
+
+        import uora_rt
+        from uora_rt.gguf_import import default_base
+
+        folder = default_base("float32")
+        rt = uora_rt.load(folder)
+        ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(PASSAGE).ids
+        with torch.no_grad():
+            out = rt.forward(torch.tensor([ids]))
+        logits = getattr(out, "logits", out)[0].float()  # [T, V]
+    except Exception as e:  # no model on this machine: say so and fall back
+        print(f"SmolLM2 logits unavailable ({type(e).__name__}: {e}); using synthetic logits")
+        return None
+    logits = logits[4:]  # skip the first few positions (almost no context)
+    reps = -(-rows // logits.shape[0])
+    return logits.repeat(reps, 1)[:rows].contiguous()
+
+
+def setups(b: int):
+    """label -> per-row (temperature, top_k, top_p) and the any_sampled / any_top_p hints."""
+    mixed = [(0.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 50, 1.0), (0.7, 0, 0.9), (1.0, 40, 0.95)]
+    rows = {"greedy": [(0.0, 0, 1.0)] * b, "temperature 0.7": [(0.7, 0, 1.0)] * b,
+            "top_k 50": [(0.7, 50, 1.0)] * b, "top_p 0.9": [(0.7, 0, 0.9)] * b,
+            "top_p 0.9, T 1.0": [(1.0, 0, 0.9)] * b,
+            "mixed": [mixed[i % len(mixed)] for i in range(b)]}
+    for label, r in rows.items():
+        yield label, r, label != "greedy", any(p < 1 for _, _, p in r)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "CPU"
+
+
+def captured(fn):
+    """fn captured in a CUDA graph (warm-up on a side stream first, as capture requires)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=21)
+    ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--logits", help="a saved [B, V] float32 tensor (torch.save)")
+    ap.add_argument("--save-logits", help="save the logits used here to this file")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.logits:
+        all_logits, source = torch.load(args.logits).float(), f"file {Path(args.logits).name}"
+    else:
+        all_logits = None if args.synthetic else real_logits(max(BATCHES))
+        source = "smollm2" if all_logits is not None else "synthetic"
+    if all_logits is None:
+        all_logits = torch.randn(max(BATCHES), V, generator=torch.Generator().manual_seed(0)) * 3.5
+    if args.save_logits:
+        torch.save(all_logits, args.save_logits)
+    dev = torch.device(args.device)
+    all_logits = all_logits.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    windowed, full_sort = Sampler(dev), Sampler(dev, full_sort=True)
+    records = []
+    where = f"{cpu_model()}, {torch.get_num_threads()} threads" if dev.type == "cpu" else \
+        torch.cuda.get_device_name()
+    print(f"sampler, {where}, V={all_logits.shape[1]}, logits: {source}")
+    print(f"{'batch':>5}  {'setup':24} {'ms':>8} {'vs argmax':>10}")
+    for b in BATCHES:
+        logits = all_logits[:b].contiguous()
+        runs = {"argmax": lambda: logits.argmax(-1)}
+        for label, rows, any_sampled, any_top_p in setups(b):
+            t, k, p = zip(*rows)
+            st = SamplingTensors.from_lists(t, k, p, range(7, 7 + b), [3] * b, dev)
+            runs[label] = lambda st=st, a=any_sampled, q=any_top_p: windowed(logits, st, a, q)
+            if label == "top_p 0.9" and dev.type == "cpu":
+                runs["top_p 0.9, full sort"] = lambda st=st: full_sort(logits, st)
+            if label == "mixed" and dev.type == "cuda":
+                runs["mixed, CUDA graph replay"] = captured(lambda st=st: windowed(logits, st))
+        cols = [[0.7] * b, [0] * b, [0.9] * b, list(range(b)), [5] * b]
+        runs["from_lists"] = lambda cols=cols: SamplingTensors.from_lists(*cols, device=dev)
+        runs = {label: (lambda fn=fn: (fn(), sync())) for label, fn in runs.items()}
+        times = common.interleaved_medians(runs, repeats=args.repeats, warmup=2)
+        base = times["argmax"]
+        for label, sec in times.items():
+            records.append({"batch": b, "vocab": logits.shape[1], "setup": label,
+                            "seconds": sec, "vs_argmax": sec / base, "logits": source,
+                            "device": where})
+            print(f"{b:5d}  {label:24} {sec * 1e3:8.3f} {sec / base:9.2f}x")
+    common.write(f"sampler_{dev.type}", records)
+
+
+if __name__ == "__main__":
+    main()
