@@ -17,6 +17,7 @@ releases its device tensors.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -54,9 +55,14 @@ def family_factors(adapter: fmt.Adapter):
 
 
 class Family:
+    _serials = itertools.count()
+
     def __init__(self, key, r: int, factors, slots: int, device, factor_dtype):
         a_cat, b_cat, has_q = factors
         self.key, self.r, self.has_q = key, r, has_q
+        # Never reused (unlike id()): what a captured CUDA graph was built against.
+        self.serial = next(Family._serials)
+        self.version = 0  # bumped whenever the device tables are replaced
         # float32 CPU factors for merging (exact); the device copies in the kernels' dtype.
         self.factors_f32 = (a_cat, b_cat)
         self.a_cat = a_cat.to(device, factor_dtype).contiguous()
@@ -211,6 +217,7 @@ class AdapterPool:
         # New tensors: a step in flight keeps the old ones, which stay consistent.
         fam.lambda_d, fam.lambda_b = widen(fam.lambda_d, fam.lambda_b, fam.slots, self.device)
         fam.groups = self._group_table(fam)
+        fam.version += 1
 
     def _grow_host(self, fam: Family) -> int:
         old = fam.host_d.shape[0]

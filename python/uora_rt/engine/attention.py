@@ -52,7 +52,7 @@ def triton_paged_decode(out, q, k_cache, v_cache, meta, scale):
     from uora_rt.engine import triton_decode
 
     triton_decode.paged_decode(out, q, k_cache, v_cache, meta.decode_block_tables,
-                               meta.decode_seq_lens, scale, meta.decode_max_len)
+                               meta.decode_seq_lens, scale)
 
 
 def choose_decode_fn(device: torch.device, path: str | None = None):

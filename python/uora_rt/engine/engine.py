@@ -15,7 +15,6 @@ from uora_rt.engine.kv_cache import BlockAllocator, KVPool, bytes_per_token, def
 from uora_rt.engine.metadata import build_step
 from uora_rt.engine.request import Request, RequestOutput, SamplingParams, Status
 from uora_rt.engine.runner import ModelRunner
-from uora_rt.engine.sampler import Sampler
 from uora_rt.engine.scheduler import Scheduler
 
 log = logging.getLogger("uora_rt.engine")
@@ -27,12 +26,13 @@ class Engine:
     (decodes first, then prefill chunks). Defaults: what the device's free memory allows, 256
     sequences and 8,192 tokens on a GPU, 64 and 512 on the CPU (a CPU step of 512 prompt tokens
     already takes ~0.2 s on SmolLM2-135M; longer steps would stall the running decodes).
-    attention: the decode attention path, "cpp" (the CPU op) or "torch" (None: the fastest
-    the device has; the choice is logged)."""
+    attention: the decode attention path, "cpp" (the CPU op), "triton" (CUDA) or "torch" (None:
+    the fastest the device has; the choice is logged). cuda_graphs: replay decode steps from
+    CUDA graphs (default: on CUDA with the Triton path)."""
 
     def __init__(self, rt, kv_cache_tokens: int | None = None, max_num_seqs: int | None = None,
                  max_step_tokens: int | None = None, block_size: int = 16,
-                 attention: str | None = None):
+                 attention: str | None = None, cuda_graphs: bool | None = None):
         if rt.model.kind != "decoder":
             raise ValueError("the engine serves decoder models; this base is an encoder")
         self.rt, spec = rt, rt.model.spec
@@ -54,8 +54,13 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, block_size, self.max_num_seqs,
                                    self.max_step_tokens, rt.pool)
-        self.runner = ModelRunner(rt, self.kv, attention)
-        self.sampler = Sampler(rt.device)
+        if cuda_graphs is None:
+            cuda_graphs = rt.device.type == "cuda" and attention in (None, "triton")
+            from uora_rt.engine import triton_decode
+
+            cuda_graphs = cuda_graphs and triton_decode.available()
+        self.runner = ModelRunner(rt, self.kv, attention, cuda_graphs, self.max_num_seqs,
+                                  -(-self.max_model_len // block_size))
         self.eos = _eos_ids(rt)
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
@@ -170,9 +175,7 @@ class Engine:
             meta = build_step(scheduled, self.rt.pool, self.block_size, self.rt.device,
                               self.rt.merged is None)
             t1 = time.perf_counter()
-            logits = self.runner.execute(meta)
-            tokens = (self.sampler(logits, meta.sampling, meta.any_sampled, meta.any_top_p)
-                      .tolist() if meta.sampled else [])
+            tokens = self.runner.run(meta).tolist()
             self.stats["forward_s"] += time.perf_counter() - t1
         except Exception as e:  # fail the step's requests, keep serving the others
             log.exception("engine step failed; failing its %d requests", len(scheduled))

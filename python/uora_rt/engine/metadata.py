@@ -34,7 +34,6 @@ class StepMetadata:
     decode_block_tables: torch.Tensor   # [num_decode, W] int32
     decode_seq_lens: torch.Tensor       # [num_decode] int32 (including this step's token)
     decode_query_start: torch.Tensor    # [num_decode + 1] int32 (0, 1, 2, ...)
-    decode_max_len: int                 # the longest decode row (host side: sizes grids)
     prefills: list[PrefillSegment]
     logits_rows: torch.Tensor           # [R] int64: packed tokens whose logits are sampled
     sampled: list                       # [R] the ScheduledSeq each logits row belongs to
@@ -42,6 +41,8 @@ class StepMetadata:
     any_sampled: bool                   # some row has temperature > 0
     any_top_p: bool                     # some row has top_p < 1
     hook: object                        # the adapter hook (pool.AdapterBatch) or None
+    adapter_slots: dict                 # family -> [T] int32 slots (what the hook was built from)
+    adapter_with_q: dict                # family -> any adapter of it with reinit events
 
     @property
     def num_tokens(self) -> int:
@@ -100,7 +101,7 @@ def build_step(scheduled, pool, block_size: int, device, use_adapters: bool) -> 
             [p.temperature for p in params], [p.top_k for p in params],
             [p.top_p for p in params], [s.req.seed for _, s in sampled],
             [s.req.num_tokens - s.req.prompt_len for _, s in sampled], device)
-    hook = _hook(ordered, starts, t, pool, device) if use_adapters else None
+    slots_by_fam, with_q = _adapter_slots(ordered, starts, t, device) if use_adapters else ({}, {})
     return StepMetadata(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         positions=torch.tensor(pos, dtype=torch.long, device=device),
@@ -109,17 +110,17 @@ def build_step(scheduled, pool, block_size: int, device, use_adapters: bool) -> 
         decode_block_tables=torch.from_numpy(table).to(device),
         decode_seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
         decode_query_start=torch.arange(len(decodes) + 1, dtype=torch.int32, device=device),
-        decode_max_len=max(lens, default=0),
         prefills=segments,
         logits_rows=torch.tensor(rows, dtype=torch.long, device=device),
         sampled=[s for _, s in sampled],
         sampling=sampling,
         any_sampled=any(p.temperature > 0 for p in params),
         any_top_p=any(p.temperature > 0 and p.top_p < 1 for p in params),
-        hook=hook)
+        hook=pool.hook(slots_by_fam, with_q) if slots_by_fam else None,
+        adapter_slots=slots_by_fam, adapter_with_q=with_q)
 
 
-def _hook(ordered, starts, total, pool, device):
+def _adapter_slots(ordered, starts, total, device):
     """Each token's adapter slot, per projection family (every lease here is pinned)."""
     per_fam, with_q = {}, {}
     for st, s in zip(starts, ordered):
@@ -132,6 +133,4 @@ def _hook(ordered, starts, total, pool, device):
             arr = per_fam[fam] = np.full(total, -1, dtype=np.int32)
         arr[st:st + s.count] = lease.slot
         with_q[fam] = with_q.get(fam, False) or lease.has_q
-    if not per_fam:
-        return None
-    return pool.hook({f: torch.from_numpy(a).to(device) for f, a in per_fam.items()}, with_q)
+    return {f: torch.from_numpy(a).to(device) for f, a in per_fam.items()}, with_q

@@ -1,22 +1,50 @@
-"""Runs one step's forward: the model over the packed tokens, attention over the page table."""
+"""Runs one step: the model over the packed tokens (attention over the page table), then the
+sampler. Decode-only steps on CUDA replay a captured graph (engine/graphs.py)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from uora_rt.engine.attention import PagedAttention, choose_decode_fn
 from uora_rt.engine.kv_cache import KVPool
+from uora_rt.engine.sampler import Sampler
+
+log = logging.getLogger("uora_rt.engine")
 
 
 class ModelRunner:
-    def __init__(self, rt, kv: KVPool, attention: str | None = None):
+    def __init__(self, rt, kv: KVPool, attention: str | None = None, cuda_graphs=None,
+                 max_num_seqs: int = 256, max_blocks: int = 1):
         self.rt, self.kv = rt, kv
         self.decode_fn, self.attention_path = choose_decode_fn(rt.device, attention)
+        self.sampler = Sampler(rt.device)
+        # Graphs need an attention path with a length-independent grid (Triton); the gather
+        # path's shapes follow the lengths.
+        want = rt.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graphs = None
+        if want:
+            if rt.device.type != "cuda" or self.attention_path != "triton":
+                raise ValueError(f"cuda_graphs need CUDA and the Triton attention path, got "
+                                 f"{rt.device.type} / {self.attention_path}")
+            from uora_rt.engine.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(rt, kv, self.decode_fn, self.sampler, max_num_seqs,
+                                       max_blocks)
+        log.info("engine steps: %s", "decode steps from CUDA graphs, the rest eager"
+                 if self.graphs else "eager")
 
     @torch.no_grad()
-    def execute(self, meta) -> torch.Tensor:
-        """Logits [R, V] float32 of the step's sampled rows."""
+    def run(self, meta) -> torch.Tensor:
+        """Token ids [R] drawn for the step's sampled rows (on the device)."""
+        if self.graphs is not None and meta.sampled:
+            tokens = self.graphs.run(meta)
+            if tokens is not None:
+                return tokens
         attention = PagedAttention(meta, self.kv, self.decode_fn)
         logits = self.rt.model(meta.input_ids, meta.positions, attention, meta.hook,
                                rows=meta.logits_rows)
-        return logits.float()
+        if not meta.sampled:
+            return torch.empty(0, dtype=torch.long, device=logits.device)
+        return self.sampler(logits.float(), meta.sampling, meta.any_sampled, meta.any_top_p)

@@ -1,0 +1,65 @@
+"""The engine's CUDA graphs (skipped without a GPU): replayed decode steps give the eager steps'
+tokens; new requests, lengths and adapter changes reuse the captured graphs; weights changing
+drops them."""
+
+import pytest
+import torch
+
+from engine_helpers import BASES, assert_idle, build, load, random_prompts
+from peft_ref import make_adapter
+from uora_rt import Engine, SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytest.importorskip("triton", reason="the graph path runs the Triton decode kernel")
+
+
+def trace(engine, prompts, names, params, stagger=3):
+    """Requests join every `stagger` steps, so decode batches change size within buckets."""
+    rids, pending, done = [], list(zip(prompts, names)), {}
+    while pending or engine.has_unfinished():
+        if pending and engine.stats["steps"] % stagger == 0:
+            p, n = pending.pop(0)
+            rids.append(engine.add_request(p, n, params))
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    return [done[r] for r in rids]
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_graph_steps_equal_eager_steps(tmp_path, sampled):
+    fn, base, ads = build(tmp_path)
+    prompts = random_prompts(10, seed=11)
+    names = ["a0", "a1", None, "a2", "a0", "a1", None, "a2", "a0", None]
+    params = SamplingParams(max_tokens=24, temperature=0.8 if sampled else 0.0, top_p=0.9,
+                            seed=7)
+    got = {}
+    for graphs in (False, True):
+        rt = load(base, ads, device="cuda")
+        engine = Engine(rt, kv_cache_tokens=4096, cuda_graphs=graphs)
+        got[graphs] = trace(engine, prompts, names, params)
+        assert_idle(engine)
+        if graphs:
+            assert engine.runner.graphs.captures >= 1
+    assert got[True] == got[False]
+
+
+def test_graphs_survive_adapter_changes_and_drop_on_merge(tmp_path):
+    fn, base, ads = build(tmp_path)
+    rt = load(base, ads, device="cuda", slots=4)
+    engine = Engine(rt, kv_cache_tokens=4096)
+    graphs = engine.runner.graphs
+    trace(engine, random_prompts(4, seed=12), ["a0", "a0", "a0", "a0"], SamplingParams(max_tokens=8))
+    captured = graphs.captures
+    # same family, new adapters and slots, other lengths: replays only
+    extra = make_adapter(BASES["llama"], tmp_path / "x.uora", lam_seed=99, scale=1.0)
+    rt.add_adapter(extra, name="x")
+    rt.remove_adapter("a0")
+    trace(engine, random_prompts(4, seed=13, hi=60), ["x", "x", "x", "x"],
+          SamplingParams(max_tokens=8))
+    assert graphs.captures == captured
+    rt.merge("x")
+    trace(engine, random_prompts(2, seed=14), ["x", "x"], SamplingParams(max_tokens=6))
+    assert all(key[2] == () for key in graphs.graphs)  # only graphs built on the merged weights
+    rt.unmerge()
+    assert_idle(engine)
