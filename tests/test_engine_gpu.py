@@ -17,7 +17,7 @@ def trace(engine, prompts, names, params, stagger=3):
     """Requests join every `stagger` steps, so decode batches change size within buckets."""
     rids, pending, done = [], list(zip(prompts, names)), {}
     while pending or engine.has_unfinished():
-        if pending and engine.stats["steps"] % stagger == 0:
+        if pending and (engine.stats["steps"] % stagger == 0 or not engine.has_unfinished()):
             p, n = pending.pop(0)
             rids.append(engine.add_request(p, n, params))
         for out in engine.step():

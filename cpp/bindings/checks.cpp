@@ -1,5 +1,6 @@
 #include "bindings/checks.h"
 
+#include <cmath>
 #include <sstream>
 
 namespace uora {
@@ -234,6 +235,66 @@ GroupShape check_expand_args(const at::Tensor& y, const at::Tensor& u, const at:
   check_tables(g, y, u, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets, y_offsets,
                outs, with_q);
   return g;
+}
+
+}  // namespace uora
+
+namespace uora {
+
+PagedAttentionShape check_paged_attention_args(const at::Tensor& out, const at::Tensor& q,
+                                               const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache,
+                                               const at::Tensor& block_tables,
+                                               const at::Tensor& seq_lens,
+                                               const at::Tensor& query_start, double scale) {
+  TORCH_CHECK(q.dim() == 3, "q: expected [T, nH, hd], got ", shape_str(q.sizes()));
+  TORCH_CHECK(k_cache.dim() == 4, "k_cache: expected [num_blocks, block_size, nKV, hd], got ",
+              shape_str(k_cache.sizes()));
+  TORCH_CHECK(block_tables.dim() == 2, "block_tables: expected [B, max_blocks], got ",
+              shape_str(block_tables.sizes()));
+  PagedAttentionShape s;
+  s.tokens = q.size(0);
+  s.heads = q.size(1);
+  s.head_dim = q.size(2);
+  s.num_blocks = k_cache.size(0);
+  s.block_size = k_cache.size(1);
+  s.kv_heads = k_cache.size(2);
+  s.seqs = block_tables.size(0);
+  s.max_blocks = block_tables.size(1);
+  check_shape(k_cache, "k_cache", "[num_blocks, block_size, nKV, hd = q's]",
+              {s.num_blocks, s.block_size, s.kv_heads, s.head_dim});
+  check_shape(v_cache, "v_cache", "[num_blocks, block_size, nKV, hd] = k_cache's",
+              {s.num_blocks, s.block_size, s.kv_heads, s.head_dim});
+  check_shape(out, "out", "[T, nH, hd] = q's", {s.tokens, s.heads, s.head_dim});
+  check_shape(seq_lens, "seq_lens", "[B]", {s.seqs});
+  check_shape(query_start, "query_start", "[B + 1]", {s.seqs + 1});
+  TORCH_CHECK(s.head_dim >= 1 && s.block_size >= 1 && s.kv_heads >= 1,
+              "k_cache: expected hd, block_size and nKV >= 1, got ", shape_str(k_cache.sizes()));
+  TORCH_CHECK(s.heads % s.kv_heads == 0, "q: expected nH a multiple of nKV (GQA), got nH = ",
+              s.heads, ", nKV = ", s.kv_heads);
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "q: expected dtype float32, bfloat16 or float16, got ", dt);
+  for (const auto& [t, name] : {std::pair{&k_cache, "k_cache"}, {&v_cache, "v_cache"},
+                                {&out, "out"}}) {
+    check_dtype(*t, name, dt);
+    check_same_device(q, *t, name);
+  }
+  for (const auto& [t, name] : {std::pair{&block_tables, "block_tables"}, {&seq_lens, "seq_lens"},
+                                {&query_start, "query_start"}}) {
+    check_dtype(*t, name, at::kInt);
+    check_same_device(q, *t, name);
+    check_contiguous(*t, name);
+  }
+  check_contiguous(k_cache, "k_cache");
+  check_contiguous(v_cache, "v_cache");
+  // q and out may be views (q sliced out of a fused qkv projection): any token and head strides.
+  TORCH_CHECK(q.stride(2) == 1 || s.head_dim == 1, "q: expected unit stride along hd, got strides ",
+              shape_str(q.strides()));
+  TORCH_CHECK(out.stride(2) == 1 || s.head_dim == 1,
+              "out: expected unit stride along hd, got strides ", shape_str(out.strides()));
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  return s;
 }
 
 }  // namespace uora

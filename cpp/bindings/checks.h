@@ -54,3 +54,21 @@ GroupShape check_expand_args(const at::Tensor& y, const at::Tensor& u, const at:
                              at::IntArrayRef outs, bool with_q);
 
 }  // namespace uora
+
+namespace uora {
+
+// Sizes of one paged_attention_ call, after every argument was checked (shapes, dtypes, devices,
+// layouts: what every device can check without reading the tables).
+struct PagedAttentionShape {
+  int64_t tokens = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t num_blocks = 0, block_size = 0, seqs = 0, max_blocks = 0;
+};
+
+PagedAttentionShape check_paged_attention_args(const at::Tensor& out, const at::Tensor& q,
+                                               const at::Tensor& k_cache,
+                                               const at::Tensor& v_cache,
+                                               const at::Tensor& block_tables,
+                                               const at::Tensor& seq_lens,
+                                               const at::Tensor& query_start, double scale);
+
+}  // namespace uora

@@ -29,4 +29,12 @@ TORCH_LIBRARY(uora, m) {
   // PEFT VeRA's Kaiming-uniform MT19937 draw (algorithm peft-vera-kaiming-mt19937), bit for bit:
   // A [r, max_in] then B [max_out, r], float32 CPU.
   m.def("vera_kaiming_factors(int seed, int r, int max_in, int max_out) -> (Tensor, Tensor)");
+  // Paged attention over one layer's KV cache (pages read in place): sequence b owns q rows
+  // query_start[b] : query_start[b+1], the last q_len of its seq_lens[b] positions (their K/V
+  // already in the cache), causal, GQA by head // (nH / nKV); rows past query_start[B] are zeroed.
+  // q, out [T, nH, hd]; k_cache, v_cache [num_blocks, block_size, nKV, hd]; block_tables
+  // [B, max_blocks], seq_lens [B], query_start [B + 1] int32.
+  m.def(
+      "paged_attention_(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, "
+      "Tensor block_tables, Tensor seq_lens, Tensor query_start, float scale) -> ()");
 }

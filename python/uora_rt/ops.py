@@ -133,3 +133,36 @@ def uora_expand_(y, u, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_off
 @torch.library.register_fake("uora::uora_expand_")
 def _(y, u, b_cat, lambda_d, lambda_b, p, slot, modules, lambda_b_offsets, y_offsets, outs, with_q):
     return None
+
+
+def paged_attention_(out, q, k_cache, v_cache, block_tables, seq_lens, query_start,
+                     scale: float) -> None:
+    """Causal GQA attention of a packed batch over one layer's paged KV cache, into out.
+
+    Semantics (q, out [T, nH, hd] and k_cache, v_cache [num_blocks, block_size, nKV, hd] of one
+    dtype: float32, bfloat16 or float16; block_tables [B, max_blocks], seq_lens [B],
+    query_start [B + 1] int32; nH % nKV == 0):
+        for b in range(B):
+            rows = range(query_start[b], query_start[b + 1])        # this step's q_len tokens
+            ctx = seq_lens[b]                                       # context incl. those tokens
+            k = stack([k_cache[block_tables[b, p // block_size], p % block_size] for p < ctx])
+            v = ...same for v_cache...                              # [ctx, nKV, hd]
+            for j, t in enumerate(rows), for h in range(nH):
+                pos = ctx - q_len + j                               # absolute position
+                s = scale * k[:pos + 1, h // (nH // nKV)].float() @ q[t, h].float()
+                out[t, h] = (s.softmax(0) @ v[:pos + 1, h // (nH // nKV)].float()).to(q.dtype)
+        out[query_start[B]:] = 0                                    # padding rows
+    The step's own K/V must already be written into the cache. Needs q_len <= seq_len, so every
+    query row sees at least key 0; q_len == 0 sequences cost nothing. q and out may be views with
+    any token/head strides (unit stride along hd); the caches and tables must be contiguous. The
+    CPU checks the table values (query_start monotone from 0, q_len <= seq_len, page ids in
+    range); a device kernel cannot without a host sync. Float32 accumulation; the result
+    differs from reference.paged_attention by summation order and FMA contraction only.
+    """
+    _ops.paged_attention_(out, q, k_cache, v_cache, block_tables, seq_lens, query_start,
+                          float(scale))
+
+
+@torch.library.register_fake("uora::paged_attention_")
+def _(out, q, k_cache, v_cache, block_tables, seq_lens, query_start, scale):
+    return None

@@ -326,3 +326,108 @@ def vera_kaiming_factors(seed: int, r: int, max_in: int, max_out: int):
     a = kaiming_uniform(words[: r * max_in], max_in).reshape(r, max_in)
     b = kaiming_uniform(words[r * max_in:], r).reshape(max_out, r)
     return a, b
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling (engine/sampler.py): greedy, temperature, top-k, top-p; one uniform per draw from a
+# counter-based hash of (seed, position); the token is the inverse CDF of the candidates at u.
+# --------------------------------------------------------------------------------------------
+
+_SAMPLE_C1, _SAMPLE_C2, _SAMPLE_K0 = 0x21F0AAAD, 0x735A2D97, 0x9E3779B9
+
+
+def sample_mix32(x: int) -> int:
+    """hash-prospector's 2-round xorshift-multiply [16 21f0aaad 15 735a2d97 15]: a bijection of
+    32-bit words."""
+    x ^= x >> 16
+    x = (x * _SAMPLE_C1) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * _SAMPLE_C2) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def sample_uniform(seed: int, position: int) -> float:
+    """u in [0, 1), a multiple of 2**-24, from the 32-bit words of seed and position. Position
+    enters first and the seed's words are mixed in again after it, so two seeds' streams are not
+    shifted copies of each other."""
+    s_lo, s_hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    p_lo, p_hi = position & 0xFFFFFFFF, (position >> 32) & 0xFFFFFFFF
+    k1 = sample_mix32(s_lo ^ _SAMPLE_K0)  # the constant keeps seed 0 off mix32's fixed point 0
+    k2 = sample_mix32(s_hi ^ k1)
+    h = sample_mix32(p_lo ^ k2)
+    h = sample_mix32(h ^ p_hi ^ k1)
+    h = sample_mix32(h ^ k2)
+    return (h >> 8) / 2**24
+
+
+def sample_candidates(logits_row, temperature: float, top_k: int, top_p: float):
+    """For temperature > 0: (ids, q, cum_k): the candidate ids in draw order, their probabilities
+    renormalized over the candidates (float64), and the cumulative probability over the top-k set
+    that decided the top-p cut (None without top-p)."""
+    x = logits_row.double().tolist()
+    v = len(x)
+    prob = torch.softmax(torch.tensor(x, dtype=torch.float64) / temperature, 0).tolist()
+    topk_on, topp_on = 0 < top_k < v, top_p < 1
+    if not (topk_on or topp_on):
+        return list(range(v)), prob, None  # token-id order: no sort
+    ids = sorted(range(v), key=lambda i: (-x[i], i))  # descending logit = descending prob
+    if topk_on:
+        ids = ids[:top_k]
+    mass = sum(prob[i] for i in ids)
+    q = [prob[i] / mass for i in ids]
+    cum_k = None
+    if topp_on:
+        cum_k = list(np.cumsum(q))
+        n = next((i + 1 for i, c in enumerate(cum_k) if c >= top_p), len(ids))  # crossing kept
+        ids, q = ids[:n], q[:n]
+        mass = sum(q)
+        q = [p / mass for p in q]
+    return ids, q, cum_k
+
+
+def sample_row(logits_row, temperature: float, top_k: int, top_p: float, seed: int,
+               position: int) -> int:
+    """The token drawn for one row: logits_row [V] float32, parameters as plain Python values."""
+    if temperature == 0:
+        return int(torch.argmax(logits_row))  # lowest id on ties
+    ids, q, _ = sample_candidates(logits_row, temperature, top_k, top_p)
+    u = sample_uniform(seed, position)
+    cdf = np.cumsum(q)
+    for i, c in zip(ids, cdf):
+        if c > u:
+            return i
+    return [i for i, p in zip(ids, q) if p > 0][-1]  # cdf[-1] rounded below u: the last live one
+
+
+# --------------------------------------------------------------------------------------------
+# Paged attention (uora::paged_attention_): one layer's KV cache in pages of block_size
+# positions; each sequence's block table lists its pages in position order.
+# --------------------------------------------------------------------------------------------
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, scale: float):
+    """out [T, nH, hd] in q's dtype: causal GQA attention of each sequence's query rows.
+
+    q [T, nH, hd]; k_cache, v_cache [num_blocks, block_size, nKV, hd]; block_tables [B, max_blocks],
+    seq_lens [B], query_start [B + 1] int32. Sequence b owns rows query_start[b] : query_start[b+1]:
+    its last q_len positions, whose K/V are already in the cache. Rows past query_start[B]: zeros.
+    """
+    T, n_heads, hd = q.shape
+    block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+    group = n_heads // n_kv
+    out = torch.zeros(T, n_heads, hd, dtype=torch.float32)
+    for b in range(block_tables.shape[0]):
+        r0, r1 = int(query_start[b]), int(query_start[b + 1])
+        ctx, q_len = int(seq_lens[b]), r1 - r0
+        if q_len == 0:
+            continue
+        pos = torch.arange(ctx)
+        pages = block_tables[b, pos // block_size].long()
+        k = k_cache[pages, pos % block_size].float().repeat_interleave(group, dim=1)  # [ctx, nH, hd]
+        v = v_cache[pages, pos % block_size].float().repeat_interleave(group, dim=1)
+        scores = scale * torch.einsum("qhd,khd->hqk", q[r0:r1].float(), k)  # [nH, q_len, ctx]
+        q_pos = ctx - q_len + torch.arange(q_len)  # absolute position of each query row
+        allowed = pos[None, :] <= q_pos[:, None]  # [q_len, ctx]
+        p = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        out[r0:r1] = torch.einsum("hqk,khd->qhd", p, v)
+    return out.to(q.dtype)
