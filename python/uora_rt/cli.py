@@ -26,6 +26,10 @@ def _dispatch(argv) -> int:
     convert_cmd.add_arguments(sub.add_parser(
         "convert", help="convert adapters: PEFT VeRA -> .uora, .uora -> PEFT VeRA or LoRA"))
     inspect_cmd.add_arguments(sub.add_parser("inspect", help="describe a .uora adapter file"))
+    from uora_rt.server import args as serve_args  # argparse only: fastapi loads on `serve`
+
+    serve_args.add_arguments(sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server; `model` names the adapter"))
     args = parser.parse_args(argv)
     if args.command == "demo":
         from uora_rt.demo import run
@@ -35,6 +39,8 @@ def _dispatch(argv) -> int:
         return convert_cmd.run(args)
     if args.command == "inspect":
         return inspect_cmd.run(args)
+    if args.command == "serve":
+        return serve_args.run(args)
     return 2
 
 

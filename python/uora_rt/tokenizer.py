@@ -15,6 +15,7 @@ class TextCodec:
         cfg_path = folder / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.chat_template = cfg.get("chat_template")
+        self._template = None
         self.special = {k: self._token_str(cfg.get(k)) for k in
                         ("bos_token", "eos_token", "pad_token", "unk_token")}
         self.eos_id = self.tok.token_to_id(self.special["eos_token"] or "")
@@ -26,15 +27,17 @@ class TextCodec:
         return v.get("content") if isinstance(v, dict) else v
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._template is None:  # compiled once: a server renders one per request
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(msg):
-            raise ValueError(f"chat template: {msg}")
+            def raise_exception(msg):
+                raise ValueError(f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             **{k: v or "" for k, v in self.special.items()})
 

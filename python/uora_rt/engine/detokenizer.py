@@ -18,6 +18,7 @@ class Detokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.sent = 0  # characters of text already handed out as new text
+        self.matched: str | None = None  # the stop string that ended the text
 
     def push(self, token: int) -> bool:
         """Appends one generated token; True when the text now contains a stop string (the text
@@ -31,9 +32,10 @@ class Detokenizer:
         self.text += piece
         if self.stop:
             lo = max(0, start - self.hold)
-            hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
+            hits = [(i, s) for i, s in ((self.text.find(s, lo), s) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                cut, self.matched = min(hits, key=lambda h: h[0])
+                self.text = self.text[:cut]
                 return True
         return False
 

@@ -79,6 +79,12 @@ class Engine:
     def kv_capacity_tokens(self) -> int:
         return self.allocator.capacity * self.block_size
 
+    @property
+    def max_request_tokens(self) -> int:
+        """The most prompt + max_tokens one request may have: the model's positions, or the
+        whole KV cache plus one (the last generated token is never cached)."""
+        return min(self.max_model_len, self.kv_capacity_tokens + 1)
+
     def add_request(self, prompt, adapter: str | None = None, params: SamplingParams | None = None,
                     request_id: str | None = None, on_output=None) -> str:
         """prompt: a string (through the chat template, as generate does) or token ids.
@@ -93,8 +99,7 @@ class Engine:
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
                              f"{total} exceeds the model's {self.max_model_len} positions")
-        # The last generated token is never written to the cache.
-        if -(-(total - 1) // self.block_size) > self.allocator.capacity:
+        if total > self.max_request_tokens:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                              f"can never fit the KV cache ({self.kv_capacity_tokens} tokens)")
         self.rt.check_merged([adapter])
@@ -195,9 +200,11 @@ class Engine:
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
         if tok in req.eos:
+            req.stop_reason = tok
             return self._finish(req, "stop")
         req.tokens.append(tok)
         if req.detok.push(tok):
+            req.stop_reason = req.detok.matched
             return self._finish(req, "stop", new=[tok])
         if req.num_tokens - req.prompt_len >= req.params.max_tokens:
             return self._finish(req, "length", new=[tok])
@@ -218,7 +225,7 @@ class Engine:
         done = req.status is Status.FINISHED
         out = RequestOutput(req.request_id, req.adapter, req.output_ids, req.detok.text, done,
                             req.finish_reason, req.prompt_len, new, req.detok.take_new(done),
-                            req.seed, req.error)
+                            req.seed, req.error, req.stop_reason)
         if req.on_output is not None:
             try:
                 req.on_output(out)

@@ -52,6 +52,8 @@ def default_kv_tokens(spec, dtype, device: torch.device, weights_bytes: int) -> 
     per = bytes_per_token(spec, dtype)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
+        # Memory torch's caching allocator holds but does not use is free for us too.
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = 0.9 * free - 2 * 2**30
     else:
         budget = min(_available_ram() / 4, 16 * 2**30)

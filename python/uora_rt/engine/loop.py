@@ -66,6 +66,11 @@ class EngineLoop:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """The stepping thread runs (False before start() and after stop())."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._wake.set()

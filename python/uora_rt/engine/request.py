@@ -63,6 +63,8 @@ class RequestOutput:
     new_text: str = ""
     seed: int | None = None
     error: str | None = None   # set when the request failed inside the engine (finish "abort")
+    stop_reason: str | int | None = None  # the stop string, or the end-of-sequence token id,
+                                          # that ended it ("stop"); None otherwise
 
 
 class Status(enum.Enum):
@@ -88,6 +90,7 @@ class Request:
         self.detok, self.eos, self.on_output = detok, eos, on_output
         self.text = ""
         self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
         self.error: str | None = None
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None

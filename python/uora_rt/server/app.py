@@ -1,0 +1,110 @@
+"""The FastAPI app: vLLM's OpenAI-compatible routes over one ServerState.
+
+    POST /v1/completions, /v1/chat/completions   JSON, or SSE with "stream": true
+    GET  /v1/models                              the base (each served name) and every adapter
+    POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with --allow-adapter-loading
+    GET  /health, /metrics (Prometheus), /version
+"""
+
+from __future__ import annotations
+
+import hmac
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, Response
+
+import uora_rt
+from uora_rt.server import completions, errors
+from uora_rt.server import protocol as P
+from uora_rt.server.metrics import CONTENT_TYPE
+
+_ERRORS = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 500, 503)}
+_STREAM = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+class ApiKeyMiddleware:
+    """Every /v1/* request needs `Authorization: Bearer KEY` (plain ASGI: streaming and
+    disconnect detection pass through untouched)."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                resp = errors.error_response(401, "Unauthorized: send Authorization: Bearer "
+                                                  "<api key>", headers={"WWW-Authenticate":
+                                                                        "Bearer"})
+                await resp(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(state) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        state.start()
+        try:
+            yield
+        finally:
+            state.stop()
+
+    app = FastAPI(title="uora_rt", version=uora_rt.__version__, lifespan=lifespan,
+                  description="OpenAI-compatible serving of UORA adapters: `model` names the "
+                              "adapter (or the base).")
+    app.state.server = state
+    errors.install(app)
+    if state.config.api_key:
+        app.add_middleware(ApiKeyMiddleware, key=state.config.api_key)
+
+    @app.post("/v1/completions", response_model=P.CompletionResponse,
+              responses={**_ERRORS, 200: {"content": _STREAM}})
+    async def create_completion(body: P.CompletionRequest, request: Request):
+        return await completions.create_completion(state, body, request)
+
+    @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
+              responses={**_ERRORS, 200: {"content": _STREAM}})
+    async def create_chat_completion(body: P.ChatCompletionRequest, request: Request):
+        return await completions.create_chat_completion(state, body, request)
+
+    @app.get("/v1/models", response_model=P.ModelList, responses=_ERRORS)
+    async def show_models():
+        root = str(state.rt.folder) if state.rt.folder else None
+        cards = [P.ModelCard(id=n, created=state.created, root=root,
+                             max_model_len=state.engine.max_model_len)
+                 for n in state.config.served_names]
+        for name in state.rt.adapters:
+            path, created = state.adapters.get(name, (None, state.created))
+            cards.append(P.ModelCard(id=name, created=created, root=path,
+                                     parent=state.base_name))
+        return P.ModelList(data=cards)
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+    async def load_lora_adapter(body: P.LoadAdapterRequest):
+        await state.load_adapter(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added "
+                                 "successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=_ERRORS)
+    async def unload_lora_adapter(body: P.UnloadAdapterRequest):
+        await state.unload_adapter(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
+                                 "successfully.")
+
+    @app.get("/health", response_class=Response, responses={503: {"model": P.ErrorResponse}})
+    async def health():
+        if not state.healthy:
+            return errors.error_response(503, "the engine loop has stopped")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": uora_rt.__version__}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

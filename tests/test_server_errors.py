@@ -1,0 +1,252 @@
+"""Bad input gets a 4xx with an OpenAI-style error body naming the problem (never a 500, never
+a stuck engine); the adapter folder's path rules; the API key; a request that fails inside the
+engine or the handler fails alone (500 with a body) and the server keeps serving."""
+
+import os
+
+import httpx
+import openai
+import pytest
+
+import uora_rt
+from server_helpers import in_process_server, tiny_world
+from uora_rt.server import ServerConfig, ServerState, build_app
+
+CHAT = [{"role": "user", "content": "hi"}]
+# (endpoint, body or raw bytes, status, param, words the message must contain)
+BAD = [
+    ("completions", b'{"prompt": "x", ', 400, None, "not valid JSON"),
+    ("completions", b"[1, 2]", 400, None, "valid dictionary"),
+    ("completions", {"max_tokens": 3}, 400, "prompt", "Field required"),
+    ("completions", {"prompt": 5}, 400, "prompt", "valid string"),
+    ("completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
+    ("completions", {"prompt": "x", "max_tokens": "10"}, 400, "max_tokens", "valid integer"),
+    ("completions", {"prompt": "x", "max_tokens": 2.5}, 400, "max_tokens", "valid integer"),
+    ("completions", {"prompt": "x", "stream": "yes"}, 400, "stream", "valid boolean"),
+    ("completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature", "finite"),
+    ("completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than"),
+    ("completions", {"prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
+    ("completions", {"prompt": "x", "top_p": 1.5}, 400, "top_p", "less than"),
+    ("completions", {"prompt": "x", "top_k": -2}, 400, "top_k", "greater than"),
+    ("completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than"),
+    ("completions", {"prompt": "x", "seed": -1}, 400, "seed", "greater than"),
+    ("completions", {"prompt": "x", "stop": [""]}, 400, "stop", "non-empty"),
+    ("completions", {"prompt": "x", "model": "nope"}, 404, "model",
+     "The model `nope` does not exist."),
+    ("completions", {"prompt": "x", "max_tokens": 600}, 400, "max_tokens",
+     "maximum context length is 512"),
+    ("completions", {"prompt": "y" * 600}, 400, "prompt", "your prompt has 601 tokens"),
+    ("completions", {"prompt": [1, 2, 500]}, 400, "prompt", "token ids must be in [0, 99)"),
+    ("completions", {"prompt": [1, -3]}, 400, "prompt", "token ids"),
+    ("completions", {"prompt": []}, 400, "prompt", "empty prompt"),
+    ("completions", {"prompt": [1, True]}, 400, "prompt", ""),
+    ("completions", {"prompt": "x", "n": 2}, 400, "n", "n = 2 is not supported"),
+    ("completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs", "not supported"),
+    ("completions", {"prompt": "x", "logprobs": 0}, 400, "logprobs", "not supported"),
+    ("completions", {"prompt": "x", "echo": True}, 400, "echo", "not supported"),
+    ("completions", {"prompt": "x", "best_of": 3}, 400, "best_of", "not supported"),
+    ("completions", {"prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty",
+     "not supported"),
+    ("completions", {"prompt": "x", "logit_bias": {"5": 1}}, 400, "logit_bias", "not supported"),
+    ("completions", {"prompt": "x", "suffix": "s"}, 400, "suffix", "not supported"),
+    ("completions", {"prompt": "x", "frobnicate": 1}, 400, "frobnicate", "unknown field"),
+    ("completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     "stream_options", "only allowed when stream is true"),
+    ("completions", {"prompt": ["x"] * 2000}, 400, "prompt", "exceed the queue limit"),
+    ("chat/completions", {"messages": []}, 400, "messages", "at least 1"),
+    ("chat/completions", {"messages": "hi"}, 400, "messages", "valid list"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages",
+     "Input should be"),
+    ("chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages",
+     "chat template refused these messages: unsupported role: tool"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages", ""),
+    ("chat/completions", {"messages": [{"role": "user", "content": "x",
+                                        "tool_calls": [{"id": "1"}]}]}, 400, "messages",
+     "messages[0].tool_calls is not supported"),
+    ("chat/completions", {"messages": CHAT, "n": 3}, 400, "n", "not supported"),
+    ("chat/completions", {"messages": CHAT, "logprobs": True}, 400, "logprobs", "not supported"),
+    ("chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools",
+     "not supported"),
+    ("chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400,
+     "response_format", "not supported"),
+    ("chat/completions", {"messages": CHAT, "max_completion_tokens": 5000}, 400, "max_tokens",
+     "maximum context length"),
+    ("chat/completions", {"messages": CHAT, "model": "a99"}, 404, "model", "does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def world(request, tmp_path_factory):
+    return tiny_world(request.config, tmp_path_factory)
+
+
+def _post(url, path, body, **kw):
+    if isinstance(body, bytes):
+        return httpx.post(url + path, content=body, timeout=30,
+                          headers={"content-type": "application/json", **kw.pop("headers", {})})
+    return httpx.post(url + path, json=body, timeout=30, **kw)
+
+
+def _check_error(r, status, param=None, words=""):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == status and err["param"] == param, err
+    assert words in err["message"], err
+    return err
+
+
+@pytest.mark.parametrize("endpoint,body,status,param,words", BAD)
+def test_bad_requests_get_a_4xx_with_an_openai_error(world, endpoint, body, status, param, words):
+    r = _post(world.main.url, f"/v1/{endpoint}", body)
+    err = _check_error(r, status, param, words)
+    assert err["type"] == {400: "BadRequestError", 404: "NotFoundError"}[status]
+
+
+def test_the_engine_is_fine_after_all_the_bad_requests(world):
+    m = world.main.metrics()
+    assert m["uora_rt:num_requests_running"] == 0 and m["uora_rt:kv_blocks_used"] == 0
+    r = _post(world.main.url, "/v1/completions", {"prompt": "x", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_unknown_routes_and_methods_use_the_error_shape(world):
+    _check_error(httpx.get(world.main.url + "/v1/nothing"), 404, None, "Not Found")
+    _check_error(httpx.get(world.main.url + "/v1/completions"), 405, None, "Method Not Allowed")
+
+
+def test_adapter_path_rules(world, tmp_path):
+    url, folder = world.main.url, world.dir
+    outside = world.adapters["a0"]                       # a valid adapter outside the folder
+    (folder / "escape.uora").unlink(missing_ok=True)
+    os.symlink(outside, folder / "escape.uora")
+    (folder / "truncated.uora").write_bytes(world.loadable["x0"].read_bytes()[:100])
+    (folder / "sub").mkdir(exist_ok=True)
+    (folder / "sub" / "not-an-adapter").mkdir(exist_ok=True)
+    (folder / "other-base.uora").unlink(missing_ok=True)
+    from models_tiny import tiny_llama
+    from peft_ref import make_adapter
+
+    make_adapter(lambda: tiny_llama(vocab_size=99, hidden_size=32, intermediate_size=48),
+                 folder / "other-base.uora", r=8)
+    load = lambda name, path: _post(url, "/v1/load_lora_adapter",  # noqa: E731
+                                    {"lora_name": name, "lora_path": path})
+    _check_error(load("e1", "../adapters/a0.uora"), 400, "lora_path", "'..' is not allowed")
+    _check_error(load("e1", "sub/../x0.uora"), 400, "lora_path", "'..' is not allowed")
+    _check_error(load("e1", str(outside)), 400, "lora_path", "outside the adapter folder")
+    _check_error(load("e1", "/etc/hostname"), 400, "lora_path", "outside the adapter folder")
+    _check_error(load("e1", "escape.uora"), 400, "lora_path", "resolves outside")
+    _check_error(load("e1", "missing.uora"), 404, "lora_path", "No adapter found")
+    err = _check_error(load("e1", "truncated.uora"), 400, "lora_path", "cannot load adapter")
+    assert "truncated.uora" in err["message"] and "expected" in err["message"]
+    _check_error(load("e1", "other-base.uora"), 400, "lora_path", "base.modules")
+    _check_error(load("e1", "sub/not-an-adapter"), 400, "lora_path", "PEFT VeRA adapter")
+    _check_error(load("a0", "x0.uora"), 400, "lora_name", "has already been loaded")
+    _check_error(load("base", "x0.uora"), 400, "lora_name", "served base model's name")
+    _check_error(load("", "x0.uora"), 400, "lora_name", "Both 'lora_name' and 'lora_path'")
+    _check_error(load("e1", ""), 400, "lora_path", "Both 'lora_name' and 'lora_path'")
+    _check_error(load("has space", "x0.uora"), 400, "lora_name", "without spaces")
+    _check_error(_post(url, "/v1/load_lora_adapter", {"lora_name": "e1"}), 400, "lora_path",
+                 "Field required")
+    _check_error(_post(url, "/v1/unload_lora_adapter", {"lora_name": "never"}), 404,
+                 "lora_name", "The lora adapter 'never' cannot be found.")
+    names = [c["id"] for c in httpx.get(url + "/v1/models").json()["data"]]
+    assert "e1" not in names and len(names) == 1 + len(world.adapters)
+
+
+def test_api_key_guards_every_v1_route(world):
+    url = world.guarded.url
+    for path in ("/v1/models", "/v1/completions", "/v1/nothing"):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+            r = httpx.post(url + path, json={"prompt": "x"}, headers=headers)
+            _check_error(r, 401, None, "Unauthorized")
+    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/metrics").status_code == 200
+    client = openai.OpenAI(base_url=url + "/v1", api_key="sesame", max_retries=0)
+    assert client.completions.create(model="a0", prompt="x", max_tokens=2).usage.total_tokens
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+@pytest.fixture(scope="module")
+def local(world):
+    """The app in this process (loading off), so a test can break the engine on purpose."""
+    rt = uora_rt.load(world.base, adapters=[("a0", world.adapters["a0"])])
+    engine = uora_rt.Engine(rt, kv_cache_tokens=4096)
+    state = ServerState(rt, engine, ServerConfig(served_names=["base"]))
+    with in_process_server(build_app(state)) as url:
+        yield url, state
+
+
+def test_loading_is_off_unless_allowed(local):
+    url, _ = local
+    for path, body in (("/v1/load_lora_adapter", {"lora_name": "n", "lora_path": "p"}),
+                       ("/v1/unload_lora_adapter", {"lora_name": "a0"})):
+        _check_error(_post(url, path, body), 404, None, "--allow-adapter-loading")
+
+
+def test_an_engine_failure_fails_that_request_only(local, monkeypatch):
+    url, state = local
+    model = state.rt.model
+    forward = model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):  # the model's forward, failing on its first call
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", flaky)
+    body = {"model": "a0", "prompt": "x", "max_tokens": 4}
+    err = _check_error(_post(url, "/v1/completions", body), 500, None, "injected fault")
+    assert err["type"] == "InternalServerError"
+    ok = _post(url, "/v1/completions", body)
+    assert ok.status_code == 200
+    calls["n"] = 0
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=30,
+                      json={"messages": CHAT, "max_tokens": 4, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [x for x in r.iter_lines() if x.startswith("data: ")]
+    assert "injected fault" in events[-2] and '"InternalServerError"' in events[-2]
+    assert events[-1] == "data: [DONE]"
+    assert _post(url, "/v1/completions", body).status_code == 200
+    assert state.engine.blocks_used == 0
+
+
+def test_a_handler_exception_is_a_500_with_a_body(local, monkeypatch):
+    url, _ = local
+    from uora_rt.server import completions
+
+    def broken(*a, **k):
+        raise ZeroDivisionError("handler bug")
+
+    monkeypatch.setattr(completions, "stop_reason", broken)
+    err = _check_error(_post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}), 500,
+                       None, "ZeroDivisionError: handler bug")
+    assert err["type"] == "InternalServerError"
+    monkeypatch.undo()
+    assert _post(url, "/v1/completions", {"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert httpx.get(url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--allow-adapter-loading"], "--allow-adapter-loading needs --adapter-dir"),
+    (["--adapter-dir", "."], "--adapter-dir only matters with --allow-adapter-loading"),
+    (["--adapter", "=x.uora"], "expected NAME=PATH"),
+    (["--adapter", "a=x.uora", "--adapter", "a=y.uora"], "names given twice: ['a']"),
+    (["--adapter", "base=ADAPTER"], "served base model's name"),
+    (["--adapter", "bad=MISSING"], "--adapter bad=nowhere.uora: "),
+    (["--adapter", "a=ADAPTER", "--max-queued-requests", "0"], "max_queued: expected >= 1"),
+    (["--random-weights"], "--random-weights needs BASE"),
+])
+def test_serve_refuses_bad_arguments_before_listening(world, capsys, argv, words):
+    from uora_rt import cli
+
+    argv = [a.replace("ADAPTER", str(world.adapters["a0"])).replace("MISSING", "nowhere.uora")
+            for a in argv]
+    base = [] if argv == ["--random-weights"] else [str(world.base)]
+    assert cli.main(["serve", *base, *argv, "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uora-rt serve: ") and words in err, err
