@@ -3,7 +3,7 @@ graph and through the public API (engine.step) against the byte floor, with and 
 distinct UORA adapters (r=256 on q/v); sampled vs greedy; prefill; an offline trace on a
 Llama-2-7B shape and a Llama-3.1-8B shape (GQA 8, vocabulary 128,256).
 
-  python bench/bench_engine_gpu.py [--budget-s 420] [--requests 256]
+  python bench/bench_engine_gpu.py [--budget-s 420] [--requests 256] [--traces-only]
 
 Sections run in that order and the JSON (bench/results/engine_gpu.json) is rewritten after
 each, so a run cut short by its time budget keeps what it measured.
@@ -105,6 +105,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--traces-only", action="store_true", help="skip the decode-step section")
+    ap.add_argument("--name", default="engine_gpu")
     args = ap.parse_args()
     t_start = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
@@ -113,7 +115,7 @@ def main():
     records.append({"kind": "ceiling", "copy_bytes_per_s": bw})
 
     def save():
-        common.write("engine_gpu", records)
+        common.write(args.name, records)
 
     for cfg_name, cfg in (("llama2-7b", LLAMA2_7B), ("llama3.1-8b", LLAMA3_8B)):
         if left() < 60:
@@ -123,7 +125,8 @@ def main():
         for i in range(64):
             rt.add_adapter(synthetic_adapter(rt, i), name=f"ad{i}")
         names64 = [f"ad{i}" for i in range(64)]
-        batches = (1, 16, 64, 256) if cfg_name == "llama2-7b" else (64, 256)
+        batches = () if args.traces_only else (1, 16, 64, 256) if cfg_name == "llama2-7b" \
+            else (64, 256)
         for batch in batches:
             for names, sampled in ((None, False), (names64, False), (None, True)):
                 if left() < 45:

@@ -11,9 +11,10 @@ this file with another interpreter:
       [--adapter NAME=FILE ...]
 
 All requests go into one generate call with max_new_tokens = the longest output (what a static
-batch must do); each request counts only its own max_tokens, and its first token and finish are
-the batch's first token and end (static batching gives everyone the same timeline). End-of-
-sequence tokens are disabled so outputs have the trace's lengths, as ignore_eos does elsewhere.
+batch must do); each request counts only its own max_tokens. The call returns nothing until it
+ends, so every request's first token and finish are the call's end, as its caller sees them.
+End-of-sequence tokens are disabled so outputs have the trace's lengths, as ignore_eos does
+elsewhere.
 """
 
 import argparse
@@ -49,13 +50,8 @@ def main():
     t0 = time.perf_counter()
     gens = rt.generate(prompts, adapters=names, max_new_tokens=longest)
     wall = time.perf_counter() - t0
-    # No per-token timestamps in the old API: the first token comes after the whole prefill,
-    # measured by a separate one-token call of the same batch.
-    t1 = time.perf_counter()
-    rt.generate(prompts, adapters=names, max_new_tokens=1)
-    prefill = time.perf_counter() - t1
     tokens = {r["id"]: g.tokens[: r["max_tokens"]] for r, g in zip(trace, gens)}
-    first = {r["id"]: prefill for r in trace}
+    first = {r["id"]: wall for r in trace}
     finish = {r["id"]: wall for r in trace}
     out = result(trace, first, finish, tokens, wall, engine="legacy-generate@ecd107b",
                  batch_tokens=sum(len(g.tokens) for g in gens))

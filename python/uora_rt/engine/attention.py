@@ -5,8 +5,9 @@ layer the new keys/values are written into the KV pool at their slots first; the
 - decode rows: one call over the block tables with per-row lengths (`decode_fn`: the C++ op
   uora::paged_attention_ on the CPU and the Triton kernel of triton_decode.py on CUDA, both
   reading the pages in place; or `torch_paged_decode`, which gathers them, where neither runs);
-- each prefill chunk: SDPA over its own new keys when it has no context (causal), else over its
-  context gathered from the pool with an offset causal mask.
+- prefill chunks: one call over all of them (`prefill_fn`: the same C++ op, or the Triton kernel
+  of triton_prefill.py), or, on the gather path, SDPA per chunk over its own keys (no context)
+  or over its context gathered from the pool with an offset causal mask.
 reference.paged_attention is the oracle for all of it.
 """
 
@@ -48,6 +49,21 @@ def cpu_paged_decode(out, q, k_cache, v_cache, meta, scale):
                          meta.decode_query_start, scale)
 
 
+def cpu_paged_prefill(out, q, k_cache, v_cache, meta, scale):
+    from uora_rt import ops
+
+    ops.paged_attention_(out, q, k_cache, v_cache, meta.prefill_block_tables,
+                         meta.prefill_seq_lens, meta.prefill_query_start, scale)
+
+
+def triton_paged_prefill(out, q, k_cache, v_cache, meta, scale):
+    from uora_rt.engine import triton_prefill
+
+    triton_prefill.paged_prefill(out, q, k_cache, v_cache, meta.prefill_block_tables,
+                                 meta.prefill_seq_lens, meta.prefill_query_start,
+                                 meta.prefill_tiles, scale)
+
+
 def triton_paged_decode(out, q, k_cache, v_cache, meta, scale):
     from uora_rt.engine import triton_decode
 
@@ -55,9 +71,9 @@ def triton_paged_decode(out, q, k_cache, v_cache, meta, scale):
                                meta.decode_seq_lens, scale)
 
 
-def choose_decode_fn(device: torch.device, path: str | None = None):
-    """The decode attention path for a device ("cpp", "triton" or "torch"; None = the fastest
-    available), said once in the log (never silently)."""
+def choose_attention(device: torch.device, path: str | None = None):
+    """(decode_fn, prefill_fn or None, name) of an attention path for a device ("cpp", "triton"
+    or "torch"; None = the fastest available), said once in the log (never silently)."""
     from uora_rt import ops
     from uora_rt.engine import triton_decode
 
@@ -69,20 +85,20 @@ def choose_decode_fn(device: torch.device, path: str | None = None):
         raise ValueError(f"the {path} paged attention path does not run on {device.type}")
     if paths["cpp"] and path in (None, "cpp"):
         log.info("paged attention: uora::paged_attention_ (C++, pages read in place)")
-        return cpu_paged_decode, "cpp"
+        return cpu_paged_decode, cpu_paged_prefill, "cpp"
     if paths["triton"] and path in (None, "triton"):
-        log.info("paged attention: Triton paged decode (pages read in place)")
-        return triton_paged_decode, "triton"
-    log.info("paged attention on %s: the PyTorch gather path (no paged kernel for this device "
-             "yet)", device.type)
-    return torch_paged_decode, "torch"
+        log.info("paged attention: Triton paged decode and prefill (pages read in place)")
+        return triton_paged_decode, triton_paged_prefill, "triton"
+    log.info("paged attention on %s: the PyTorch gather path (decode rows gathered, prefill "
+             "chunks through SDPA)", device.type)
+    return torch_paged_decode, None, "torch"
 
 
 class PagedAttention:
     """The model's attention callable for one step (see models.llama.LlamaModel.forward)."""
 
-    def __init__(self, meta, kv, decode_fn):
-        self.meta, self.kv, self.decode_fn = meta, kv, decode_fn
+    def __init__(self, meta, kv, decode_fn, prefill_fn=None):
+        self.meta, self.kv, self.decode_fn, self.prefill_fn = meta, kv, decode_fn, prefill_fn
 
     def __call__(self, layer, q, k, v):
         """q [T, nH, hd], k, v [T, nKV, hd] -> [T, nH, hd]."""
@@ -97,9 +113,12 @@ class PagedAttention:
         nd = m.num_decode
         if nd:
             self.decode_fn(out[:nd], q[:nd], k_cache, v_cache, m, scale)
+        if m.prefills and self.prefill_fn is not None:
+            self.prefill_fn(out[nd:], q[nd:], k_cache, v_cache, m, scale)
+            return out
         for seg in m.prefills:
             qs = q[seg.start:seg.start + seg.count].transpose(0, 1)[None]      # [1, nH, n, hd]
-            if seg.context_slots is None:  # a fresh prompt: only its own keys, plain causal
+            if seg.context == 0:  # a fresh prompt: only its own keys, plain causal
                 ks = k[seg.start:seg.start + seg.count]
                 vs = v[seg.start:seg.start + seg.count]
                 mask, causal = None, True

@@ -178,7 +178,7 @@ class Engine:
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_used)
         try:
             meta = build_step(scheduled, self.rt.pool, self.block_size, self.rt.device,
-                              self.rt.merged is None)
+                              self.rt.merged is None, self.runner.gather_prefill)
             t1 = time.perf_counter()
             tokens = self.runner.run(meta).tolist()
             self.stats["forward_s"] += time.perf_counter() - t1

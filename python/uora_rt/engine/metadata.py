@@ -15,13 +15,15 @@ import numpy as np
 import torch
 
 from uora_rt.engine.sampler import SamplingTensors
+from uora_rt.engine.triton_prefill import tiles_for
 
 
 @dataclass
 class PrefillSegment:
     start: int                          # first packed token
     count: int
-    context_slots: torch.Tensor | None  # [context + count] KV slots; None = no context
+    context: int                        # positions of the sequence before this chunk
+    context_slots: torch.Tensor | None  # [context + count] KV slots (SDPA path, context > 0)
     mask: torch.Tensor | None           # [count, context + count] bool: query j sees keys <= ctx + j
 
 
@@ -35,6 +37,10 @@ class StepMetadata:
     decode_seq_lens: torch.Tensor       # [num_decode] int32 (including this step's token)
     decode_query_start: torch.Tensor    # [num_decode + 1] int32 (0, 1, 2, ...)
     prefills: list[PrefillSegment]
+    prefill_block_tables: torch.Tensor  # [P, W] int32 of the prefill chunks' sequences
+    prefill_seq_lens: torch.Tensor      # [P] int32: context + chunk
+    prefill_query_start: torch.Tensor   # [P + 1] int32, relative to the first prefill token
+    prefill_tiles: torch.Tensor         # [NT, 2] int32 (triton_prefill.tiles_for)
     logits_rows: torch.Tensor           # [R] int64: packed tokens whose logits are sampled
     sampled: list                       # [R] the ScheduledSeq each logits row belongs to
     sampling: SamplingTensors | None
@@ -55,39 +61,43 @@ def _slots(blocks: list[int], block_size: int, end: int) -> torch.Tensor:
     return (b[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:end]
 
 
-def build_step(scheduled, pool, block_size: int, device, use_adapters: bool) -> StepMetadata:
+def _table(seqs) -> np.ndarray:
+    """Block tables of scheduled sequences, padded with block 0: [len(seqs), widest] int32."""
+    width = max((len(s.req.blocks) for s in seqs), default=1)
+    table = np.zeros((len(seqs), width), dtype=np.int32)
+    for i, s in enumerate(seqs):
+        table[i, : len(s.req.blocks)] = s.req.blocks
+    return table
+
+
+def build_step(scheduled, pool, block_size: int, device, use_adapters: bool,
+               gather_prefill: bool = True) -> StepMetadata:
+    """gather_prefill: also build each prefill chunk's context slots and mask (the SDPA path
+    needs them; paged kernels read the page table instead)."""
     decodes = [s for s in scheduled if s.count == 1]
     prefills = [s for s in scheduled if s.count > 1]
-    ids, pos, slots = [], [], []
-    lens, tables = [], []
+    ordered = decodes + prefills
+    ids, pos, lens, slots = [], [], [], []
     for s in decodes:
         r, p = s.req, s.start
         ids.append(r.tokens[p])
         pos.append(p)
         slots.append(r.blocks[p // block_size] * block_size + p % block_size)
         lens.append(p + 1)
-        tables.append(r.blocks)
-    width = max((len(t) for t in tables), default=1)
-    table = np.zeros((len(tables), width), dtype=np.int32)
-    for i, t in enumerate(tables):
-        table[i, : len(t)] = t
-    segments, extra_slots = [], []
+    segments, chunks, q_start = [], [torch.tensor(slots, dtype=torch.long)], [0]
     for s in prefills:
         r, p0, n = s.req, s.start, s.count
         seg_slots = _slots(r.blocks, block_size, p0 + n)
-        start = len(ids) + sum(len(x) for x in extra_slots)
-        extra_slots.append(seg_slots[p0:])
-        if p0 == 0:
-            segments.append(PrefillSegment(start, n, None, None))
-        else:
+        chunks.append(seg_slots[p0:])
+        context = mask = None
+        if p0 and gather_prefill:
             q_pos = torch.arange(p0, p0 + n)
-            mask = torch.arange(p0 + n)[None, :] <= q_pos[:, None]
-            segments.append(PrefillSegment(start, n, seg_slots.to(device), mask.to(device)))
-    for s in prefills:
-        ids.extend(s.req.tokens[s.start:s.start + s.count])
-        pos.extend(range(s.start, s.start + s.count))
-    slot_t = torch.cat([torch.tensor(slots, dtype=torch.long)] + extra_slots)
-    ordered = decodes + prefills
+            mask = (torch.arange(p0 + n)[None, :] <= q_pos[:, None]).to(device)
+            context = seg_slots.to(device)
+        segments.append(PrefillSegment(len(ids), n, p0, context, mask))
+        ids.extend(r.tokens[p0:p0 + n])
+        pos.extend(range(p0, p0 + n))
+        q_start.append(q_start[-1] + n)
     starts, t = [], 0
     for s in ordered:
         starts.append(t)
@@ -102,18 +112,20 @@ def build_step(scheduled, pool, block_size: int, device, use_adapters: bool) -> 
             [p.top_p for p in params], [s.req.seed for _, s in sampled],
             [s.req.num_tokens - s.req.prompt_len for _, s in sampled], device)
     slots_by_fam, with_q = _adapter_slots(ordered, starts, t, device) if use_adapters else ({}, {})
+
+    def dev(x, dtype=torch.int32):
+        return torch.as_tensor(x, dtype=dtype).to(device)
+
     return StepMetadata(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.tensor(pos, dtype=torch.long, device=device),
-        slot_mapping=slot_t.to(device),
-        num_decode=len(decodes),
-        decode_block_tables=torch.from_numpy(table).to(device),
-        decode_seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        input_ids=dev(ids, torch.long), positions=dev(pos, torch.long),
+        slot_mapping=torch.cat(chunks).to(device), num_decode=len(decodes),
+        decode_block_tables=dev(_table(decodes)), decode_seq_lens=dev(lens),
         decode_query_start=torch.arange(len(decodes) + 1, dtype=torch.int32, device=device),
-        prefills=segments,
-        logits_rows=torch.tensor(rows, dtype=torch.long, device=device),
-        sampled=[s for _, s in sampled],
-        sampling=sampling,
+        prefills=segments, prefill_block_tables=dev(_table(prefills)),
+        prefill_seq_lens=dev([s.start + s.count for s in prefills]),
+        prefill_query_start=dev(q_start),
+        prefill_tiles=dev(tiles_for(q_start)).reshape(-1, 2),
+        logits_rows=dev(rows, torch.long), sampled=[s for _, s in sampled], sampling=sampling,
         any_sampled=any(p.temperature > 0 for p in params),
         any_top_p=any(p.temperature > 0 and p.top_p < 1 for p in params),
         hook=pool.hook(slots_by_fam, with_q) if slots_by_fam else None,

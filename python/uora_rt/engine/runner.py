@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from uora_rt.engine.attention import PagedAttention, choose_decode_fn
+from uora_rt.engine.attention import PagedAttention, choose_attention
 from uora_rt.engine.kv_cache import KVPool
 from uora_rt.engine.sampler import Sampler
 
@@ -18,7 +18,9 @@ class ModelRunner:
     def __init__(self, rt, kv: KVPool, attention: str | None = None, cuda_graphs=None,
                  max_num_seqs: int = 256, max_blocks: int = 1):
         self.rt, self.kv = rt, kv
-        self.decode_fn, self.attention_path = choose_decode_fn(rt.device, attention)
+        self.decode_fn, self.prefill_fn, self.attention_path = choose_attention(rt.device,
+                                                                               attention)
+        self.gather_prefill = self.prefill_fn is None  # the SDPA path reads gathered context
         self.sampler = Sampler(rt.device)
         # Graphs need an attention path with a length-independent grid (Triton); the gather
         # path's shapes follow the lengths.
@@ -42,7 +44,7 @@ class ModelRunner:
             tokens = self.graphs.run(meta)
             if tokens is not None:
                 return tokens
-        attention = PagedAttention(meta, self.kv, self.decode_fn)
+        attention = PagedAttention(meta, self.kv, self.decode_fn, self.prefill_fn)
         logits = self.rt.model(meta.input_ids, meta.positions, attention, meta.hook,
                                rows=meta.logits_rows)
         if not meta.sampled:
