@@ -51,9 +51,10 @@ def default_kv_tokens(spec, dtype, device: torch.device, weights_bytes: int) -> 
     16 GiB: the pages are only touched as sequences use them)."""
     per = bytes_per_token(spec, dtype)
     if device.type == "cuda":
+        # Blocks torch's caching allocator holds unused go back first, so that what the driver
+        # reports free is what a single large allocation can get.
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(device)
-        # Memory torch's caching allocator holds but does not use is free for us too.
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         budget = 0.9 * free - 2 * 2**30
     else:
         budget = min(_available_ram() / 4, 16 * 2**30)
