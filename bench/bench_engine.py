@@ -38,9 +38,11 @@ from uora_rt.gguf_import import default_base  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
-def run_engine(rt, trace, label, **engine_kw) -> dict:
-    """Replays a trace in real time: requests are added when their arrival comes."""
-    engine = Engine(rt, **engine_kw)
+def run_engine(rt, trace, label, engine=None, **engine_kw) -> dict:
+    """Replays a trace in real time: requests are added when their arrival comes. engine: an
+    idle engine to reuse (warm graphs, as a server has them); else a new one from engine_kw."""
+    engine = engine or Engine(rt, **engine_kw)
+    s0, preempted0 = dict(engine.stats), engine.scheduler.preemptions
     pending = deque(sorted(trace, key=lambda r: r["arrival_s"]))
     first, finish, toks = {}, {}, {r["id"]: [] for r in trace}
     kv_alloc = kv_real = 0
@@ -66,19 +68,20 @@ def run_engine(rt, trace, label, **engine_kw) -> dict:
         kv_alloc += sum(len(r.blocks) for r in running) * engine.block_size
         kv_real += sum(r.computed for r in running)
     wall = max(finish.values())
-    st = engine.stats
+    st = {k: v - s0[k] for k, v in engine.stats.items() if k != "peak_blocks"}
     real = sum(len(r["prompt_token_ids"]) + r["max_tokens"] - 1 for r in trace)
     return engine_trace.result(
         trace, first, finish, toks, wall, engine="uora_rt", setup=label,
         kv_blocks_per_real_token=kv_alloc / max(kv_real, 1),
         computed_tokens=st["prefill_tokens"] + st["decode_tokens"], real_tokens=real,
         host_share=1 - st["forward_s"] / st["step_s"], steps=st["steps"],
-        preemptions=engine.scheduler.preemptions, max_step_tokens=engine.max_step_tokens,
+        preemptions=engine.scheduler.preemptions - preempted0,
+        max_step_tokens=engine.max_step_tokens,
         adapters=len({r["adapter"] for r in trace if r["adapter"]}),
         token_ids={r["id"]: toks[r["id"]] for r in trace})
 
 
-def run_peer(python, script, args, label) -> dict | None:
+def run_peer(python, script, args, label, env=None) -> dict | None:
     if not python or not Path(python).exists():
         print(f"  skipped {label}: no interpreter at {python!r}")
         return None
@@ -86,7 +89,8 @@ def run_peer(python, script, args, label) -> dict | None:
         out = f.name
     cmd = [python, str(HERE / script), "--out", out] + args
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         print(f"  {label} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return None
@@ -95,13 +99,15 @@ def run_peer(python, script, args, label) -> dict | None:
     return res
 
 
-def transformers_generate(folder, trace, batch=16) -> dict:
-    """transformers greedy generate, base model, left-padded batches in arrival order."""
+def transformers_generate(folder, trace, batch=16, model=None) -> dict:
+    """transformers greedy generate, base model, left-padded batches in arrival order. model: a
+    LlamaForCausalLM already built (GPU benchmarks), else loaded from folder."""
     from transformers import LlamaForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    model = LlamaForCausalLM.from_pretrained(str(folder)).eval()
+    model = model if model is not None else LlamaForCausalLM.from_pretrained(str(folder)).eval()
+    dev = model.device
     first, finish, toks = {}, {}, {}
     t0 = time.perf_counter()
     for i in range(0, len(trace), batch):
@@ -114,8 +120,8 @@ def transformers_generate(folder, trace, batch=16) -> dict:
             ids[j, width - len(p):], mask[j, width - len(p):] = torch.tensor(p), 1
         n = max(r["max_tokens"] for r in part)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                 do_sample=False, pad_token_id=0)
+            out = model.generate(ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=n,
+                                 min_new_tokens=n, do_sample=False, pad_token_id=0).cpu()
         now = time.perf_counter() - t0
         for j, r in enumerate(part):
             toks[r["id"]] = out[j, width:width + r["max_tokens"]].tolist()

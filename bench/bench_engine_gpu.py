@@ -3,7 +3,11 @@ graph and through the public API (engine.step) against the byte floor, with and 
 distinct UORA adapters (r=256 on q/v); sampled vs greedy; prefill; an offline trace on a
 Llama-2-7B shape and a Llama-3.1-8B shape (GQA 8, vocabulary 128,256).
 
-  python bench/bench_engine_gpu.py [--budget-s 420] [--requests 256] [--traces-only]
+  python bench/bench_engine_gpu.py [--budget-s 420] [--requests 1000] [--traces-only]
+      [--models llama2-7b,llama3.1-8b] [--adapters-max 1000] [--no-matrix] [--peers 128]
+
+Traces run on one engine per model whose decode graphs are captured first (Engine.warmup), as
+a server's are; the warm-up's seconds and captures are recorded.
 
 Sections run in that order and the JSON (bench/results/engine_gpu.json) is rewritten after
 each, so a run cut short by its time budget keeps what it measured.
@@ -20,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import engine_trace  # noqa: E402
 import torch  # noqa: E402
-from bench_engine import run_engine, summary_row  # noqa: E402
+from bench_engine import run_engine, run_peer, summary_row, transformers_generate  # noqa: E402
 
 import uora_rt  # noqa: E402
 from uora_rt import Engine, SamplingParams  # noqa: E402
@@ -101,11 +105,80 @@ def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False) -> dict:
             "captures": graphs.captures}
 
 
+def peers(rt, engine, cfg, n, which) -> list[dict]:
+    """The same n-request trace (no adapters) through our warm engine, transformers generate
+    (bf16, eager, left-padded batches of 64) and the static generate this engine replaced
+    (ecd107b, batches of 32: its static KV for 64 x 2,560 positions did not fit beside the
+    benchmark's own weights). Peers run
+    after ours with our engine's memory returned; the old package runs in its own process
+    (both register the `uora` op library) from LEGACY_PYTHONPATH."""
+    import json
+    import os
+    import tempfile
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    trace = engine_trace.make_trace(n, cfg["vocab_size"], seed=0)
+    out = [run_engine(rt, trace, f"engine, no adapters ({n} requests)", engine=engine)]
+    engine.kv = engine.runner = None  # the KV pool and graphs go before the peers load
+    torch.cuda.empty_cache()
+    rows = []
+    say = lambda r: print(f"  {r['setup']}: {r['output_tokens_per_s']:.0f} tok/s")  # noqa: E731
+    say(out[0])
+    if "transformers" in which:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.bfloat16).eval()
+        out.append(transformers_generate(None, trace, batch=64, model=model))
+        say(out[-1])
+        del model
+        torch.cuda.empty_cache()
+    legacy = os.environ.get("LEGACY_PYTHONPATH")
+    if legacy and "legacy" in which:
+        tmp = Path(tempfile.mkdtemp())
+        (tmp / "trace.json").write_text(json.dumps(trace))
+        (tmp / "config.json").write_text(json.dumps(cfg))
+        res = run_peer(sys.executable, "legacy_static.py", [
+            "--random-config", str(tmp / "config.json"), "--device", "cuda", "--dtype",
+            "bfloat16", "--batch", "32", "--trace", str(tmp / "trace.json")],
+            "old static generate (batches of 32)", env={"PYTHONPATH": legacy})
+        if res and not res["package"].startswith(legacy):  # never the new package by mistake
+            raise SystemExit(f"the old generate ran from {res['package']}, not {legacy}")
+        if res:
+            out.append(res)
+            say(res)
+    for r in out:
+        r.pop("token_ids", None)
+        rows.append({"kind": "peer_trace", "model": "llama2-7b", "requests": n,
+                     **summary_row(r)})
+    return rows
+
+
+def trace_setups(model: str, many: int) -> list[tuple[str, dict]]:
+    """The issue's trace matrix on the 7B shape (the first is the no-adapter baseline whose
+    throughput sets the Poisson rate); the 8B shape with and without 64 distinct."""
+    if model != "llama2-7b":
+        return [("no adapters", {}), ("64 distinct (uniform)", dict(adapters=64))]
+    return [("no adapters", {}), ("1 adapter", dict(adapters=1)),
+            ("64 distinct (uniform)", dict(adapters=64)),
+            ("64 distinct (Zipf)", dict(adapters=64, zipf=True)),
+            (f"{many} distinct (uniform)", dict(adapters=many)),
+            (f"{many} distinct (Zipf)", dict(adapters=many, zipf=True)),
+            ("no adapters, Poisson", dict(poisson=True)),
+            ("64 distinct, Poisson", dict(adapters=64, poisson=True))]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=420)
-    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--adapters-max", type=int, default=1000, help="registered for the traces")
+    ap.add_argument("--models", default="llama2-7b,llama3.1-8b")
     ap.add_argument("--traces-only", action="store_true", help="skip the decode-step section")
+    ap.add_argument("--matrix", action=argparse.BooleanOptionalAction, default=True,
+                    help="the trace matrix (adapters x distributions x arrivals)")
+    ap.add_argument("--peers", type=int, default=0, help="also an N-request trace through "
+                    "transformers and the old static generate (LEGACY_PYTHONPATH)")
+    ap.add_argument("--peer-set", default="transformers,legacy")
     ap.add_argument("--name", default="engine_gpu")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -118,6 +191,8 @@ def main():
         common.write(args.name, records)
 
     for cfg_name, cfg in (("llama2-7b", LLAMA2_7B), ("llama3.1-8b", LLAMA3_8B)):
+        if cfg_name not in args.models.split(","):
+            continue
         if left() < 60:
             break
         rt = uora_rt.Runtime.random(cfg, device="cuda", dtype=torch.bfloat16, slots=256)
@@ -139,19 +214,37 @@ def main():
                       f"{'sampled' if sampled else 'greedy '}: graph {d['graph_ms']:.2f} ms, "
                       f"step() {d['api_ms']:.2f} ms, floor {d['floor_ms']:.2f} ms")
                 save()
-        for adapters in (0, 64):
-            if left() < 60:
+        if args.adapters_max > 64:  # the same kind of adapter, many more of them
+            for i in range(64, args.adapters_max):
+                rt.add_adapter(synthetic_adapter(rt, i), name=f"ad{i}")
+        engine = Engine(rt, max_num_seqs=256)
+        warm = engine.warmup(adapters=(None, "ad0"))
+        records.append({"kind": "warmup", "model": cfg_name, "seconds": warm,
+                        "captures": engine.runner.graphs.captures})
+        print(f"  {cfg_name}: {engine.runner.graphs.captures} graphs captured in {warm:.1f} s")
+        rate = None
+        for label, kw in trace_setups(cfg_name, args.adapters_max) if args.matrix else ():
+            if left() < 75:
                 break
-            trace = engine_trace.make_trace(args.requests, cfg["vocab_size"], seed=0,
-                                            adapters=adapters)
-            res = run_engine(rt, trace, f"{cfg_name} trace, {adapters} adapters",
-                             max_num_seqs=256)
+            if kw.pop("poisson", False):
+                kw["rate"] = rate
+            trace = engine_trace.make_trace(args.requests, cfg["vocab_size"], seed=0, **kw)
+            res = run_engine(rt, trace, f"{cfg_name} trace, {label}", engine=engine)
             res.pop("token_ids")
-            records.append({"kind": "trace", "model": cfg_name, **summary_row(res)})
-            print(f"  {cfg_name} trace ({args.requests} requests, {adapters} adapters): "
+            if rate is None:  # Poisson arrivals at about the all-at-once throughput
+                rate = args.requests / res["wall_s"]
+            records.append({"kind": "trace", "model": cfg_name, "requests": args.requests,
+                            "rate_per_s": kw.get("rate"),
+                            "captures_total": engine.runner.graphs.captures, **summary_row(res)})
+            print(f"  {cfg_name} trace ({args.requests} requests, {label}): "
                   f"{res['output_tokens_per_s']:.0f} output tok/s, TTFT p50 "
-                  f"{res['ttft_s']['p50']:.2f} s, TPOT p50 {res['tpot_s']['p50'] * 1e3:.1f} ms")
+                  f"{res['ttft_s']['p50']:.2f} s, TPOT p50 {res['tpot_s']['p50'] * 1e3:.1f} ms,"
+                  f" host {res['host_share']:.1%}")
             save()
+        if args.peers and cfg_name == "llama2-7b" and left() > 120:
+            records += peers(rt, engine, cfg, args.peers, args.peer_set.split(","))
+            save()
+        del engine
         del rt
         torch.cuda.empty_cache()
     print(f"done in {time.perf_counter() - t_start:.0f} s")

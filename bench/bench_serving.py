@@ -13,6 +13,8 @@ it points at uora_rt or vLLM alike:
   python bench/bench_serving.py run --base-url http://127.0.0.1:8000 --model NAME \\
       --adapters bench-0,...,bench-15 [--setups base,uniform,zipf] [--rates 0.5,1,2,inf] \\
       [--save-traces DIR] [--name serving_vllm_cpu]             # any OpenAI-compatible server
+  python bench/bench_serving.py gpu --num-requests 300 --input-len 512 --output-len 128 \
+      --vocab-size 32000 --rates 10,25,inf       # on an H200: 7B-shaped random bf16, 64 adapters
   python bench/bench_serving.py plot bench/results/serving_http_cpu.json
 
 Traces saved with --save-traces are what bench/peer_vllm.py replays on vLLM's engine.
@@ -134,7 +136,11 @@ def table(records) -> str:
 
 
 def plot(records, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no matplotlib: {path.name} not drawn (redraw with: bench_serving.py plot JSON)")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -206,6 +212,82 @@ def cmd_run(args) -> None:
     save(args.name or "serving_http", records, {"base_url": args.base_url, "model": args.model})
 
 
+def wait_healthy(url, server, log_name, tries=1200) -> None:
+    import httpx
+
+    for _ in range(tries):
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(f"server exited {server.returncode}; see {log_name}")
+        time.sleep(0.5)
+    raise SystemExit(f"server not healthy after {tries / 2:.0f} s; see {log_name}")
+
+
+def cmd_gpu(args) -> None:
+    """One GPU: a Llama-2-7B-shaped model with random bf16 weights and N adapters (r on q/v),
+    `uora-rt serve --random-weights` swept over HTTP with token-id prompts; then, the server
+    gone (two 7B engines do not share one GPU's KV memory), the burst and highest-rate traces
+    of the base and uniform setups replayed on an offline engine with warm graphs."""
+    import torch
+    import uora_rt
+    from bench_engine_gpu import LLAMA2_7B
+    from uora_rt import format as fmt
+
+    folder = Path(args.out) / "llama2-7b"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(LLAMA2_7B))
+    load = lambda: uora_rt.Runtime.random(LLAMA2_7B, "cuda", torch.bfloat16, slots=256)  # noqa
+    rt = load()
+    names = [f"bench-{i}" for i in range(args.num)]
+    paths = [Path(args.out) / f"{n}.uora" for n in names]
+    for i, path in enumerate(paths):
+        if not path.is_file():
+            fmt.save(common.random_adapter(rt, 1000 + i, args.r), path)
+    del rt
+    torch.cuda.empty_cache()
+    cmd = [sys.executable, "-m", "uora_rt", "serve", str(folder), "--random-weights",
+           "--device", "cuda", "--dtype", "bfloat16", "--slots", "256", "--port", str(args.port),
+           "--disable-access-log", "--log-level", "info",
+           *[f"--adapter={n}={p}" for n, p in zip(names, paths)]]
+    log = open(Path(tempfile.gettempdir()) / "serving_http_gpu.server.log", "w")
+    t = time.perf_counter()
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        wait_healthy(url, server, log.name)
+        started = time.perf_counter() - t
+        print(f"server up in {started:.0f} s", flush=True)
+        records = sweep(url, "llama2-7b", names, args, "uora_rt http")
+        import httpx
+
+        metrics = httpx.get(url + "/metrics").text
+    finally:
+        server.terminate()
+        server.wait(60)
+        log.close()
+    rates = [float(x) for x in args.rates.split(",")]
+    keep = {INF, max([r for r in rates if r != INF], default=INF)}
+    rt = load()
+    for n, path in zip(names, paths):
+        rt.add_adapter(path, n)
+    engine = uora_rt.Engine(rt)  # the server's defaults
+    engine.warmup(adapters=(None, names[0]))
+    for setup, rate, trace in plan(args, names):
+        if rate in keep and setup in ("base", "uniform"):
+            t = time.perf_counter()
+            records.append(record("offline engine", setup, rate, names, args,
+                                  sc.run_offline(engine, trace)))
+            _say(records[-1], time.perf_counter() - t)
+    extra = {"server_command": " ".join(cmd[1:]), "server_start_s": started,
+             "server_log_tail": Path(log.name).read_text()[-3000:],
+             "server_metrics_tail": metrics[-2000:]}
+    save(args.name or "serving_http_gpu", records, extra)
+
+
 def cmd_cpu(args) -> None:
     """SmolLM2 + 16 adapters on this machine: `uora-rt serve` swept over HTTP; the burst and the
     highest rate (base and uniform setups) also replayed on an offline engine in this process,
@@ -238,15 +320,7 @@ def cmd_cpu(args) -> None:
                           sc.run_offline(engine, trace))
 
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"server exited {server.returncode}; see {log.name}")
-            time.sleep(0.5)
+        wait_healthy(url, server, log.name)
         records = sweep(url, "SmolLM2-135M-Instruct", names, args, "uora_rt http", None,
                         offline)
         metrics = httpx.get(url + "/metrics").text
@@ -281,6 +355,13 @@ def main():
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--port", type=int, default=8123)
     trace_args(p)
+    p = sub.add_parser("gpu", help="one GPU: 7B-shaped random bf16 + N adapters, server sweep "
+                                   "then the offline engine")
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "bench-serving-gpu"))
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--r", type=int, default=256)
+    p.add_argument("--port", type=int, default=8140)
+    trace_args(p)
     p = sub.add_parser("plot", help="redraw the plot (and print the table) of a results file")
     p.add_argument("json")
     args = ap.parse_args()
@@ -290,6 +371,8 @@ def main():
         cmd_run(args)
     elif args.cmd == "cpu":
         cmd_cpu(args)
+    elif args.cmd == "gpu":
+        cmd_gpu(args)
     else:
         records = json.loads(Path(args.json).read_text())["records"]
         plot(records, Path(args.json).with_suffix(".png"))

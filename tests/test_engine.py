@@ -183,3 +183,10 @@ def test_gpu_engine_equals_cpu_engine(tmp_path, attention):
         tokens[device] = [done[r].token_ids for r in rids]
         assert_idle(engine)
     assert tokens["cuda"] == tokens["cpu"]
+
+
+def test_warmup_is_a_no_op_without_cuda_graphs(tmp_path):
+    fn, base, ads = build(tmp_path, n_adapters=1)
+    engine = Engine(load(base, ads), kv_cache_tokens=512)
+    assert engine.runner.graphs is None and engine.warmup() == 0.0
+    assert_idle(engine)

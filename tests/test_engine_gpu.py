@@ -63,3 +63,18 @@ def test_graphs_survive_adapter_changes_and_drop_on_merge(tmp_path):
     assert all(key[2] == () for key in graphs.graphs)  # only graphs built on the merged weights
     rt.unmerge()
     assert_idle(engine)
+
+
+def test_warmup_captures_every_bucket_so_traffic_never_captures(tmp_path):
+    fn, base, ads = build(tmp_path)
+    rt = load(base, ads, device="cuda")
+    engine = Engine(rt, kv_cache_tokens=4096, max_num_seqs=24)
+    assert engine.warmup(adapters=(None, "a0")) > 0
+    graphs = engine.runner.graphs
+    captured = graphs.captures
+    assert captured == 2 * 6  # buckets 1, 2, 4, 8, 16, 24 for each layout
+    assert_idle(engine)
+    names = [None, "a0", "a0", None, "a0"] * 4  # batches with and without a0's family
+    trace(engine, random_prompts(20, seed=15), names, SamplingParams(max_tokens=10), stagger=1)
+    assert graphs.captures == captured
+    assert_idle(engine)

@@ -233,6 +233,27 @@ class Engine:
                 log.exception("on_output of %s failed", req.request_id)
         return out
 
+    def warmup(self, adapters=(None,), sampled: bool = False) -> float:
+        """Captures the decode graphs of every batch bucket up to max_num_seqs (and compiles the
+        kernels) with short dummy requests, once per entry of `adapters` (None: no adapter), so
+        that live traffic never pays a capture. Needs an idle engine; returns the seconds spent.
+        Without CUDA graphs it does nothing."""
+        graphs = self.runner.graphs
+        if graphs is None:
+            return 0.0
+        if self.has_unfinished():
+            raise RuntimeError("warmup needs an idle engine")
+        from uora_rt.engine.graphs import BUCKETS
+
+        t = time.perf_counter()
+        params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.7 if sampled else 0.0)
+        for adapter in adapters:
+            for b in sorted({min(b, self.max_num_seqs) for b in BUCKETS if b <= graphs.max_bucket}):
+                for i in range(b):  # one-token prompts: one prefill step, then one decode step
+                    self.add_request([0], adapter, params, request_id=f"warmup-{b}-{i}")
+                self.run_until_done()
+        return time.perf_counter() - t
+
     def run_until_done(self) -> dict[str, RequestOutput]:
         """Steps until every request has finished; returns each request's final output."""
         done = {}

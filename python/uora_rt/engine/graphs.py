@@ -29,7 +29,7 @@ def bucket_for(n: int) -> int | None:
 
 class DecodeGraphs:
     def __init__(self, rt, kv, decode_fn, sampler, max_num_seqs: int, max_blocks: int,
-                 keep: int = 16):
+                 keep: int = 4 * len(BUCKETS)):  # every bucket, greedy and sampled, two layouts
         self.rt, self.kv, self.decode_fn, self.sampler = rt, kv, decode_fn, sampler
         self.max_bucket = bucket_for(max_num_seqs) or max_num_seqs
         n, dev = self.max_bucket, rt.device

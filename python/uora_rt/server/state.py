@@ -58,6 +58,11 @@ class ServerState:
 
     # --- lifetime ---------------------------------------------------------------------------
     def start(self) -> None:
+        if self.engine.runner.graphs is not None:  # captures before traffic, not during it
+            per_family = {e.family: name for name, e in self.rt.pool.entries.items()}
+            seconds = self.engine.warmup(adapters=(None, *per_family.values()))
+            log.info("captured %d decode graphs in %.1f s", self.engine.runner.graphs.captures,
+                     seconds)
         self.loop.start()
 
     def stop(self) -> None:
