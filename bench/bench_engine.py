@@ -244,7 +244,7 @@ def plot(rows, decode, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
-    ap.add_argument("--only", default="engine,legacy,hf,vllm,decode,scale")
+    ap.add_argument("--only", default="engine,legacy,equal,hf,vllm,decode,scale")
     ap.add_argument("--legacy-python", default="/work/legacy-venv/bin/python")
     ap.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
     ap.add_argument("--vllm-lora", action="store_true", help="also vLLM with 16 LoRA exports")
@@ -296,6 +296,19 @@ def main():
             if res:
                 records.append(res)
                 save()
+    if "equal" in only:
+        # The static generate's best case: one batch of equal lengths (no padding to waste),
+        # 16 distinct adapters; ours on the same trace right before it.
+        eq = trace(adapters=16, prompt=(256, 256), output=(64, 64))
+        (tmp / "trace_equal.json").write_text(json.dumps(eq[:16]))
+        records.append(run_engine(rt, eq[:16], "engine, equal lengths, 16 distinct"))
+        ads = [f"--adapter=ad{i}={tmp / f'ad{i}.uora'}" for i in range(16)]
+        res = run_peer(args.legacy_python, "legacy_static.py", ["--model", str(folder),
+                       "--trace", str(tmp / "trace_equal.json")] + ads,
+                       "old static generate, equal lengths, 16 distinct")
+        if res:
+            records.append(res)
+        save()
     if "hf" in only:
         records.append(transformers_generate(folder, base_trace))
         save()

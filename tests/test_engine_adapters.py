@@ -173,3 +173,36 @@ def test_merge_is_refused_while_serving_and_merged_requests_run(tmp_path):
     rt.unmerge()
     assert_idle(engine)
     assert isinstance(rt, uora_rt.Runtime)
+
+
+def test_asyncio_streams_get_every_output_in_order(tmp_path):
+    """The loop hands a step's outputs to an event loop in one batch: every stream still sees
+    each of its outputs once, in order, ending with the finished one, equal to a plain run."""
+    import asyncio
+
+    fn, base, ads = build(tmp_path, n_adapters=2)
+    prompts = random_prompts(6, seed=21)
+    names = ["a0", None, "a1", "a0", None, "a1"]
+    params = SamplingParams(max_tokens=7)
+    plain = Engine(load(base, ads), kv_cache_tokens=1024)
+    want = [plain.add_request(p, n, params) for p, n in zip(prompts, names)]
+    done = plain.run_until_done()
+    engine = Engine(load(base, ads), kv_cache_tokens=1024)
+    loop = EngineLoop(engine).start()
+
+    async def consume(p, n):
+        outs = [o async for o in loop.submit(p, n, params, asyncio_loop=asyncio.get_running_loop())]
+        return outs
+
+    async def main():
+        return await asyncio.gather(*(consume(p, n) for p, n in zip(prompts, names)))
+
+    try:
+        got = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        loop.stop()
+    for outs, rid in zip(got, want):
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        assert [t for o in outs for t in o.new_token_ids] == done[rid].token_ids
+        assert outs[-1].token_ids == done[rid].token_ids
+    assert_idle(engine)
