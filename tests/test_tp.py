@@ -5,11 +5,10 @@ and its workers are checked to be gone."""
 import pytest
 import torch
 import torch.distributed as dist
-
 from conftest import MODEL_TOL, assert_close
-from tp_helpers import closed, short_tp_timeout
 from engine_helpers import assert_idle, build, load, random_prompts
 from peft_ref import make_adapter, peft_vera_model
+from tp_helpers import closed, short_tp_timeout
 from uora_rt import Engine, SamplingParams
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -83,8 +82,16 @@ def test_engine_greedy_equals_tp1(pair, attention):
     assert runs[1] == runs[0]
 
 
+def test_generate_equals_tp1(pair):
+    _, _, rt1, rt2 = pair
+    prompts = random_prompts(3, seed=6)
+    names = ["a2", None, "a1"]
+    want = rt1.generate(prompts, adapters=names, max_new_tokens=6)
+    assert rt2.generate(prompts, adapters=names, max_new_tokens=6) == want
+
+
 def test_adapter_add_remove_under_tp(pair, tmp_path):
-    fn, ads, rt1, rt2 = pair
+    fn, _, rt1, rt2 = pair
     extra = make_adapter(fn, tmp_path / "extra.uora", targets=("v_proj", "o_proj", "up_proj"),
                          seed=7, lam_seed=4, scale=1.0, reinit=True)
     prompt = random_prompts(1, seed=5, lo=12, hi=12)[0]

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-
 from engine_helpers import BASES, build, load
+from models_tiny import tiny_bert
 from tp_helpers import closed, short_tp_timeout
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -30,6 +30,9 @@ def test_bad_config_raises_before_any_process_starts(tmp_path, monkeypatch):
         load(tmp_path / "base", {}, tensor_parallel=4)
     with pytest.raises(ValueError, match="positive integer"):
         load(tmp_path / "base", {}, tensor_parallel=0)
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    with pytest.raises(ValueError, match="serves Llama-family decoders, not BertModel"):
+        load(tmp_path / "bert", {}, tensor_parallel=2)
 
 
 def test_worker_death_is_a_clear_error_not_a_hang(tmp_path):

@@ -7,13 +7,15 @@ import torch.distributed as dist
 
 def short_tp_timeout():
     """Collectives and start-up give up after 60 s (a broken test fails, never hangs)."""
-    old = os.environ.get("UORA_RT_TP_TIMEOUT")
-    os.environ["UORA_RT_TP_TIMEOUT"] = "60"
+    keys = ("UORA_RT_TP_TIMEOUT", "UORA_RT_TP_START_TIMEOUT")
+    old = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "60" for k in keys})
     yield
-    if old is None:
-        del os.environ["UORA_RT_TP_TIMEOUT"]
-    else:
-        os.environ["UORA_RT_TP_TIMEOUT"] = old
+    for k, v in old.items():
+        if v is None:
+            del os.environ[k]
+        else:
+            os.environ[k] = v
 
 
 def closed(rt):

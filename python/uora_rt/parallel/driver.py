@@ -4,9 +4,9 @@ step, and runs its own shard of each forward (the engine and the sampler run her
 Backend: gloo on the CPU (tested: 2 processes), nccl on CUDA (written for one GPU per rank,
 cuda:k on rank k, but NOT run: the two-GPU machine was not available). Failure is an error,
 never a hang: start-up polls the workers while it waits for them (a worker that dies or does
-not report within the timeout fails the load with its log), every step first checks that the
-workers are alive, and every collective after a message's header has the group's timeout
-(UORA_RT_TP_TIMEOUT seconds, default 300). After any failure the group is marked broken and
+not report within UORA_RT_TP_START_TIMEOUT seconds, default 600, fails the load with its log),
+every step first checks that the workers are alive, and every collective after a message's
+header has the group's timeout (UORA_RT_TP_TIMEOUT seconds, default 300). After any failure the group is marked broken and
 each later call raises at once. One tensor-parallel runtime per process (torch.distributed's
 default group); close() or interpreter exit stops the workers.
 """
@@ -14,6 +14,7 @@ default group); close() or interpreter exit stops the workers.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +36,8 @@ from uora_rt.parallel.hook import ShardedHook
 from uora_rt.parallel.step import adapter_ints_tensors, encode_step
 from uora_rt.pool import AdapterPool
 
+log = logging.getLogger("uora_rt.parallel")
+
 # NVLink multicast stays off on the lent machines (it faults there), in every process.
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                 "NVSHMEM_DISABLE_NVLS": "1"}
@@ -44,7 +47,10 @@ IDLE = timedelta(days=365)
 ATTENTION_PATHS = ("cpp", "triton", "torch")
 
 
-def timeout_s() -> float:
+def timeout_s(start: bool = False) -> float:
+    """Seconds: collectives (default 300), or start-up, which loads the shards (default 600)."""
+    if start:
+        return float(os.environ.get("UORA_RT_TP_START_TIMEOUT", "600"))
     return float(os.environ.get("UORA_RT_TP_TIMEOUT", "300"))
 
 
@@ -105,15 +111,17 @@ class TensorParallel:
         if dist.is_initialized():
             raise RuntimeError("torch.distributed is already initialized in this process: one "
                                "tensor-parallel runtime per process (close() the other first)")
-        self.world, self.device, self.timeout = world, device, timeout_s()
+        self.world, self.device = world, device
+        self.timeout, self.start_timeout = timeout_s(), timeout_s(start=True)
         self.model = self.pool = self.chan = None
         self.broken: str | None = None
         self.closed = False
         self._lock = threading.RLock()
         self._kv_ids = 0
+        self._kv_closing: list[int] = []  # engines gone: their worker caches, freed next message
         self.logdir = Path(tempfile.mkdtemp(prefix="uora_tp_"))
         self.store = dist.TCPStore("127.0.0.1", 0, world, is_master=True,
-                                   timeout=timedelta(seconds=self.timeout),
+                                   timeout=timedelta(seconds=self.start_timeout),
                                    wait_for_workers=False)
         env = dict(os.environ, **NO_MULTICAST)
         os.environ.update(NO_MULTICAST)
@@ -123,24 +131,25 @@ class TensorParallel:
                    "--world", str(world), "--port", str(self.store.port), "--base", str(folder),
                    "--device", device.type, "--dtype", str(dtype).removeprefix("torch."),
                    "--slots", str(slots), "--timeout", str(self.timeout),
+                   "--start-timeout", str(self.start_timeout),
                    "--parent", str(os.getpid())]
-            log = open(self.logdir / f"worker{rank}.log", "wb")
-            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL))
-            log.close()
+            with open(self.logdir / f"worker{rank}.log", "wb") as out:  # the child keeps a copy
+                self.procs.append(subprocess.Popen(cmd, env=env, stdout=out,
+                                                   stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL))
         atexit.register(self.close)
 
     # --- start-up and health ------------------------------------------------------------------
     def join(self) -> None:
         """Waits (bounded, watching the workers) until every worker has loaded its shard, then
         forms the process groups."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.start_timeout
         keys = [f"tp_ready_{r}" for r in range(1, self.world)]
         while not self.store.check(keys):
             self._check_workers("while starting")
             if time.monotonic() > deadline:
                 raise RuntimeError(self._describe(f"tensor-parallel workers did not start within "
-                                                  f"{self.timeout:.0f} s"))
+                                                  f"{self.start_timeout:.0f} s"))
             time.sleep(0.05)
         dist.init_process_group(backend_for(self.device), store=self.store, rank=0,
                                 world_size=self.world, timeout=timedelta(seconds=self.timeout))
@@ -171,6 +180,8 @@ class TensorParallel:
                 raise RuntimeError(f"the tensor-parallel group is broken ({self.broken})")
             self._check_workers(f"before {what}")
             try:
+                while self._kv_closing:
+                    self.chan.send(comm.KV_CLOSE, [self._kv_closing.pop(0)])
                 for op, ints, tensors in self.pool.take_pending():
                     self.chan.send(op, ints, tensors)
                 yield
@@ -191,9 +202,9 @@ class TensorParallel:
             return self._kv_ids
 
     def close_kv(self, kv_id: int) -> None:
-        if not (self.closed or self.broken):
-            with self._exclusive("closing a KV cache"):
-                self.chan.send(comm.KV_CLOSE, [kv_id])
+        """Queued, not sent: safe from any thread and from a finalizer (which may run in the
+        middle of a step); the workers free the cache before the next message."""
+        self._kv_closing.append(kv_id)
 
     def run_step(self, meta, kv_id: int, attention):
         """An engine step: the workers get its metadata, every rank runs its shard; logits of
@@ -221,8 +232,8 @@ class TensorParallel:
             if self.chan is not None and not self.broken:
                 try:
                     self.chan.send(comm.STOP)
-                except Exception:  # a dead worker: the kill below ends the rest
-                    pass
+                except RuntimeError as e:  # a dead worker: the kill below ends the rest
+                    log.warning("tensor parallelism: stopping the workers: %s", e)
             for p in self.procs:
                 try:
                     p.wait(timeout=10 if self.chan is not None and not self.broken else 0.5)

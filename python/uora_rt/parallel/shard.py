@@ -29,7 +29,9 @@ _SPLIT = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 0,
 
 def check_divisible(spec: LlamaSpec, n: int) -> None:
     """Raises ValueError (before any process starts) when the model cannot split n ways."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise TypeError(f"tensor_parallel: expected a positive integer, got {n!r}")
+    if n < 1:
         raise ValueError(f"tensor_parallel: expected a positive integer, got {n!r}")
     bad = [f"{what} = {v}" for what, v in (("num_attention_heads", spec.heads),
                                            ("num_key_value_heads", spec.kv_heads),
@@ -67,7 +69,7 @@ def read_spec(folder) -> tuple[dict, LlamaSpec]:
     config = checkpoint.read_config(folder)
     with torch.device("meta"):
         model = models.build(config, folder, checkpoint.tensor_index(folder).keys())
-    if not isinstance(model, LlamaModel):
+    if model.kind != "decoder":
         raise ValueError(f"{folder}: tensor parallelism serves Llama-family decoders, not "
                          f"{type(model).__name__}")
     return config, model.spec

@@ -10,11 +10,11 @@ its parent process is gone.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
 import time
-import traceback
 from datetime import timedelta
 
 import torch
@@ -30,6 +30,8 @@ from uora_rt.parallel.hook import ShardedHook
 from uora_rt.parallel.step import decode_step, split_adapters
 from uora_rt.pool import AdapterPool
 from uora_rt.runtime import pool_settings
+
+log = logging.getLogger("uora_rt.parallel")
 
 
 class Worker:
@@ -116,9 +118,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="uora_rt.parallel.worker")
     for name, kind in (("rank", int), ("world", int), ("port", int), ("base", str),
                        ("device", str), ("dtype", str), ("slots", int), ("timeout", float),
-                       ("parent", int)):
+                       ("start-timeout", float), ("parent", int)):
         p.add_argument(f"--{name}", type=kind, required=True)
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"worker {a.rank}: %(levelname)s %(message)s")
     _watch_parent(a.parent)
     device = torch.device(a.device) if a.device == "cpu" else torch.device("cuda", a.rank)
     if device.type == "cuda":
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.world))
     dtype = getattr(torch, a.dtype)
     store = dist.TCPStore("127.0.0.1", a.port, a.world, is_master=False,
-                          timeout=timedelta(seconds=a.timeout))
+                          timeout=timedelta(seconds=a.start_timeout))
     config, _ = shard.read_spec(a.base)
     model = shard.load_shard(a.base, a.rank, a.world, device, dtype)
     arch, factor_dtype = pool_settings(config, device, dtype)
@@ -141,8 +144,8 @@ def main(argv=None) -> int:
     try:
         worker.loop()
     except Exception:
-        traceback.print_exc()
-        sys.stderr.flush()
+        log.exception("tensor-parallel worker %d failed", a.rank)
+        logging.shutdown()
         os._exit(1)  # no clean-up collectives: the driver learns from the closed sockets
     dist.destroy_process_group()
     return 0
