@@ -5,7 +5,6 @@ import httpx
 import psutil
 import pytest
 import torch.distributed as dist
-
 import uora_rt
 from server_helpers import Server, tiny_adapters, tiny_base
 
