@@ -2,6 +2,8 @@
 the single-process runtime (TP=1) and against transformers + PEFT VeRA; every runtime is closed
 and its workers are checked to be gone."""
 
+import threading
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -9,7 +11,7 @@ from conftest import MODEL_TOL, assert_close
 from engine_helpers import assert_idle, build, load, random_prompts
 from peft_ref import make_adapter, peft_vera_model
 from tp_helpers import closed, short_tp_timeout
-from uora_rt import Engine, SamplingParams
+from uora_rt import Engine, EngineLoop, SamplingParams
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
@@ -126,3 +128,43 @@ def test_adapter_add_remove_under_tp(pair, tmp_path):
         engine.close()
     assert outs[1] == outs[0] == before[0]
     assert "extra" not in rt2.adapters and rt2.adapters == rt1.adapters
+
+
+def test_adapters_change_from_another_thread_while_serving(pair, tmp_path):
+    """A thread adds and removes adapters while the loop steps; "wide" joins a0's projection
+    family and widens it with a row-parallel module (o_proj), so a forward's ranks must agree
+    on which shrinks ride in the reduce."""
+    fn, _, rt1, rt2 = pair
+    wide = make_adapter(fn, tmp_path / "wide.uora", targets=("o_proj",), lam_seed=8, scale=1.0)
+    prompts = random_prompts(8, seed=9)
+    names = ["a0", "a1", None, "a2"] * 2
+    solo = Engine(rt1, kv_cache_tokens=1024)
+    rids = [solo.add_request(p, n, SamplingParams(max_tokens=6)) for p, n in zip(prompts, names)]
+    done = solo.run_until_done()
+    want = [done[r].token_ids for r in rids]
+    engine = Engine(rt2, kv_cache_tokens=1024, max_step_tokens=16)
+    loop = EngineLoop(engine).start()
+
+    def churn():
+        for k in range(6):
+            rt2.add_adapter(wide, f"w{k}")
+            if k % 2:
+                rt2.remove_adapter(f"w{k - 1}")
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    streams = [loop.submit(p, n, SamplingParams(max_tokens=6)) for p, n in zip(prompts, names)]
+    got = [list(s)[-1].token_ids for s in streams]
+    thread.join(60)
+    late = list(loop.submit(prompts[0], "w5", SamplingParams(max_tokens=6)))[-1]
+    loop.stop()
+    engine.close()
+    assert got == want
+    assert rt2.pool.entries["w5"].family is rt2.pool.entries["a0"].family
+    rt1.add_adapter(wide, "w5")
+    ref = solo.add_request(prompts[0], "w5", SamplingParams(max_tokens=6))
+    assert late.token_ids == solo.run_until_done()[ref].token_ids
+    for k in (1, 3, 5):
+        rt2.remove_adapter(f"w{k}")
+    rt1.remove_adapter("w5")
+    assert rt2.adapters == rt1.adapters

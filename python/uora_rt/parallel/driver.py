@@ -87,10 +87,14 @@ class DriverPool(AdapterPool):
         super()._drop(entry)
         self.pending.append((comm.DROP, [self.uids.pop(entry)], []))
 
-    def take_pending(self) -> list[tuple]:
+    def snapshot(self, slots: dict, with_q: dict):
+        """(the queued changes, the adapter hook of a forward) from one state of the pool: the
+        workers replay exactly those changes and then build their hook, so all ranks see the
+        same families and modules (an add from another thread may widen a family's tables;
+        the row-parallel reduce needs every rank to concatenate the same shrinks)."""
         with self._lock:
             out, self.pending = self.pending, []
-            return out
+            return out, (self.hook(slots, with_q) if slots else None)
 
 
 def _file_bytes(adapter: fmt.Adapter) -> torch.Tensor:
@@ -170,9 +174,10 @@ class TensorParallel:
         return "\n".join(lines)
 
     @contextmanager
-    def _exclusive(self, what: str):
-        """One message (and its forward) at a time; any failure breaks the group for good (the
-        ranks are no longer in lockstep)."""
+    def _exclusive(self, what: str, slots=None, with_q=None):
+        """One message (and its forward) at a time, after the queued changes; yields rank 0's
+        ShardedHook for {Family: token slots}. Any failure breaks the group for good (the ranks
+        are no longer in lockstep)."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("the tensor-parallel runtime is closed")
@@ -180,11 +185,12 @@ class TensorParallel:
                 raise RuntimeError(f"the tensor-parallel group is broken ({self.broken})")
             self._check_workers(f"before {what}")
             try:
+                pending, adapters = self.pool.snapshot(slots or {}, with_q or {})
                 while self._kv_closing:
                     self.chan.send(comm.KV_CLOSE, [self._kv_closing.pop(0)])
-                for op, ints, tensors in self.pool.take_pending():
+                for op, ints, tensors in pending:
                     self.chan.send(op, ints, tensors)
-                yield
+                yield ShardedHook(0, self.world, adapters)
             except Exception as e:
                 self.broken = f"{what} failed: {type(e).__name__}: {e}"
                 time.sleep(0.2)  # let a crashed worker's exit code and log land
@@ -210,17 +216,16 @@ class TensorParallel:
         """An engine step: the workers get its metadata, every rank runs its shard; logits of
         meta.logits_rows (rank 0's head over the replicated hidden state)."""
         ints, tensors = encode_step(meta, kv_id)
-        with self._exclusive("an engine step"):
+        with self._exclusive("an engine step", meta.adapter_slots, meta.adapter_with_q) as hook:
             self.chan.send(comm.STEP, ints, tensors)
-            return self.model(meta.input_ids, meta.positions, attention,
-                              ShardedHook(0, self.world, meta.hook), rows=meta.logits_rows)
+            return self.model(meta.input_ids, meta.positions, attention, hook,
+                              rows=meta.logits_rows)
 
     def run_padded(self, ids, positions, valid, slots: dict, with_q: dict):
         """Runtime.forward of a padded batch: logits [B, L, V]."""
         a_ints, a_tensors = adapter_ints_tensors(slots, with_q)
-        with self._exclusive("a forward"):
+        with self._exclusive("a forward", slots, with_q) as hook:
             self.chan.send(comm.FORWARD, a_ints, [ids, positions, valid] + a_tensors)
-            hook = ShardedHook(0, self.world, self.pool.hook(slots, with_q) if slots else None)
             return self.model(ids, positions, PaddedAttention(valid), hook)
 
     def close(self) -> None:
