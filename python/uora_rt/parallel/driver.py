@@ -128,7 +128,8 @@ class TensorParallel:
                                    timeout=timedelta(seconds=self.start_timeout),
                                    wait_for_workers=False)
         env = dict(os.environ, **NO_MULTICAST)
-        os.environ.update(NO_MULTICAST)
+        if device.type == "cuda":  # rank 0's own NCCL reads them too
+            os.environ.update(NO_MULTICAST)
         self.procs = []
         for rank in range(1, world):
             cmd = [sys.executable, "-m", "uora_rt.parallel.worker", "--rank", str(rank),
@@ -191,8 +192,10 @@ class TensorParallel:
                 for op, ints, tensors in pending:
                     self.chan.send(op, ints, tensors)
                 yield ShardedHook(0, self.world, adapters)
-            except Exception as e:
+            except BaseException as e:
                 self.broken = f"{what} failed: {type(e).__name__}: {e}"
+                if not isinstance(e, Exception):  # KeyboardInterrupt mid-step: as it is
+                    raise
                 time.sleep(0.2)  # let a crashed worker's exit code and log land
                 dead = [p.poll() for p in self.procs]
                 raise RuntimeError(self._describe(f"tensor parallelism: {self.broken} (worker "
