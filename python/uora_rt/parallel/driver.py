@@ -128,6 +128,9 @@ class TensorParallel:
                                    timeout=timedelta(seconds=self.start_timeout),
                                    wait_for_workers=False)
         env = dict(os.environ, **NO_MULTICAST)
+        # The workers import the same uora_rt as this process, installed or not.
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         if device.type == "cuda":  # rank 0's own NCCL reads them too
             os.environ.update(NO_MULTICAST)
         self.procs = []
