@@ -9,6 +9,9 @@ from peft_ref import make_adapter, peft_vera_model
 BASES = {
     "llama": lambda: tiny_llama(num_hidden_layers=2, max_position_embeddings=256),
     "qwen2": lambda: tiny_qwen2(max_position_embeddings=256),
+    # Multi-head attention with every bias (the row-parallel o/down biases are added once).
+    "llama_mha": lambda: tiny_llama(num_hidden_layers=2, max_position_embeddings=256,
+                                    num_key_value_heads=4, attention_bias=True, mlp_bias=True),
 }
 
 

@@ -128,6 +128,11 @@ def load(path) -> Adapter:
     path = str(path)
     with open(path, "rb") as f:
         data = f.read()
+    return loads(data, path)
+
+
+def loads(data: bytes, path: str) -> Adapter:
+    """load() of a file's bytes (tensor-parallel workers receive them); path names it in errors."""
     header = _read_header(path, data)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict):

@@ -285,12 +285,17 @@ class AdapterPool:
             else:
                 return False
             # Nothing running reads slot s (it was free or unpinned): writing in place is safe.
-            fam.lambda_d[s].copy_(fam.host_d[entry.row])
-            fam.lambda_b[s].copy_(fam.host_b[entry.row])
-            fam.p[s].copy_(fam.host_p[entry.row])
+            self._write_slot(entry, s)
             fam.slot_entry[s], entry.slot, fam.pins[s] = entry, s, 1
             self.stats["uploads"] += 1
             return True
+
+    def _write_slot(self, entry: Entry, s: int) -> None:
+        """Copies a registered adapter's host vectors into device slot s of its family."""
+        fam = entry.family
+        fam.lambda_d[s].copy_(fam.host_d[entry.row])
+        fam.lambda_b[s].copy_(fam.host_b[entry.row])
+        fam.p[s].copy_(fam.host_p[entry.row])
 
     def unpin(self, entry: Entry) -> None:
         with self._lock:

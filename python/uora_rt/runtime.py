@@ -35,23 +35,31 @@ def resolve_base(base) -> Path:
     return Path(base)
 
 
+def pool_settings(config: dict, device: torch.device, dtype) -> tuple[str, torch.dtype]:
+    """(base architecture, dtype of the shared factors) of a runtime's adapter pool."""
+    arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    return arch, dtype if device.type == "cuda" else torch.float32
+
+
 class Runtime:
     """A base model, its adapter pool and (for decoders) its tokenizer. Build with `load`
-    (a checkpoint folder) or `Runtime.random` (random weights, for benchmarks)."""
+    (a checkpoint folder) or `Runtime.random` (random weights, for benchmarks). Under tensor
+    parallelism (`load(..., tensor_parallel=N)`) `model` is rank 0's shard, `pool` the driver's
+    pool (parallel/driver.py) and `tp` the group; call close() (or leave it to atexit)."""
 
     def __init__(self, model, config: dict, device, folder=None, fuse_shrink=None,
-                 slots: int = 64):
+                 slots: int = 64, pool=None):
         self.folder, self.config = (Path(folder) if folder else None), config
         self.device, self.dtype = torch.device(device), model.embed.weight.dtype if hasattr(
             model, "embed") else model.word.weight.dtype
         self.model = model.eval().requires_grad_(False)
-        arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+        arch, factor_dtype = pool_settings(config, self.device, self.dtype)
         # On the GPU the shrink rides in the base GEMM (decode is weight-read-bound, the extra rows
         # cost ~nothing); on the CPU (compute-bound) only adapter rows should pay for it.
         fuse = self.device.type == "cuda" if fuse_shrink is None else fuse_shrink
-        factor_dtype = self.dtype if self.device.type == "cuda" else torch.float32
-        self.pool = AdapterPool(model.sites(), self.device, arch, model.group_linear, fuse, slots,
-                                factor_dtype)
+        self.pool = pool if pool is not None else AdapterPool(
+            model.sites(), self.device, arch, model.group_linear, fuse, slots, factor_dtype)
+        self.tp = None  # parallel.driver.TensorParallel when tensor_parallel > 1
         self.codec = None
         if self.folder is not None and (self.folder / "tokenizer.json").is_file():
             from uora_rt.tokenizer import TextCodec
@@ -72,8 +80,13 @@ class Runtime:
         return model
 
     @classmethod
-    def from_folder(cls, folder, device="cpu", dtype=torch.float32, fuse_shrink=None, slots=64):
+    def from_folder(cls, folder, device="cpu", dtype=torch.float32, fuse_shrink=None, slots=64,
+                    tensor_parallel: int = 1):
         folder = Path(folder)
+        if tensor_parallel != 1:
+            from uora_rt.parallel.driver import load_runtime
+
+            return load_runtime(cls, folder, device, dtype, slots, tensor_parallel)
         config = checkpoint.read_config(folder)
         index = checkpoint.tensor_index(folder)
         model = cls._empty_model(config, folder, index.keys(), device, dtype)
@@ -134,6 +147,8 @@ class Runtime:
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """Folds one adapter into the base weights; until unmerge(), every sequence must use it."""
+        if self.tp is not None:
+            raise ValueError("merge: not supported under tensor parallelism")
         if self.merged is not None:
             raise ValueError(f"{self.merged!r} is already merged: unmerge() first")
         self._check_idle("merge")
@@ -175,6 +190,10 @@ class Runtime:
 
     def _row_hook(self, names, held, valid):
         """The hook of a padded batch: each row's adapter slot on its valid tokens."""
+        slots, with_q = self._row_slots(names, held, valid)
+        return self.pool.hook(slots, with_q) if slots else None
+
+    def _row_slots(self, names, held, valid):
         per_fam, with_q = {}, {}
         for i, n in enumerate(names):
             if n is None:
@@ -185,7 +204,7 @@ class Runtime:
             with_q[e.family] = with_q.get(e.family, False) or e.has_q
         pad = ~valid.cpu()
         slots = {f: t.masked_fill(pad, -1).reshape(-1).to(self.device) for f, t in per_fam.items()}
-        return self.pool.hook(slots, with_q) if slots else None
+        return slots, with_q
 
     @torch.no_grad()
     def forward(self, input_ids, attention_mask=None, adapters=None) -> Output:
@@ -207,6 +226,11 @@ class Runtime:
         self.enter()
         try:
             with self.pool.serving(served) as held:
+                if self.tp is not None:
+                    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+                    slots, with_q = self._row_slots(served, held, valid) if held else ({}, {})
+                    return Output(logits=self.tp.run_padded(ids, positions, valid, slots,
+                                                            with_q).float())
                 hook = self._row_hook(served, held, valid) if held else None
                 if self.model.kind == "decoder":
                     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -216,6 +240,17 @@ class Runtime:
                 return Output(hidden_states=hidden, pooled=pooled)
         finally:
             self.exit()
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers (also run at exit); nothing to do otherwise."""
+        if self.tp is not None:
+            self.tp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def generate(self, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
                  top_k=0, stop=None, seed=0, chat=None):
@@ -227,14 +262,21 @@ class Runtime:
 
 
 def load(base=None, adapters=(), device="cpu", dtype=torch.float32, fuse_shrink=None,
-         slots: int = 64) -> Runtime:
+         slots: int = 64, tensor_parallel: int = 1) -> Runtime:
     """Loads a Hugging Face base checkpoint folder (or "smollm2" / "minilm") and adapters given
     as paths or (name, path) pairs. fuse_shrink (default: on for CUDA) computes the adapters'
     shared shrink inside the base GEMM; slots: device slots per projection family, i.e. how many
     distinct adapters of one family can run at once (any number can be registered: the others
-    wait in host memory)."""
-    rt = Runtime.from_folder(resolve_base(base), device, dtype, fuse_shrink, slots)
-    for a in adapters:
-        name, path = a if isinstance(a, tuple) else (None, a)
-        rt.add_adapter(path, name)
+    wait in host memory). tensor_parallel: ranks (processes) the decoder is split across; 1 is
+    the single-process path, N > 1 starts N - 1 worker processes (see uora_rt.parallel.driver;
+    fuse_shrink does not apply there)."""
+    rt = Runtime.from_folder(resolve_base(base), device, dtype, fuse_shrink, slots,
+                             tensor_parallel)
+    try:
+        for a in adapters:
+            name, path = a if isinstance(a, tuple) else (None, a)
+            rt.add_adapter(path, name)
+    except BaseException:
+        rt.close()  # a tensor-parallel runtime's workers must not outlive a failed load
+        raise
     return rt

@@ -54,6 +54,10 @@ class Engine:
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, block_size, self.max_num_seqs,
                                    self.max_step_tokens, rt.pool)
+        if getattr(rt, "tp", None) is not None:  # graph capture under tensor parallelism is not built
+            if cuda_graphs:
+                raise ValueError("cuda_graphs are not supported under tensor parallelism")
+            cuda_graphs = False
         if cuda_graphs is None:
             cuda_graphs = rt.device.type == "cuda" and attention in (None, "triton")
             from uora_rt.engine import triton_decode
@@ -232,6 +236,11 @@ class Engine:
             except Exception:  # a consumer's failure must not stop the engine
                 log.exception("on_output of %s failed", req.request_id)
         return out
+
+    def close(self) -> None:
+        """Releases what the engine holds outside this process (its share of the KV cache on
+        tensor-parallel workers); without it that goes when the runtime closes."""
+        self.runner.close()
 
     def warmup(self, adapters=(None,), sampled: bool = False) -> float:
         """Captures the decode graphs of every batch bucket up to max_num_seqs (and compiles the

@@ -61,6 +61,13 @@ def _slots(blocks: list[int], block_size: int, end: int) -> torch.Tensor:
     return (b[:, None] * block_size + torch.arange(block_size)).reshape(-1)[:end]
 
 
+def context_mask(context: int, count: int, device) -> torch.Tensor:
+    """[count, context + count] bool: query j of a chunk after `context` positions sees keys
+    <= context + j."""
+    q_pos = torch.arange(context, context + count)
+    return (torch.arange(context + count)[None, :] <= q_pos[:, None]).to(device)
+
+
 def _table(seqs) -> np.ndarray:
     """Block tables of scheduled sequences, padded with block 0: [len(seqs), widest] int32."""
     width = max((len(s.req.blocks) for s in seqs), default=1)
@@ -91,9 +98,7 @@ def build_step(scheduled, pool, block_size: int, device, use_adapters: bool,
         chunks.append(seg_slots[p0:])
         context = mask = None
         if p0 and gather_prefill:
-            q_pos = torch.arange(p0, p0 + n)
-            mask = (torch.arange(p0 + n)[None, :] <= q_pos[:, None]).to(device)
-            context = seg_slots.to(device)
+            context, mask = seg_slots.to(device), context_mask(p0, n, device)
         segments.append(PrefillSegment(len(ids), n, p0, context, mask))
         ids.extend(r.tokens[p0:p0 + n])
         pos.extend(range(p0, p0 + n))

@@ -4,6 +4,7 @@ sampler. Decode-only steps on CUDA replay a captured graph (engine/graphs.py).""
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -36,6 +37,15 @@ class ModelRunner:
                                        max_blocks)
         log.info("engine steps: %s", "decode steps from CUDA graphs, the rest eager"
                  if self.graphs else "eager")
+        # Under tensor parallelism each worker holds its KV heads' share of this cache, until
+        # close() or until this runner is garbage (an engine dropped without close()).
+        tp = getattr(rt, "tp", None)
+        self.tp_kv = tp.open_kv(kv.num_blocks, kv.block_size, self.attention_path) if tp else None
+        self._release = weakref.finalize(self, tp.close_kv, self.tp_kv) if tp else None
+
+    def close(self) -> None:
+        if self._release is not None:
+            self._release()  # runs once
 
     @torch.no_grad()
     def run(self, meta) -> torch.Tensor:
@@ -45,8 +55,13 @@ class ModelRunner:
             if tokens is not None:
                 return tokens
         attention = PagedAttention(meta, self.kv, self.decode_fn, self.prefill_fn)
-        logits = self.rt.model(meta.input_ids, meta.positions, attention, meta.hook,
-                               rows=meta.logits_rows)
+        if self.tp_kv is not None:
+            if not self._release.alive:
+                raise RuntimeError("this engine is closed")
+            logits = self.rt.tp.run_step(meta, self.tp_kv, attention)
+        else:
+            logits = self.rt.model(meta.input_ids, meta.positions, attention, meta.hook,
+                                   rows=meta.logits_rows)
         if not meta.sampled:
             return torch.empty(0, dtype=torch.long, device=logits.device)
         return self.sampler(logits.float(), meta.sampling, meta.any_sampled, meta.any_top_p)

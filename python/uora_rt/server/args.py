@@ -36,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="auto: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--slots", type=int, default=64,
                    help="device slots per projection family (distinct adapters running at once)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split the decoder across N processes (one GPU each on CUDA, nccl; gloo "
+                        "on the CPU): heads and MLP width sharded, embedding and head "
+                        "replicated; N must divide the heads, KV heads and MLP width")
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache size (default: from memory)")
     p.add_argument("--max-num-seqs", type=int, help="requests running at once")
     p.add_argument("--max-step-tokens", type=int, help="tokens per engine step (chunked prefill)")
@@ -80,13 +84,8 @@ def _device_dtype(args):
 
 def build(args):
     """(app, state) for parsed arguments; ValueError/OSError for anything wrong in them."""
-    import uora_rt
     from uora_rt import checkpoint
     from uora_rt.runtime import Runtime, resolve_base
-    from uora_rt.server.adapters import check_name, read_adapter
-    from uora_rt.server.app import build_app
-    from uora_rt.server.errors import APIError
-    from uora_rt.server.state import ServerConfig, ServerState
 
     adapters = parse_adapters(args.adapter)
     if args.adapter_dir and not args.allow_adapter_loading:
@@ -95,14 +94,31 @@ def build(args):
     if args.random_weights:
         if args.base is None:
             raise ValueError("--random-weights needs BASE: a config.json or a folder with one")
+        if args.tensor_parallel != 1:
+            raise ValueError("--random-weights does not combine with --tensor-parallel")
         cfg_path = Path(args.base)
         folder = cfg_path if cfg_path.is_dir() else cfg_path.parent
         rt = Runtime.random(checkpoint.read_config(folder), device, dtype, slots=args.slots)
         default_name = folder.name
     else:
         folder = resolve_base(args.base)
-        rt = Runtime.from_folder(folder, device, dtype, slots=args.slots)
+        rt = Runtime.from_folder(folder, device, dtype, slots=args.slots,
+                                 tensor_parallel=args.tensor_parallel)
         default_name = PACKAGED.get(args.base, Path(folder).name)
+    try:
+        return _serve_runtime(args, rt, adapters, default_name)
+    except BaseException:
+        rt.close()  # tensor-parallel workers must not outlive a failed start
+        raise
+
+
+def _serve_runtime(args, rt, adapters, default_name):
+    import uora_rt
+    from uora_rt.server.adapters import check_name, read_adapter
+    from uora_rt.server.app import build_app
+    from uora_rt.server.errors import APIError
+    from uora_rt.server.state import ServerConfig, ServerState
+
     names = args.served_model_name or [default_name]
     for name, path in adapters:
         try:
@@ -136,6 +152,9 @@ def run(args) -> int:
     logging.getLogger("uora_rt.server").info(
         "serving %s (+ %d adapters) on http://%s:%d", state.base_name, len(state.rt.adapters),
         args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                    access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
+    finally:
+        state.rt.close()
     return 0
