@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uora_rt.models.common import Site, run_group
+from uora_rt.models.common import Site, dense, run_group
 
 
 @dataclass
@@ -208,4 +208,4 @@ class LlamaModel(nn.Module):
             x = x[rows]
         x = rms_norm(x, self.norm, self.spec.rms_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)
+        return dense(x, head)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from uora_rt import ops
-from uora_rt.models.common import AdapterHook
+from uora_rt.models.common import AdapterHook, base_linear, dense
 from uora_rt.parallel.shard import ROW_GROUPS
 
 
@@ -40,7 +40,7 @@ class ShardedHook(AdapterHook):
     def run(self, layer, group, linear, x):
         if group in ROW_GROUPS:
             return self._row_parallel(layer, group, linear, x)
-        y = linear(x)
+        y = base_linear(linear, x)
         x2d, y2d = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
         for f in self.families:
             args = f.groups.get((layer, group))
@@ -61,7 +61,7 @@ class ShardedHook(AdapterHook):
         dtype = x.dtype
         for f in used:  # one buffer for the reduce: float32 when the factors are (CPU bf16)
             dtype = torch.promote_types(dtype, f.a_cat.dtype)
-        parts = [F.linear(x2d, linear.weight).to(dtype)]                     # [T, n] partial
+        parts = [dense(x2d, linear.weight).to(dtype)]                        # [T, n] partial
         for f in used:
             a = f.a_cat[:_rank_of(f), start:start + x2d.shape[1]]
             parts.append(F.linear(x2d.to(a.dtype), a).to(dtype))             # [T, R] partial
