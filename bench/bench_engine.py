@@ -140,7 +140,7 @@ def decode_step(rt, batch, sampled: bool, names, steps=40) -> dict:
         engine.add_request(torch.randint(0, rt.model.spec.vocab, (128,), generator=g).tolist(),
                            names[i % len(names)] if names else None, params)
     while any(r.computed < r.prompt_len for r in engine.scheduler.running) or \
-            not engine.scheduler.running:
+            engine.num_waiting or not engine.scheduler.running:  # every prompt prefilled
         engine.step()
     for _ in range(2):
         engine.step()
@@ -299,13 +299,14 @@ def main():
     if "equal" in only:
         # The static generate's best case: one batch of equal lengths (no padding to waste),
         # 16 distinct adapters; ours on the same trace right before it.
-        eq = trace(adapters=16, prompt=(256, 256), output=(64, 64))
-        (tmp / "trace_equal.json").write_text(json.dumps(eq[:16]))
-        records.append(run_engine(rt, eq[:16], "engine, equal lengths, 16 distinct"))
+        eq = trace(adapters=16, prompt=(256, 256), output=(64, 64))[:16]
+        (tmp / "trace_equal.json").write_text(json.dumps(eq))
+        k = len({r["adapter"] for r in eq})
+        records.append(run_engine(rt, eq, f"engine, equal lengths, {k} distinct"))
         ads = [f"--adapter=ad{i}={tmp / f'ad{i}.uora'}" for i in range(16)]
         res = run_peer(args.legacy_python, "legacy_static.py", ["--model", str(folder),
                        "--trace", str(tmp / "trace_equal.json")] + ads,
-                       "old static generate, equal lengths, 16 distinct")
+                       f"old static generate, equal lengths, {k} distinct")
         if res:
             records.append(res)
         save()
