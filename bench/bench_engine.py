@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -130,31 +131,42 @@ def transformers_generate(folder, trace, batch=16, model=None) -> dict:
                                engine="transformers", setup="transformers generate (base)")
 
 
-def decode_step(rt, batch, sampled: bool, names, steps=40) -> dict:
-    """Steady decode: `batch` requests with 128-token prompts; mean step time over `steps`."""
-    engine = Engine(rt, max_num_seqs=batch)
+def decode_steps(rt, batch, setups, steps=40, rounds=8) -> list[dict]:
+    """Steady decode: per setup (sampled, adapter names or None) an engine with `batch`
+    requests of 128-token prompts, all prefilled first; then the engines step round-robin,
+    steps / rounds at a time, so that this machine's drift hits every setup alike. Median step
+    time over the rounds."""
     g = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, temperature=0.7 if sampled
-                            else 0.0, top_p=0.9 if sampled else 1.0, seed=1 if sampled else None)
-    for i in range(batch):
-        engine.add_request(torch.randint(0, rt.model.spec.vocab, (128,), generator=g).tolist(),
-                           names[i % len(names)] if names else None, params)
-    while any(r.computed < r.prompt_len for r in engine.scheduler.running) or \
-            engine.num_waiting or not engine.scheduler.running:  # every prompt prefilled
-        engine.step()
-    for _ in range(2):
-        engine.step()
-    s0 = dict(engine.stats)
-    t = time.perf_counter()
-    for _ in range(steps):
-        engine.step()
-    dt = (time.perf_counter() - t) / steps
-    fwd = (engine.stats["forward_s"] - s0["forward_s"]) / steps
-    for rid in list(engine._live):
-        engine.abort(rid)
-    engine.run_until_done()
-    return {"batch": batch, "sampled": sampled, "adapters": len(set(names or [])),
-            "step_s": dt, "host_share": 1 - fwd / dt}
+    engines = []
+    for sampled, names in setups:
+        engine = Engine(rt, max_num_seqs=batch)
+        params = SamplingParams(max_tokens=steps + 8, ignore_eos=True, seed=1 if sampled else None,
+                                temperature=0.7 if sampled else 0.0, top_p=0.9 if sampled else 1.0)
+        for i in range(batch):
+            engine.add_request(torch.randint(0, rt.model.spec.vocab, (128,), generator=g).tolist(),
+                               names[i % len(names)] if names else None, params)
+        while any(r.computed < r.prompt_len for r in engine.scheduler.running) or \
+                engine.num_waiting or not engine.scheduler.running:  # every prompt prefilled
+            engine.step()
+        for _ in range(2):
+            engine.step()
+        engines.append((engine, [], [], dict(engine.stats)))
+    for _ in range(rounds):
+        for engine, times, _, _ in engines:
+            t = time.perf_counter()
+            for _ in range(steps // rounds):
+                engine.step()
+            times.append((time.perf_counter() - t) / (steps // rounds))
+    out = []
+    for (sampled, names), (engine, times, _, s0) in zip(setups, engines):
+        st = {k: engine.stats[k] - s0[k] for k in ("forward_s", "step_s")}
+        for rid in list(engine._live):
+            engine.abort(rid)
+        engine.run_until_done()
+        out.append({"batch": batch, "sampled": sampled, "adapters": len(set(names or [])),
+                    "step_s": statistics.median(times),
+                    "host_share": 1 - st["forward_s"] / st["step_s"]})
+    return out
 
 
 def scale(rt, template: fmt.Adapter, counts, requests=32) -> list[dict]:
@@ -199,7 +211,7 @@ def summary_row(res) -> dict:
 
 
 def print_table(rows):
-    base = next((r for r in rows if r["setup"] == "engine, no adapters"), None)
+    base = next((r for r in rows if r["setup"].split(" [")[0] == "engine, no adapters"), None)
     print(f"\n{'setup':44} {'tok/s':>8} {'vs ours':>8} {'TTFT p50/p99 s':>16} "
           f"{'TPOT p50/p99 ms':>17} {'KV/real':>7}")
     for r in rows:
@@ -241,6 +253,21 @@ def plot(rows, decode, path):
     print(f"wrote {path}")
 
 
+def render():
+    """The runs above land in separate files (a full run takes hours here); one table and one
+    plot of all of them, each row labelled with the commit it ran at."""
+    rows, decode = [], []
+    for path in sorted(common.RESULTS.glob("engine_cpu*.json")):
+        data = json.loads(path.read_text())
+        for r in data["records"]:
+            if r["kind"] == "trace":
+                rows.append({**r, "setup": f"{r['setup']} [{data['env']['git']}]"})
+            elif r["kind"] == "decode":
+                decode.append(r)
+    print_table(rows)
+    plot(rows, decode, common.RESULTS / "engine_cpu.png")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
@@ -250,7 +277,11 @@ def main():
     ap.add_argument("--vllm-lora", action="store_true", help="also vLLM with 16 LoRA exports")
     ap.add_argument("--scale", default="1000,100000,1000000")
     ap.add_argument("--name", default="engine_cpu")
+    ap.add_argument("--render", action="store_true", help="no runs: the table and "
+                    "engine_cpu.png from every bench/results/engine_cpu*.json")
     args = ap.parse_args()
+    if args.render:
+        return render()
     only = set(args.only.split(","))
     folder = default_base("float32")
     rt = uora_rt.load(folder, slots=64)
@@ -335,9 +366,8 @@ def main():
         save()
     if "decode" in only:
         for batch in (16, 32, 64):
-            for sampled in (False, True):
-                decode.append(decode_step(rt, batch, sampled, None))
-            decode.append(decode_step(rt, batch, False, [f"ad{i}" for i in range(16)]))
+            decode += decode_steps(rt, batch, [(False, None), (True, None),
+                                               (False, [f"ad{i}" for i in range(16)])])
             print(f"  decode batch {batch}: " + ", ".join(
                 f"{d['step_s'] * 1e3:.1f} ms" for d in decode[-3:]))
         save()
