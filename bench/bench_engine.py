@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,21 +43,9 @@ def run_engine(rt, trace, label, engine=None, **engine_kw) -> dict:
     idle engine to reuse (warm graphs, as a server has them); else a new one from engine_kw."""
     engine = engine or Engine(rt, **engine_kw)
     s0, preempted0 = dict(engine.stats), engine.scheduler.preemptions
-    pending = deque(sorted(trace, key=lambda r: r["arrival_s"]))
     first, finish, toks = {}, {}, {r["id"]: [] for r in trace}
     kv_alloc = kv_real = 0
-    t0 = time.perf_counter()
-    while pending or engine.has_unfinished():
-        now = time.perf_counter() - t0
-        while pending and pending[0]["arrival_s"] <= now:
-            r = pending.popleft()
-            engine.add_request(r["prompt_token_ids"], r["adapter"], SamplingParams(
-                max_tokens=r["max_tokens"], ignore_eos=True), request_id=r["id"])
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, pending[0]["arrival_s"] - (time.perf_counter() - t0)))
-            continue
-        outs = engine.step()
-        now = time.perf_counter() - t0
+    for now, outs in engine_trace.replay(engine, trace):
         for o in outs:
             if o.new_token_ids and o.request_id not in first:
                 first[o.request_id] = now

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 
 def loguniform(rng: random.Random, lo: int, hi: int) -> int:
@@ -38,6 +39,26 @@ def make_trace(n: int, vocab: int, seed: int = 0, prompt=(16, 2048), output=(16,
                       "arrival_s": t})
     return trace
 
+
+def replay(engine, trace):
+    """Replays a trace on an idle uora_rt.Engine in real time: each request is added once wall
+    time reaches its arrival (max_tokens, ignore_eos). Yields (seconds since the start, the
+    step's outputs) after every step, until every request has finished."""
+    from uora_rt import SamplingParams  # here: the peers' interpreters have no uora_rt
+
+    pending = sorted(trace, key=lambda r: r["arrival_s"])[::-1]  # next arrival last
+    t0 = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while pending and pending[-1]["arrival_s"] <= now:
+            r = pending.pop()
+            engine.add_request(r["prompt_token_ids"], r["adapter"], SamplingParams(
+                max_tokens=r["max_tokens"], ignore_eos=True), request_id=r["id"])
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, pending[-1]["arrival_s"] - (time.perf_counter() - t0)))
+            continue
+        outs = engine.step()
+        yield time.perf_counter() - t0, outs
 
 def pct(xs, q):
     """Linear-interpolated percentile (numpy's default); None for an empty list."""

@@ -108,25 +108,13 @@ async def run_http(url, trace, base_model, api_key=None, concurrency_limit=None)
 def run_offline(engine, trace) -> dict:
     """The same trace on an in-process uora_rt.Engine (no HTTP, no event loop): the ceiling the
     server is measured against. Requests are added once wall time reaches their arrival."""
-    from uora_rt import SamplingParams
+    from engine_trace import replay
 
-    pending = sorted(trace, key=lambda r: r["arrival_s"])
     rows = {r["id"]: {"id": r["id"], "adapter": r["adapter"],
                       "prompt_len": len(r["prompt_token_ids"]), "arrival_s": r["arrival_s"],
                       "n_out": 0, "itl": []} for r in trace}
     last = {}
-    t0 = time.perf_counter()
-    while pending or engine.has_unfinished():
-        now = time.perf_counter() - t0
-        while pending and pending[0]["arrival_s"] <= now:
-            r = pending.pop(0)
-            engine.add_request(r["prompt_token_ids"], r["adapter"], SamplingParams(
-                max_tokens=r["max_tokens"], ignore_eos=True), request_id=r["id"])
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, pending[0]["arrival_s"] - (time.perf_counter() - t0)))
-            continue
-        outs = engine.step()
-        now = time.perf_counter() - t0
+    for now, outs in replay(engine, trace):
         for o in outs:
             row = rows[o.request_id]
             if o.new_token_ids:

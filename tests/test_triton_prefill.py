@@ -2,23 +2,14 @@
 sequences with context in the page table (and 1-row chunks), on a GPU or in Triton's
 interpreter (TRITON_INTERPRET=1). Skipped where Triton is not installed."""
 
-import os
-
 import pytest
 import torch
 
 from conftest import TOL, assert_close
-from test_triton_decode import paged
+# The decode tests' module carries the Triton / device skips and the device and dtype choice.
+from test_triton_decode import DEVICE, DTYPES, paged
 from uora_rt import reference
-
-triton = pytest.importorskip("triton", reason="needs Triton (comes with CUDA builds of torch)")
-from uora_rt.engine import triton_prefill  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (torch.cuda.is_available() or INTERPRET):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
-DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+from uora_rt.engine import triton_prefill
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
