@@ -123,6 +123,12 @@ class AdapterPool:
         self.base_arch = base_arch
         self.group_linear = group_linear
         self.fuse_shrink = fuse_shrink and group_linear is not None
+        # How a group's shrink u = x A_cat^T runs: "fused" (inside the base GEMM, over a copy
+        # of its weight with A_cat's rows appended), "parallel" (its own GEMM from the family's
+        # one A_cat, on a side CUDA stream beside the base GEMM) or "inline" (inside
+        # uora_group_, after the base GEMM).
+        self.shrink = "fused" if self.fuse_shrink else "inline"
+        self._side: dict = {}  # device -> the side stream of "parallel"
         self.slots = slots
         # The shared factors in the dtype the kernels multiply in: bf16 on a bf16 GPU model
         # (tensor cores, half the bytes); float32 on the CPU. Vectors stay float32 everywhere.
@@ -325,6 +331,12 @@ class AdapterPool:
             for e in held.values():
                 self.release(e)
 
+    def side_stream(self, device) -> torch.cuda.Stream:
+        s = self._side.get(device)
+        if s is None:
+            s = self._side[device] = torch.cuda.Stream(device)
+        return s
+
     def device_bytes(self) -> int:
         """Device memory of every family's factors and slot tables (fused weights excluded)."""
         with self._lock:
@@ -394,6 +406,8 @@ class AdapterBatch(AdapterHook):
 
     def run(self, layer, group, linear, x):
         first = self.families[0]
+        if self.pool.shrink == "parallel" and x.is_cuda:
+            return self._run_parallel(layer, group, linear, x)
         if first.fused is None or (layer, group) not in first.groups:
             return super().run(layer, group, linear, x)
         # One GEMM gives [y | u]: the base output and the fused family's shrink, u = x A_cat^T.
@@ -409,6 +423,34 @@ class AdapterBatch(AdapterHook):
                          first.token_slots, ids, offs, cols, outs, first.with_q)
         self._apply_families(layer, group, x.reshape(-1, x.shape[-1]), y2d, skip_first=True)
         return y_ext[..., :n]
+
+    def _run_parallel(self, layer, group, linear, x):
+        """The base GEMM on the current stream while a side stream computes every family's
+        shrink from its one A_cat (no weight copies); then the expands. In a CUDA graph the side
+        stream becomes a parallel branch."""
+        fams = [f for f in self.families if (layer, group) in f.groups]
+        if not fams:
+            return base_linear(linear, x)
+        x2d = x.reshape(-1, x.shape[-1])
+        main = torch.cuda.current_stream(x.device)
+        side = self.pool.side_stream(x.device)
+        us = []
+        for f in fams:  # allocated on the main stream, which frees them after the expands
+            rank = 2 * f.lambda_d.shape[2] if f.with_q else f.lambda_d.shape[2]
+            us.append((x2d.new_empty(x2d.shape[0], rank),
+                       f.a_cat[:rank, : x2d.shape[1]]))
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for u, a in us:
+                torch.mm(x2d, a.t() if a.dtype == x2d.dtype else a.t().to(x2d.dtype), out=u)
+        y = base_linear(linear, x)
+        main.wait_stream(side)
+        y2d = y.view(-1, y.shape[-1])
+        for f, (u, _) in zip(fams, us):
+            ids, offs, cols, outs = f.groups[(layer, group)]
+            ops.uora_expand_(y2d, u, f.b_cat, f.lambda_d, f.lambda_b, f.p, f.token_slots, ids,
+                             offs, cols, outs, f.with_q)
+        return y
 
     def apply(self, layer, group, x2d, y2d):
         self._apply_families(layer, group, x2d, y2d)

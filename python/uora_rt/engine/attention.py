@@ -100,14 +100,35 @@ class PagedAttention:
     def __init__(self, meta, kv, decode_fn, prefill_fn=None):
         self.meta, self.kv, self.decode_fn, self.prefill_fn = meta, kv, decode_fn, prefill_fn
 
+    @property
+    def takes_qkv(self) -> bool:
+        """Whether attend_qkv can run: the fused RoPE + KV write leaves no k, v tensors, so every
+        part of the step must read keys from the cache (not the gather path's fresh prompts)."""
+        return self.prefill_fn is not None or not self.meta.prefills
+
+    def attend_qkv(self, layer, qkv, cos, sin, n_heads, n_kv, head_dim):
+        """qkv [T, (nH + 2 nKV) hd] straight from the GEMM (models.fused.triton_rope_store
+        ropes q and k and writes k, v into the cache) -> [T, nH, hd]."""
+        from uora_rt.models.fused import triton_rope_store
+
+        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
+        q = triton_rope_store(qkv, cos, sin, self.meta.slot_mapping, k_cache, v_cache, n_heads,
+                              n_kv, head_dim)
+        return self._attend(q, None, None, k_cache, v_cache)
+
     def __call__(self, layer, q, k, v):
         """q [T, nH, hd], k, v [T, nKV, hd] -> [T, nH, hd]."""
-        m = self.meta
         k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
         flat_k = k_cache.view(-1, *k_cache.shape[2:])
         flat_v = v_cache.view(-1, *v_cache.shape[2:])
-        flat_k.index_copy_(0, m.slot_mapping, k)
-        flat_v.index_copy_(0, m.slot_mapping, v)
+        flat_k.index_copy_(0, self.meta.slot_mapping, k)
+        flat_v.index_copy_(0, self.meta.slot_mapping, v)
+        return self._attend(q, k, v, k_cache, v_cache)
+
+    def _attend(self, q, k, v, k_cache, v_cache):
+        m = self.meta
+        flat_k = k_cache.view(-1, *k_cache.shape[2:])
+        flat_v = v_cache.view(-1, *v_cache.shape[2:])
         out = torch.empty_like(q)
         scale = q.shape[-1] ** -0.5
         nd = m.num_decode

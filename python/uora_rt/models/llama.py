@@ -12,10 +12,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uora_rt.models.common import Site, dense, run_group
+from uora_rt.models.fused import Kernels, apply_rope
 
 
 @dataclass
@@ -82,22 +82,6 @@ def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
     raise ValueError(f"llama: rope type {kind!r} is not supported")
 
 
-def rms_norm(x, weight, eps):
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x, cos, sin):
-    """x [..., heads, hd]; cos, sin [..., 1, hd] (transformers' rotate_half convention)."""
-    return x * cos + rotate_half(x) * sin
-
-
 class LlamaLayer(nn.Module):
     def __init__(self, s: LlamaSpec):
         super().__init__()
@@ -119,6 +103,7 @@ class LlamaModel(nn.Module):
     def __init__(self, spec: LlamaSpec):
         super().__init__()
         self.spec = spec
+        self.fused: bool | None = None  # the elementwise kernels (see forward)
         self.embed = nn.Embedding(spec.vocab, spec.hidden)
         self.layers = nn.ModuleList(LlamaLayer(spec) for _ in range(spec.layers))
         self.norm = nn.Parameter(torch.ones(spec.hidden))
@@ -175,37 +160,47 @@ class LlamaModel(nn.Module):
                     layer.down.bias.copy_(t[f"{m}.down_proj.bias"])
 
     # --- forward ----------------------------------------------------------------------------
-    def block(self, i: int, x, cos, sin, attention, hook):
-        """One decoder layer. x: [..., H]; cos, sin: [..., 1, hd]."""
+    def block(self, i: int, x, delta, cos, sin, attention, hook, ops: Kernels):
+        """One decoder layer: (x, delta) -> (x + delta, this layer's output delta); the residual
+        add is deferred so that it fuses with the next RMSNorm. x: [..., H]; cos, sin:
+        [..., 1, hd]; delta None = nothing to add (the first layer)."""
         s, layer = self.spec, self.layers[i]
         lead = x.shape[:-1]
         q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        h = rms_norm(x, layer.in_norm, s.rms_eps)
+        x, h = ops.add_rms_norm(x, delta, layer.in_norm, s.rms_eps)
         qkv = run_group(hook, i, "qkv", layer.qkv, h)                        # [..., q+2kv]
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rope(q.view(*lead, s.heads, s.head_dim), cos, sin)         # [..., nH, hd]
-        k = apply_rope(k.view(*lead, s.kv_heads, s.head_dim), cos, sin)      # [..., nKV, hd]
-        v = v.reshape(*lead, s.kv_heads, s.head_dim)
-        att = attention(i, q, k, v)                                          # [..., nH, hd]
-        x = x + run_group(hook, i, "o", layer.o, att.reshape(*lead, q_size))
-        h = rms_norm(x, layer.post_norm, s.rms_eps)
-        gate, up = run_group(hook, i, "gate_up", layer.gate_up, h).chunk(2, dim=-1)  # [..., I]
-        return x + run_group(hook, i, "down", layer.down, F.silu(gate) * up)
+        if ops.fused and getattr(attention, "takes_qkv", False):
+            # RoPE and the KV write in one kernel inside the attention backend.
+            att = attention.attend_qkv(i, qkv, cos, sin, s.heads, s.kv_heads, s.head_dim)
+        else:
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q = apply_rope(q.view(*lead, s.heads, s.head_dim), cos, sin)     # [..., nH, hd]
+            k = apply_rope(k.view(*lead, s.kv_heads, s.head_dim), cos, sin)  # [..., nKV, hd]
+            v = v.reshape(*lead, s.kv_heads, s.head_dim)
+            att = attention(i, q, k, v)                                      # [..., nH, hd]
+        o = run_group(hook, i, "o", layer.o, att.reshape(*lead, q_size))
+        x, h = ops.add_rms_norm(x, o, layer.post_norm, s.rms_eps)
+        gate_up = run_group(hook, i, "gate_up", layer.gate_up, h)            # [..., 2I]
+        return x, run_group(hook, i, "down", layer.down, ops.silu_mul(gate_up))
 
     def forward(self, ids, positions, attention, hook=None, rows=None):
         """ids, positions: [T] (the engine's packed tokens) or [B, L]. attention(layer, q, k, v)
         -> [..., nH, hd] with q [..., nH, hd] and k, v [..., nKV, hd] (models.common.
         PaddedAttention, engine.attention.PagedAttention). rows: the tokens that get logits (an
         index or bool mask over the leading dims; the LM head is a large share of a small model's
-        FLOPs, so compute only what is used); None = all. Returns logits [..., V]."""
+        FLOPs, so compute only what is used); None = all. Returns logits [..., V]. The
+        elementwise kernels follow self.fused (models.fused.Kernels.pick: None = Triton where it
+        runs, False = the torch ops, True = Triton or an error)."""
         x = self.embed(ids)                                                  # [..., H]
+        ops = Kernels.pick(x, self.fused)
         freqs = positions.float()[..., None] * self.inv_freq                 # [..., hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
+        delta = None
         for i in range(len(self.layers)):
-            x = self.block(i, x, cos, sin, attention, hook)
+            x, delta = self.block(i, x, delta, cos, sin, attention, hook, ops)
         if rows is not None:
-            x = x[rows]
-        x = rms_norm(x, self.norm, self.spec.rms_eps)
+            x, delta = x[rows], None if delta is None else delta[rows]
+        _, x = ops.add_rms_norm(x, delta, self.norm, self.spec.rms_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return dense(x, head)

@@ -1,0 +1,116 @@
+"""The fused decoder kernels of models.fused against the torch ops they replace, and a whole
+model run with them against it without them: on a GPU, or on the CPU in Triton's interpreter
+(TRITON_INTERPRET=1, set before this file is imported). Skipped where Triton is not installed."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import ELEMENT_TOL, MODEL_TOL, assert_close
+
+triton = pytest.importorskip("triton", reason="needs Triton (comes with CUDA builds of torch)")
+from uora_rt.models import fused  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+# numpy has no bfloat16: the interpreter cannot run it (the GPU does).
+DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+
+
+def randn(*shape, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=g)).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [17, 576, 1000, 4096])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_equals_torch(dtype, n, with_delta):
+    wide = randn(5, n + 3, dtype=dtype, scale=3.0)
+    x = wide[:, :n]                                   # rows with a stride other than n
+    delta = randn(5, n, dtype=dtype, seed=1) if with_delta else None
+    w = randn(n, dtype=dtype, seed=2)
+    with torch.no_grad():
+        got_x, got_h = fused.triton_add_rms_norm(x, delta, w, 1e-5)
+        want_x, want_h = fused.torch_add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(got_x, want_x)  # the add rounds once, as torch's does
+    assert_close(got_h, want_h, table=ELEMENT_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [7, 96, 11008])
+def test_silu_mul_equals_torch(dtype, n):
+    gu = randn(2, 3, 2 * n, dtype=dtype, scale=4.0)
+    got = fused.triton_silu_mul(gu)
+    assert got.shape == (2, 3, n)
+    assert_close(got, fused.torch_silu_mul(gu), table=ELEMENT_TOL)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_heads,n_kv,hd", [(4, 2, 64), (8, 8, 128), (6, 3, 80)])
+def test_rope_store_equals_rope_and_index_copy(dtype, n_heads, n_kv, hd):
+    t, blocks, bs = 9, 6, 4
+    qkv = randn(t, (n_heads + 2 * n_kv) * hd, dtype=dtype)
+    pos = torch.tensor([0, 1, 2, 7, 30, 31, 100, 5, 4096], device=DEVICE)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd)).to(DEVICE)
+    emb = torch.cat([pos.float()[:, None] * inv] * 2, dim=-1)
+    cos, sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    slots = torch.randperm(blocks * bs, generator=torch.Generator().manual_seed(3))[:t].to(DEVICE)
+    got_k, got_v = (randn(blocks, bs, n_kv, hd, dtype=dtype, seed=s) for s in (4, 5))
+    want_k, want_v = got_k.clone(), got_v.clone()
+    q = fused.triton_rope_store(qkv, cos, sin, slots, got_k, got_v, n_heads, n_kv, hd)
+    qs, ks, vs = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    want_q = fused.apply_rope(qs.view(t, n_heads, hd), cos, sin)
+    want_k.view(-1, n_kv, hd).index_copy_(0, slots, fused.apply_rope(ks.view(t, n_kv, hd), cos,
+                                                                     sin))
+    want_v.view(-1, n_kv, hd).index_copy_(0, slots, vs.reshape(t, n_kv, hd))
+    assert_close(q, want_q, table=ELEMENT_TOL)
+    assert_close(got_k, want_k, table=ELEMENT_TOL)  # untouched slots compare equal too
+    assert torch.equal(got_v, want_v)
+
+
+def test_pick_says_why_not():
+    x = torch.zeros(2, 4)
+    assert not fused.Kernels.pick(x, False).fused
+    with torch.enable_grad(), pytest.raises(ValueError, match="autograd"):
+        fused.Kernels.pick(x.to(DEVICE), True)
+
+
+@pytest.mark.skipif(INTERPRET, reason="whole models in the interpreter take minutes")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_steps_with_fused_kernels_equal_without(tmp_path, dtype):
+    """The engine's model over a paged KV cache (prefill, then decode steps) with adapters of
+    two families in the batch: each step's logits with the fused kernels against the torch ops,
+    for as long as the two runs have drawn the same tokens (bf16 may part on a near tie)."""
+    from engine_helpers import build, load, random_prompts
+    from uora_rt import Engine, SamplingParams
+
+    _, base, ads = build(tmp_path)
+    runs = {}
+    for use in (False, True):
+        rt = load(base, ads, device=DEVICE, dtype=dtype)
+        rt.model.fused = use
+        engine = Engine(rt, kv_cache_tokens=2048, cuda_graphs=False)
+        steps, sample = [], engine.runner.sampler
+
+        def record(logits, *args, sample=sample, steps=steps):
+            tokens = sample(logits, *args)
+            steps.append((logits.clone(), tokens.clone()))
+            return tokens
+
+        engine.runner.sampler = record
+        for prompt, name in zip(random_prompts(6, seed=5), ["a0", None, "a1", "a2", "a0", None]):
+            engine.add_request(prompt, name, SamplingParams(max_tokens=8))
+        engine.run_until_done()
+        runs[use] = steps
+    compared = 0
+    for (want, want_tok), (got, got_tok) in zip(runs[False], runs[True]):
+        assert_close(got, want, table=MODEL_TOL, dtype=dtype)
+        compared += 1
+        if not torch.equal(want_tok, got_tok):
+            assert dtype != torch.float32, "float32 runs must draw the same tokens"
+            break
+    assert compared >= 2  # a prefill step and at least one decode step
