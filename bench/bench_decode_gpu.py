@@ -73,6 +73,8 @@ def profile_step(rt, batch, names, path):
                            SamplingParams(max_tokens=40, ignore_eos=True))
     while engine.scheduler.num_waiting or any(r.computed < r.prompt_len
                                               for r in engine.scheduler.running):
+        if not engine.has_unfinished():
+            raise RuntimeError("the profiled requests failed (see the engine's log)")
         engine.step()
     for _ in range(3):
         engine.step()
@@ -131,6 +133,7 @@ def main():
                 setup(rt, fused, shrink)
                 d = decode_step(rt, batch, names64 if with_ad else None)
                 got[label].append(d)
+                print(f"  batch {batch:3} {label:50}: graph {d['graph_ms']:6.2f} ms", flush=True)
                 if batch == 64 and len(got[label]) == 1:
                     records.append(mem(f"after batch-64 steps: {label}"))
                     if shrink == "fused":

@@ -84,6 +84,8 @@ def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False) -> dict:
                            names[i % len(names)] if names else None, params)
     while any(r.computed < r.prompt_len for r in engine.scheduler.running) or \
             engine.scheduler.num_waiting or not engine.scheduler.running:
+        if not engine.has_unfinished():
+            raise RuntimeError("the benchmark's requests failed (see the engine's log)")
         engine.step()
     for _ in range(3):
         engine.step()

@@ -29,7 +29,7 @@ from uora_rt import format as fmt
 from uora_rt import ops
 from uora_rt.checkpoint import resolve_module
 from uora_rt.errors import AdapterFormatError
-from uora_rt.models.common import AdapterHook, Site
+from uora_rt.models.common import AdapterHook, Site, base_linear
 from uora_rt.projections import ALGORITHM, projections
 
 
