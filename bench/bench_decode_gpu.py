@@ -1,11 +1,16 @@
 """The GPU decode step, variant against variant in one process (issue 11): the decoder's
 elementwise ops as torch ops or as the fused Triton kernels (models.fused), and the adapter
-shrink's routes (pool.shrink: "fused" into a copy of each base weight, "parallel" on a side
-stream from the family's one A_cat, "inline" after the base GEMM). Llama-2-7B shape, bf16,
-random weights, 512-token contexts, 64 distinct adapters (r=256 on q/v) or none; the step is
-the decode graph's replay (CUDA events), as the engine runs it. Also: weight bytes on the device
-per route, prefill of 8 x 512 tokens with 8 distinct adapters against none, and a kernel
-profile of the batch-64 step.
+shrink's two routes (AdapterPool.parallel_shrink: on a side stream beside the base GEMM, or
+inside uora_group_ after it). Llama-2-7B shape, bf16, random weights, 512-token contexts, 64
+distinct adapters (r=256 on q/v) or none; the step is the decode graph's replay (CUDA events),
+as the engine runs it. Also: device memory after loading and after the adapter steps (weights
+are never copied), prefill of 8 x 512 tokens with 8 distinct adapters against none, and a
+kernel profile of the batch-64 step.
+
+The first run of this file (bench/results/decode_gpu_routes.json) also measured the route it
+replaced, the shrink inside the base GEMM over a copy of each weight with A_cat's rows
+appended: as fast as the side stream (9.85 vs 9.86 ms at batch 64) for a copy of every
+adapted group's weight (+3.2 GB for q/v adapters on this shape).
 
   python bench/bench_decode_gpu.py [--rounds 2] [--batches 1,64,256] [--name decode_gpu]
 
@@ -15,6 +20,7 @@ Variants run round-robin (`--rounds` times each, the median kept), so drift hits
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -23,23 +29,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import torch  # noqa: E402
-from bench_engine_gpu import LLAMA2_7B, copy_bandwidth, decode_step, synthetic_adapter  # noqa: E402
+from bench_engine_gpu import (LLAMA2_7B, copy_bandwidth, decode_step, settle,  # noqa: E402
+                              synthetic_adapter)
 
 import uora_rt  # noqa: E402
 from uora_rt import Engine, SamplingParams  # noqa: E402
 
-# (label, fused elementwise kernels, shrink route, adapters)
-VARIANTS = [("torch ops, none", False, "parallel", False),
-            ("fused, none", True, "parallel", False),
-            ("fused, 64 adapters, shrink parallel", True, "parallel", True),
-            ("fused, 64 adapters, shrink inline", True, "inline", True),
-            ("fused, 64 adapters, shrink fused (weight copies)", True, "fused", True)]
+# (label, fused elementwise kernels, parallel shrink, adapters)
+VARIANTS = [("torch ops, none", False, True, False),
+            ("fused, none", True, True, False),
+            ("fused, 64 adapters, parallel shrink", True, True, True),
+            ("fused, 64 adapters, shrink in uora_group_", True, False, True)]
 
 
-def setup(rt, fused, shrink):
+def setup(rt, fused, parallel_shrink):
     rt.model.fused = fused
-    rt.pool.shrink = shrink
-    rt.pool.fuse_shrink = shrink == "fused"
+    rt.pool.parallel_shrink = parallel_shrink
 
 
 def prefill_ms(rt, names, n=8, length=512, reps=3) -> float:
@@ -71,13 +76,7 @@ def profile_step(rt, batch, names, path):
         engine.add_request(torch.randint(0, rt.model.spec.vocab, (512,), generator=g).tolist(),
                            names[i % len(names)] if names else None,
                            SamplingParams(max_tokens=40, ignore_eos=True))
-    while engine.scheduler.num_waiting or any(r.computed < r.prompt_len
-                                              for r in engine.scheduler.running):
-        if not engine.has_unfinished():
-            raise RuntimeError("the profiled requests failed (see the engine's log)")
-        engine.step()
-    for _ in range(3):
-        engine.step()
+    settle(engine)
     graph, _ = next(reversed(engine.runner.graphs.graphs.values()))
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -120,6 +119,7 @@ def main():
     factors = rt.pool.device_bytes()
 
     def mem(label):
+        gc.collect()  # engines of earlier variants (their KV caches and graph pools)
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         return {"kind": "memory", "label": label, "allocated": torch.cuda.memory_allocated(),
@@ -134,13 +134,10 @@ def main():
                 d = decode_step(rt, batch, names64 if with_ad else None)
                 got[label].append(d)
                 print(f"  batch {batch:3} {label:50}: graph {d['graph_ms']:6.2f} ms", flush=True)
-                if batch == 64 and len(got[label]) == 1:
-                    records.append(mem(f"after batch-64 steps: {label}"))
-                    if shrink == "fused":
-                        rt.pool.clear_fused()  # later variants must not carry the copies
         for label, fused, shrink, with_ad in VARIANTS:
             ds = got[label]
-            rec = dict(ds[0], kind="decode", label=label, fused_kernels=fused, shrink=shrink,
+            rec = dict(ds[0], kind="decode", label=label, fused_kernels=fused,
+                       parallel_shrink=shrink,
                        graph_ms=statistics.median(d["graph_ms"] for d in ds),
                        api_ms=statistics.median(d["api_ms"] for d in ds),
                        graph_ms_all=[d["graph_ms"] for d in ds], weights_bytes=weights)
@@ -150,7 +147,8 @@ def main():
                   f"(floor {rec['floor_ms']:.2f}, {rec['floor_ms'] / rec['graph_ms']:.0%}), "
                   f"step() {rec['api_ms']:6.2f} ms", flush=True)
         common.write(args.name, records)
-    setup(rt, True, "parallel")
+    records.append(mem("after every variant's decode steps"))
+    setup(rt, True, True)
     for label, names in (("none", None), ("8 distinct adapters", names64[:8])):
         ms = prefill_ms(rt, names)
         records.append({"kind": "prefill", "label": label, "tokens": 8 * 512, "ms": ms})
@@ -158,7 +156,7 @@ def main():
     common.write(args.name, records)
     if args.profile_dir:
         for fused in (False, True):
-            setup(rt, fused, "parallel")
+            setup(rt, fused, True)
             for names in (None, names64):
                 tag = f"{'fused' if fused else 'torch'}_{'64ad' if names else 'none'}"
                 profile_step(rt, 64, names, Path(args.profile_dir) / f"profile_b64_{tag}.txt")

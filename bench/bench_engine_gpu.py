@@ -72,6 +72,18 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (cuda_ms(lambda: y.copy_(x), 10) / 1e3)
 
 
+def settle(engine, steps=3) -> None:
+    """Steps until every added request has its whole prompt computed, then `steps` more: the
+    engine is then in the decode-only steady state (requests reach the scheduler at a step)."""
+    while any(r.computed < r.prompt_len for r in engine.scheduler.running) or \
+            engine.scheduler.num_waiting or not engine.scheduler.running:
+        if not engine.has_unfinished():
+            raise RuntimeError("the benchmark's requests failed (see the engine's log)")
+        engine.step()
+    for _ in range(steps):
+        engine.step()
+
+
 def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False) -> dict:
     """Requests with ctx-token prompts decoding together; per step: graph replay (CUDA events)
     and engine.step() wall time (host work included)."""
@@ -82,13 +94,7 @@ def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False) -> dict:
     for i in range(batch):
         engine.add_request(torch.randint(0, rt.model.spec.vocab, (ctx,), generator=g).tolist(),
                            names[i % len(names)] if names else None, params)
-    while any(r.computed < r.prompt_len for r in engine.scheduler.running) or \
-            engine.scheduler.num_waiting or not engine.scheduler.running:
-        if not engine.has_unfinished():
-            raise RuntimeError("the benchmark's requests failed (see the engine's log)")
-        engine.step()
-    for _ in range(3):
-        engine.step()
+    settle(engine)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):

@@ -211,20 +211,24 @@ def test_bfloat16_runtime_close_to_float32_peft(tmp_path):
     assert_close(got, want, dtype=torch.bfloat16, table=MODEL_TOL)
 
 
-def test_fused_shrink_path_equals_separate_shrink(tmp_path):
-    # The GPU's layout (shrink rows appended to the base GEMM, then uora_expand_) run on the CPU.
+def test_parallel_shrink_path_equals_uora_group(tmp_path, monkeypatch):
+    # The GPU's route (each family's shrink as its own GEMM over every row, then uora_expand_)
+    # run on the CPU (without the side stream), against uora_group_'s.
     fn = LLAMA_VARIANTS["qwen2_bias_tied"]
     base = save_base(fn, tmp_path / "base")
     a = make_adapter(fn, tmp_path / "a.uora", targets=("q_proj", "v_proj", "down_proj"), reinit=True)
     b = make_adapter(fn, tmp_path / "b.uora", seed=4, targets=("k_proj", "o_proj"))
     c = make_adapter(fn, tmp_path / "c.uora", lam_seed=8)
     adapters = [("a", a), ("b", b), ("c", c)]
-    plain = uora_rt.load(base, adapters=adapters, fuse_shrink=False)
-    fused = uora_rt.load(base, adapters=adapters, fuse_shrink=True)
+    plain = uora_rt.load(base, adapters=adapters, parallel_shrink=False)
+    fused = uora_rt.load(base, adapters=adapters, parallel_shrink=True)
     ids = torch.randint(0, 97, (5, 8))
     for names in (["a", "b", None, "c", "a"], ["c", "c", "c", "c", "c"], ["b", None, "b", "a", "c"]):
         assert_close(fused.forward(ids, adapters=names).logits,
                      plain.forward(ids, adapters=names).logits, table=MODEL_TOL)
-    assert fused.pool.families[next(iter(fused.pool.families))].ext  # the fused path really ran
+    calls, expand = [], uora_rt.ops.uora_expand_
+    monkeypatch.setattr(uora_rt.ops, "uora_expand_", lambda *a: (calls.append(1), expand(*a)))
+    fused.forward(ids[:2], adapters=["a", "b"])
+    assert calls  # the split route really ran
     assert fused.generate([[1, 2, 3]], adapters=["a"], max_new_tokens=6)[0].tokens == \
         plain.generate([[1, 2, 3]], adapters=["a"], max_new_tokens=6)[0].tokens

@@ -82,7 +82,6 @@ class Family:
         self.lru: OrderedDict[int, None] = OrderedDict()  # resident, unpinned; oldest first
         self.members = 0                              # registered entries (removed but leased too)
         self.groups: dict = {}                        # (layer, group) -> op arguments
-        self.ext: dict = {}                           # (layer, group) -> fused weight, bias
 
     @property
     def slots(self) -> int:
@@ -110,25 +109,21 @@ class Entry:
 
 class AdapterPool:
     """slots: device slots per projection family (how many distinct adapters of a family can run
-    at once; vLLM's max_loras). fuse_shrink: compute the first family's shrink inside each group's
-    base GEMM (its weight with A_cat's rows appended, built lazily per group) instead of a
-    separate pass over x: worth it where GEMMs are memory-bound (GPU decode)."""
+    at once; vLLM's max_loras). parallel_shrink: each family's shrink u = x A_cat^T is its own
+    GEMM over every row, issued beside the base GEMM (on CUDA on a side stream, a parallel branch
+    of a captured graph), then uora_expand_; off, uora_group_ shrinks only the rows that have an
+    adapter, after the base GEMM (the CPU's choice: it is compute-bound). Either way the base
+    weights are never copied: the shrink reads the family's one A_cat."""
 
-    def __init__(self, sites: list[Site], device, base_arch: str, group_linear=None,
-                 fuse_shrink: bool = False, slots: int = 64, factor_dtype=torch.float32):
+    def __init__(self, sites: list[Site], device, base_arch: str, parallel_shrink: bool = False,
+                 slots: int = 64, factor_dtype=torch.float32):
         if slots < 1:
             raise ValueError(f"slots: expected >= 1, got {slots}")
         self.sites = {s.name: s for s in sites}
         self.device = torch.device(device)
         self.base_arch = base_arch
-        self.group_linear = group_linear
-        self.fuse_shrink = fuse_shrink and group_linear is not None
-        # How a group's shrink u = x A_cat^T runs: "fused" (inside the base GEMM, over a copy
-        # of its weight with A_cat's rows appended), "parallel" (its own GEMM from the family's
-        # one A_cat, on a side CUDA stream beside the base GEMM) or "inline" (inside
-        # uora_group_, after the base GEMM).
-        self.shrink = "fused" if self.fuse_shrink else "inline"
-        self._side: dict = {}  # device -> the side stream of "parallel"
+        self.parallel_shrink = parallel_shrink
+        self._side: dict = {}  # CUDA device -> the side stream of the parallel shrink
         self.slots = slots
         # The shared factors in the dtype the kernels multiply in: bf16 on a bf16 GPU model
         # (tensor cores, half the bytes); float32 on the CPU. Vectors stay float32 everywhere.
@@ -198,7 +193,7 @@ class AdapterPool:
             entry.slot = -1
         fam.host_free.append(entry.row)
         fam.members -= 1
-        if fam.members == 0:  # the family's factors, tables and fused weights go with it
+        if fam.members == 0:  # the family's factors and tables go with it
             del self.families[fam.key]
 
     def _ensure_modules(self, fam: Family, targets: list[str]) -> None:
@@ -338,7 +333,7 @@ class AdapterPool:
         return s
 
     def device_bytes(self) -> int:
-        """Device memory of every family's factors and slot tables (fused weights excluded)."""
+        """Device memory of every family's factors and slot tables: all that adapters add."""
         with self._lock:
             return sum(f.device_bytes() for f in self.families.values())
 
@@ -349,38 +344,11 @@ class AdapterPool:
         device, -1 = not this family; every slot named must be pinned) and whether any of those
         adapters has reinit events (else the Q halves are skipped)."""
         with self._lock:
-            views = []
-            first = next(iter(self.families.values()), None)
-            # Families in creation order: the pool's first family is the one fused into the base
-            # GEMMs whenever it is present, so one set of fused weights serves every batch.
-            for fam in self.families.values():
-                slots = token_slots.get(fam)
-                if slots is None:
-                    continue
-                views.append(FamilyView(fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
-                                        fam.groups, fam.has_q and with_q.get(fam, False), slots,
-                                        fam if (self.fuse_shrink and fam is first) else None))
+            views = [FamilyView(fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
+                                fam.groups, fam.has_q and with_q.get(fam, False), slots)
+                     for fam, slots in ((f, token_slots.get(f)) for f in self.families.values())
+                     if slots is not None]
             return AdapterBatch(self, views) if views else None
-
-    def fused_weight(self, fam: Family, layer: int, group: str):
-        """[W; A0; QA] (and the bias padded with zeros) for one group, built once per family."""
-        key = (layer, group)
-        hit = fam.ext.get(key)
-        if hit is None:
-            with self._lock:
-                linear = self.group_linear(layer, group)
-                w = linear.weight
-                a = fam.a_cat[:, : w.shape[1]].to(w.dtype)
-                b = None if linear.bias is None else torch.cat(
-                    [linear.bias, linear.bias.new_zeros(a.shape[0])])
-                hit = fam.ext.setdefault(key, (torch.cat([w, a]).contiguous(), b))
-        return hit
-
-    def clear_fused(self):
-        """Base weights changed (merge/unmerge): fused weights must be rebuilt."""
-        with self._lock:
-            for fam in self.families.values():
-                fam.ext.clear()
 
 
 @dataclass
@@ -395,7 +363,11 @@ class FamilyView:
     groups: dict
     with_q: bool
     token_slots: torch.Tensor  # [T] int32, -1 = not this family
-    fused: Family | None = None  # set when this family's shrink runs inside the base GEMM
+
+    @property
+    def rank(self) -> int:
+        """Columns of u this family's expand reads: [A0 x | QA x], or A0 x alone without Q."""
+        return self.lambda_d.shape[2] * (2 if self.with_q else 1)
 
 
 class AdapterBatch(AdapterHook):
@@ -405,61 +377,43 @@ class AdapterBatch(AdapterHook):
         self.pool, self.families = pool, families
 
     def run(self, layer, group, linear, x):
-        first = self.families[0]
-        if self.pool.shrink == "parallel" and x.is_cuda:
-            return self._run_parallel(layer, group, linear, x)
-        if first.fused is None or (layer, group) not in first.groups:
-            return super().run(layer, group, linear, x)
-        # One GEMM gives [y | u]: the base output and the fused family's shrink, u = x A_cat^T.
-        w_ext, b_ext = self.pool.fused_weight(first.fused, layer, group)
-        n = linear.weight.shape[0]
-        rank = 2 * first.lambda_d.shape[2] if first.with_q else first.lambda_d.shape[2]
-        y_ext = torch.nn.functional.linear(x, w_ext[: n + rank],
-                                           None if b_ext is None else b_ext[: n + rank])
-        y_ext2d = y_ext.view(-1, n + rank)
-        y2d, u2d = y_ext2d[:, :n], y_ext2d[:, n:]
-        ids, offs, cols, outs = first.groups[(layer, group)]
-        ops.uora_expand_(y2d, u2d, first.b_cat, first.lambda_d, first.lambda_b, first.p,
-                         first.token_slots, ids, offs, cols, outs, first.with_q)
-        self._apply_families(layer, group, x.reshape(-1, x.shape[-1]), y2d, skip_first=True)
-        return y_ext[..., :n]
-
-    def _run_parallel(self, layer, group, linear, x):
-        """The base GEMM on the current stream while a side stream computes every family's
-        shrink from its one A_cat (no weight copies); then the expands. In a CUDA graph the side
-        stream becomes a parallel branch."""
+        if not self.pool.parallel_shrink:
+            return super().run(layer, group, linear, x)  # base GEMM, then uora_group_
         fams = [f for f in self.families if (layer, group) in f.groups]
         if not fams:
             return base_linear(linear, x)
         x2d = x.reshape(-1, x.shape[-1])
-        main = torch.cuda.current_stream(x.device)
-        side = self.pool.side_stream(x.device)
-        us = []
-        for f in fams:  # allocated on the main stream, which frees them after the expands
-            rank = 2 * f.lambda_d.shape[2] if f.with_q else f.lambda_d.shape[2]
-            us.append((x2d.new_empty(x2d.shape[0], rank),
-                       f.a_cat[:rank, : x2d.shape[1]]))
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            for u, a in us:
-                torch.mm(x2d, a.t() if a.dtype == x2d.dtype else a.t().to(x2d.dtype), out=u)
-        y = base_linear(linear, x)
-        main.wait_stream(side)
+        # u is allocated on the current stream, which frees it after the expands.
+        us = [x2d.new_empty(x2d.shape[0], f.rank) for f in fams]
+
+        def shrink():
+            for f, u in zip(fams, us):
+                a = f.a_cat[: f.rank, : x2d.shape[1]]
+                torch.mm(x2d, (a if a.dtype == x2d.dtype else a.to(x2d.dtype)).t(), out=u)
+
+        if x.is_cuda:
+            # The side stream runs the shrinks while this one runs the base GEMM; in a CUDA
+            # graph the fork and join become a parallel branch.
+            main, side = torch.cuda.current_stream(x.device), self.pool.side_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                shrink()
+            y = base_linear(linear, x)
+            main.wait_stream(side)
+        else:
+            shrink()
+            y = base_linear(linear, x)
         y2d = y.view(-1, y.shape[-1])
-        for f, (u, _) in zip(fams, us):
+        for f, u in zip(fams, us):
             ids, offs, cols, outs = f.groups[(layer, group)]
             ops.uora_expand_(y2d, u, f.b_cat, f.lambda_d, f.lambda_b, f.p, f.token_slots, ids,
                              offs, cols, outs, f.with_q)
         return y
 
     def apply(self, layer, group, x2d, y2d):
-        self._apply_families(layer, group, x2d, y2d)
-
-    def _apply_families(self, layer, group, x2d, y2d, skip_first=False):
-        for k, f in enumerate(self.families):
+        for f in self.families:
             args = f.groups.get((layer, group))
-            if args is None or (skip_first and k == 0):
-                continue
-            ids, offs, cols, outs = args
-            ops.uora_group_(y2d, x2d, f.a_cat, f.b_cat, f.lambda_d, f.lambda_b, f.p,
-                            f.token_slots, ids, offs, cols, outs, f.with_q)
+            if args is not None:
+                ids, offs, cols, outs = args
+                ops.uora_group_(y2d, x2d, f.a_cat, f.b_cat, f.lambda_d, f.lambda_b, f.p,
+                                f.token_slots, ids, offs, cols, outs, f.with_q)

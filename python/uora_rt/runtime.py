@@ -47,18 +47,20 @@ class Runtime:
     parallelism (`load(..., tensor_parallel=N)`) `model` is rank 0's shard, `pool` the driver's
     pool (parallel/driver.py) and `tp` the group; call close() (or leave it to atexit)."""
 
-    def __init__(self, model, config: dict, device, folder=None, fuse_shrink=None,
+    def __init__(self, model, config: dict, device, folder=None, parallel_shrink=None,
                  slots: int = 64, pool=None):
         self.folder, self.config = (Path(folder) if folder else None), config
         self.device, self.dtype = torch.device(device), model.embed.weight.dtype if hasattr(
             model, "embed") else model.word.weight.dtype
         self.model = model.eval().requires_grad_(False)
         arch, factor_dtype = pool_settings(config, self.device, self.dtype)
-        # On the GPU the shrink rides in the base GEMM (decode is weight-read-bound, the extra rows
-        # cost ~nothing); on the CPU (compute-bound) only adapter rows should pay for it.
-        fuse = self.device.type == "cuda" if fuse_shrink is None else fuse_shrink
+        # On the GPU the shrink runs beside the base GEMM on a side stream (measured against
+        # appending A_cat's rows to a copy of every base weight: as fast, and no copies,
+        # bench/results/decode_gpu_routes.json); on the CPU (compute-bound) only adapter rows
+        # should pay for it.
+        split = self.device.type == "cuda" if parallel_shrink is None else parallel_shrink
         self.pool = pool if pool is not None else AdapterPool(
-            model.sites(), self.device, arch, model.group_linear, fuse, slots, factor_dtype)
+            model.sites(), self.device, arch, split, slots, factor_dtype)
         self.tp = None  # parallel.driver.TensorParallel when tensor_parallel > 1
         self.codec = None
         if self.folder is not None and (self.folder / "tokenizer.json").is_file():
@@ -80,7 +82,7 @@ class Runtime:
         return model
 
     @classmethod
-    def from_folder(cls, folder, device="cpu", dtype=torch.float32, fuse_shrink=None, slots=64,
+    def from_folder(cls, folder, device="cpu", dtype=torch.float32, parallel_shrink=None, slots=64,
                     tensor_parallel: int = 1):
         folder = Path(folder)
         if tensor_parallel != 1:
@@ -91,11 +93,11 @@ class Runtime:
         index = checkpoint.tensor_index(folder)
         model = cls._empty_model(config, folder, index.keys(), device, dtype)
         model.load_checkpoint(checkpoint.load_tensors(folder))
-        return cls(model, config, device, folder, fuse_shrink, slots)
+        return cls(model, config, device, folder, parallel_shrink, slots)
 
     @classmethod
-    def random(cls, config: dict, device="cpu", dtype=torch.float32, seed=0, fuse_shrink=None,
-               slots=64):
+    def random(cls, config: dict, device="cpu", dtype=torch.float32, seed=0,
+               parallel_shrink=None, slots=64):
         """Random weights (N(0, 0.02), norms 1) for a transformers-style config: benchmarks only."""
         model = cls._empty_model(config, "<random>", [], device, dtype)
         g = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
@@ -105,7 +107,7 @@ class Runtime:
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, 0.02, generator=g)
-        return cls(model, config, device, None, fuse_shrink, slots)
+        return cls(model, config, device, None, parallel_shrink, slots)
 
     # --- adapters ---------------------------------------------------------------------------
     @property
@@ -179,8 +181,7 @@ class Runtime:
             w = self.model.group_linear(site.layer, site.group).weight
             rows = w[site.col: site.col + site.out]
             rows.copy_((rows.float() + sign * delta.to(w.device)).to(w.dtype))
-        self.pool.clear_fused()
-        self.weights_version += 1  # captured graphs and fused weights are stale
+        self.weights_version += 1  # captured graphs are stale
 
     # --- batches ----------------------------------------------------------------------------
     def check_merged(self, names) -> None:
@@ -261,16 +262,16 @@ class Runtime:
                         seed, chat)
 
 
-def load(base=None, adapters=(), device="cpu", dtype=torch.float32, fuse_shrink=None,
+def load(base=None, adapters=(), device="cpu", dtype=torch.float32, parallel_shrink=None,
          slots: int = 64, tensor_parallel: int = 1) -> Runtime:
     """Loads a Hugging Face base checkpoint folder (or "smollm2" / "minilm") and adapters given
-    as paths or (name, path) pairs. fuse_shrink (default: on for CUDA) computes the adapters'
-    shared shrink inside the base GEMM; slots: device slots per projection family, i.e. how many
+    as paths or (name, path) pairs. parallel_shrink (default: on for CUDA) computes each
+    adapter family's shared shrink as one GEMM beside the base GEMM (AdapterPool); slots: device slots per projection family, i.e. how many
     distinct adapters of one family can run at once (any number can be registered: the others
     wait in host memory). tensor_parallel: ranks (processes) the decoder is split across; 1 is
     the single-process path, N > 1 starts N - 1 worker processes (see uora_rt.parallel.driver;
-    fuse_shrink does not apply there)."""
-    rt = Runtime.from_folder(resolve_base(base), device, dtype, fuse_shrink, slots,
+    parallel_shrink does not apply there)."""
+    rt = Runtime.from_folder(resolve_base(base), device, dtype, parallel_shrink, slots,
                              tensor_parallel)
     try:
         for a in adapters:

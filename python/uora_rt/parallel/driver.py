@@ -273,7 +273,7 @@ def load_runtime(cls, folder: Path, device, dtype, slots: int, world: int):
     try:
         model = shard.load_shard(folder, 0, world, device, dtype)
         arch, factor_dtype = pool_settings(config, device, dtype)
-        tp.pool = DriverPool(shard.full_sites(config), device, arch, None, False, slots,
+        tp.pool = DriverPool(shard.full_sites(config), device, arch, False, slots,
                              factor_dtype)
         tp.model = model
         tp.join()

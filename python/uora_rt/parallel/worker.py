@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     config, _ = shard.read_spec(a.base)
     model = shard.load_shard(a.base, a.rank, a.world, device, dtype)
     arch, factor_dtype = pool_settings(config, device, dtype)
-    pool = AdapterPool(shard.full_sites(config), device, arch, None, False, a.slots, factor_dtype)
+    pool = AdapterPool(shard.full_sites(config), device, arch, False, a.slots, factor_dtype)
     store.set(f"tp_ready_{a.rank}", "1")
     timeout = timedelta(seconds=a.timeout)
     dist.init_process_group(backend_for(device), store=store, rank=a.rank, world_size=a.world,
