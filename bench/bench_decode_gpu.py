@@ -1,7 +1,7 @@
 """The GPU decode step, variant against variant in one process (issue 11): the decoder's
 elementwise ops as torch ops or as the fused Triton kernels (models.fused), and the adapter
-shrink's two routes (AdapterPool.parallel_shrink: on a side stream beside the base GEMM, or
-inside uora_group_ after it). Llama-2-7B shape, bf16, random weights, 512-token contexts, 64
+routes (AdapterPool.parallel_shrink: the shrink on a side stream beside the base GEMM, then the
+Triton expand of triton_expand.py or the C++ expand op; or uora_group_ after the base GEMM). Llama-2-7B shape, bf16, random weights, 512-token contexts, 64
 distinct adapters (r=256 on q/v) or none; the step is the decode graph's replay (CUDA events),
 as the engine runs it. Also: device memory after loading and after the adapter steps (weights
 are never copied), prefill of 8 x 512 tokens with 8 distinct adapters against none, and a
@@ -35,16 +35,20 @@ from bench_engine_gpu import (LLAMA2_7B, copy_bandwidth, decode_step, settle,  #
 import uora_rt  # noqa: E402
 from uora_rt import Engine, SamplingParams  # noqa: E402
 
-# (label, fused elementwise kernels, parallel shrink, adapters)
-VARIANTS = [("torch ops, none", False, True, False),
-            ("fused, none", True, True, False),
-            ("fused, 64 adapters, parallel shrink", True, True, True),
-            ("fused, 64 adapters, shrink in uora_group_", True, False, True)]
+# (label, fused elementwise kernels, adapter route, adapters). Routes: "triton" = parallel
+# shrink + the Triton expand (the default), "cpp" = parallel shrink + the C++ expand op,
+# "group" = the C++ uora_group_ after the base GEMM.
+VARIANTS = [("torch ops, none", False, "triton", False),
+            ("fused, none", True, "triton", False),
+            ("fused, 64 adapters, Triton expand", True, "triton", True),
+            ("fused, 64 adapters, C++ expand", True, "cpp", True),
+            ("fused, 64 adapters, uora_group_", True, "group", True)]
 
 
-def setup(rt, fused, parallel_shrink):
+def setup(rt, fused, route):
     rt.model.fused = fused
-    rt.pool.parallel_shrink = parallel_shrink
+    rt.pool.parallel_shrink = route != "group"
+    rt.pool.triton_expand = route == "triton"
 
 
 def prefill_ms(rt, names, n=8, length=512, reps=3) -> float:
@@ -136,8 +140,7 @@ def main():
                 print(f"  batch {batch:3} {label:50}: graph {d['graph_ms']:6.2f} ms", flush=True)
         for label, fused, shrink, with_ad in VARIANTS:
             ds = got[label]
-            rec = dict(ds[0], kind="decode", label=label, fused_kernels=fused,
-                       parallel_shrink=shrink,
+            rec = dict(ds[0], kind="decode", label=label, fused_kernels=fused, route=shrink,
                        graph_ms=statistics.median(d["graph_ms"] for d in ds),
                        api_ms=statistics.median(d["api_ms"] for d in ds),
                        graph_ms_all=[d["graph_ms"] for d in ds], weights_bytes=weights)
@@ -148,7 +151,7 @@ def main():
                   f"step() {rec['api_ms']:6.2f} ms", flush=True)
         common.write(args.name, records)
     records.append(mem("after every variant's decode steps"))
-    setup(rt, True, True)
+    setup(rt, True, "triton")
     for label, names in (("none", None), ("8 distinct adapters", names64[:8])):
         ms = prefill_ms(rt, names)
         records.append({"kind": "prefill", "label": label, "tokens": 8 * 512, "ms": ms})
@@ -156,7 +159,7 @@ def main():
     common.write(args.name, records)
     if args.profile_dir:
         for fused in (False, True):
-            setup(rt, fused, True)
+            setup(rt, fused, "triton")
             for names in (None, names64):
                 tag = f"{'fused' if fused else 'torch'}_{'64ad' if names else 'none'}"
                 profile_step(rt, 64, names, Path(args.profile_dir) / f"profile_b64_{tag}.txt")

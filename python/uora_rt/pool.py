@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from uora_rt import format as fmt
-from uora_rt import ops
+from uora_rt import ops, triton_expand
 from uora_rt.checkpoint import resolve_module
 from uora_rt.errors import AdapterFormatError
 from uora_rt.models.common import AdapterHook, Site, base_linear
@@ -82,6 +82,7 @@ class Family:
         self.lru: OrderedDict[int, None] = OrderedDict()  # resident, unpinned; oldest first
         self.members = 0                              # registered entries (removed but leased too)
         self.groups: dict = {}                        # (layer, group) -> op arguments
+        self.tables: dict = {}                        # (layer, group) -> (module table, max out)
 
     @property
     def slots(self) -> int:
@@ -123,6 +124,9 @@ class AdapterPool:
         self.device = torch.device(device)
         self.base_arch = base_arch
         self.parallel_shrink = parallel_shrink
+        # The decode expand of the parallel route in Triton where it runs (triton_expand.runs);
+        # False: always the C++ op (benchmarks compare the two).
+        self.triton_expand = True
         self._side: dict = {}  # CUDA device -> the side stream of the parallel shrink
         self.slots = slots
         # The shared factors in the dtype the kernels multiply in: bf16 on a bf16 GPU model
@@ -218,6 +222,8 @@ class AdapterPool:
         # New tensors: a step in flight keeps the old ones, which stay consistent.
         fam.lambda_d, fam.lambda_b = widen(fam.lambda_d, fam.lambda_b, fam.slots, self.device)
         fam.groups = self._group_table(fam)
+        fam.tables = {key: (triton_expand.module_table(*args, self.device), max(args[3]))
+                      for key, args in fam.groups.items()}
         fam.version += 1
 
     def _grow_host(self, fam: Family) -> int:
@@ -345,7 +351,8 @@ class AdapterPool:
         adapters has reinit events (else the Q halves are skipped)."""
         with self._lock:
             views = [FamilyView(fam.a_cat, fam.b_cat, fam.lambda_d, fam.lambda_b, fam.p,
-                                fam.groups, fam.has_q and with_q.get(fam, False), slots)
+                                fam.groups, fam.tables, fam.has_q and with_q.get(fam, False),
+                                slots)
                      for fam, slots in ((f, token_slots.get(f)) for f in self.families.values())
                      if slots is not None]
             return AdapterBatch(self, views) if views else None
@@ -361,6 +368,7 @@ class FamilyView:
     lambda_b: torch.Tensor
     p: torch.Tensor
     groups: dict
+    tables: dict  # (layer, group) -> (triton_expand.module_table, max out)
     with_q: bool
     token_slots: torch.Tensor  # [T] int32, -1 = not this family
 
@@ -405,6 +413,11 @@ class AdapterBatch(AdapterHook):
             y = base_linear(linear, x)
         y2d = y.view(-1, y.shape[-1])
         for f, u in zip(fams, us):
+            if self.pool.triton_expand and triton_expand.runs(y2d, f.b_cat):
+                table, max_out = f.tables[(layer, group)]
+                triton_expand.expand_(y2d, u, f.b_cat, f.lambda_d, f.lambda_b, f.p,
+                                      f.token_slots, table, max_out, f.with_q)
+                continue
             ids, offs, cols, outs = f.groups[(layer, group)]
             ops.uora_expand_(y2d, u, f.b_cat, f.lambda_d, f.lambda_b, f.p, f.token_slots, ids,
                              offs, cols, outs, f.with_q)
