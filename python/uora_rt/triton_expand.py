@@ -26,6 +26,8 @@ except ImportError:  # the CPU wheel of torch brings no Triton
     triton = None
 
 MAX_ROWS = 512  # above this (prefill chunks) the C++ op's GEMM route is the better one
+# Launch settings; bench/kernels/decode_tune_gpu.py sweeps them (NOTES.md has the choice).
+CONFIG = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": None}
 
 
 def available() -> bool:
@@ -94,11 +96,13 @@ def expand_(y, u, b_cat, lambda_d, lambda_b, p, slot, table, max_out: int, with_
     rows, r = y.shape[0], lambda_d.shape[2]
     if rows == 0 or table.shape[0] == 0:
         return
+    cfg = CONFIG
     block_t = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    block_n = 64
-    grid = (triton.cdiv(max_out, block_n), triton.cdiv(rows, block_t), table.shape[0])
+    grid = (triton.cdiv(max_out, cfg["block_n"]), triton.cdiv(rows, block_t), table.shape[0])
+    extra = {} if cfg["num_stages"] is None else {"num_stages": cfg["num_stages"]}
     _expand[grid](y, u, b_cat, lambda_d, lambda_b, p, slot, table, rows, lambda_d.shape[0],
                   lambda_d.shape[1], lambda_b.shape[1], y.stride(0), u.stride(0),
                   b_cat.stride(0), slot.stride(0), r=r, WITH_Q=with_q, BLOCK_T=block_t,
-                  BLOCK_N=block_n, BLOCK_K=min(64, max(16, triton.next_power_of_2(r))),
-                  num_warps=4)
+                  BLOCK_N=cfg["block_n"],
+                  BLOCK_K=min(cfg["block_k"], max(16, triton.next_power_of_2(r))),
+                  num_warps=cfg["num_warps"], **extra)

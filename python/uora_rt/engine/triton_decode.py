@@ -111,6 +111,11 @@ if triton is not None:
                  mask=d < HEAD_DIM)
 
 
+# Launch settings of _decode for 16-bit caches (float32 takes BLOCK_N 16, IEEE dots); None = the
+# Triton defaults. bench/kernels/decode_tune_gpu.py sweeps them (NOTES.md has the choice).
+CONFIG = {"block_n": 32, "num_warps": None, "num_stages": None}
+
+
 def splits_for(batch: int, n_kv: int) -> int:
     """Context splits per (sequence, KV head): enough programs to fill the GPU when sequences x
     KV heads alone would not (~500 programs keep an H200's 132 SMs busy), at most 16."""
@@ -137,7 +142,8 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale,
         q, k_cache, v_cache, block_tables, seq_lens, out, po, pm, pl, scale,
         block_tables.stride(0), n_heads, n_kv, n_heads // n_kv, block_size, n_splits,
         HEAD_DIM=head_dim, HD=hd, BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)),
-        BLOCK_N=16 if ieee else 32, DIRECT=direct, IEEE=ieee)
+        BLOCK_N=16 if ieee else CONFIG["block_n"], DIRECT=direct, IEEE=ieee,
+        **{k: v for k, v in CONFIG.items() if k != "block_n" and v is not None and not ieee})
     if not direct:
         _merge[(b, n_heads)](po, pm, pl, out, n_heads, n_splits, HEAD_DIM=head_dim, HD=hd,
                              SPLITS=max(2, triton.next_power_of_2(n_splits)))
