@@ -112,8 +112,10 @@ if triton is not None:
 
 
 # Launch settings of _decode for 16-bit caches (float32 takes BLOCK_N 16, IEEE dots); None = the
-# Triton defaults. bench/kernels/decode_tune_gpu.py sweeps them (NOTES.md has the choice).
-CONFIG = {"block_n": 32, "num_warps": None, "num_stages": None}
+# Triton default. Swept by bench/kernels/decode_tune_gpu.py on the H200 (runs/decode_tune_run1
+# .json): 64-key tiles, 4 warps, 2 stages won or tied on every shape, e.g. the 7B batch 64 at
+# 138 us (4.04 TB/s) against 160 us (3.49 TB/s) for the earlier 32 / 4 / 3.
+CONFIG = {"block_n": 64, "num_warps": 4, "num_stages": 2}
 
 
 def splits_for(batch: int, n_kv: int) -> int:
