@@ -2,7 +2,9 @@
 
 Methods (each y = x W^T + the adapters' delta):
   base       the base GEMM alone
-  fused      base GEMM over [W; A_cat] (shrink inside it) + uora_expand_        (the runtime's path)
+  parallel   shrink GEMM from the shared A_cat on a side stream beside the base GEMM, then the
+             Triton expand (C++ uora_expand_ above 512 rows)                     (the runtime's path)
+  fused      base GEMM over a copy [W; A_cat] (shrink inside it) + uora_expand_  (the path it replaced)
   group      base GEMM + uora_group_ (own shrink GEMM + expand)
   torch_comp DESIGN §4 as plain torch ops (gather, mix, two GEMMs, scale-add)
   peft_loop  per adapter: gather its rows, two small GEMMs, scale, scatter-add (PEFT mixed batch)
@@ -11,7 +13,8 @@ layers with their own weights (shared A_cat/B_cat/tables, as in a model) capture
 median per layer. Ratios are to base in the same mode; TB/s and TFLOP/s use the minimum bytes and
 FLOPs of each method (gpu_bench.Layer.cost) against ceilings measured in the same run.
 
-python bench/bench_layer_gpu.py [--quick]      -> bench/results/layer_gpu.{json,png}
+python bench/bench_layer_gpu.py [--quick | --ranks 64,256 --tokens 1,16,64,256]
+    -> bench/results/layer_gpu.{json,png}
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import gpu_bench as gb
 SHAPES = [(4096, 4096), (4096, 11008)]  # (out, in)
 RANKS = [64, 256, 1024]
 TOKENS = [1, 16, 64, 256, 4096, 16384]
-OURS = ["fused", "group", "torch_comp"]
+OURS = ["parallel", "fused", "group", "torch_comp"]
 
 
 def measure(out, inp, r, T, with_q, graph: bool):
@@ -77,17 +80,17 @@ def plot(records, path):
     for i, (out, inp) in enumerate(SHAPES):
         for j, r in enumerate(RANKS):
             ax = axes[i][j]
-            for m, style in [("fused", "C0-o"), ("group", "C1-s"), ("torch_comp", "C2-^"),
-                             ("peft_loop", "C3-x")]:
+            for m, style in [("parallel", "C0-o"), ("fused", "C4-d"), ("group", "C1-s"),
+                             ("torch_comp", "C2-^"), ("peft_loop", "C3-x")]:
                 pts = [(x["T"], x["ratio"]) for x in records if x["out"] == out and
                        x["in"] == inp and x["r"] == r and x["method"] == m and x["with_q"]]
                 if pts:
                     ax.plot(*zip(*pts), style, label=m + " (cold)")
             pts = [(x["T"], x["graph_ratio"]) for x in records if x["out"] == out and
-                   x["in"] == inp and x["r"] == r and x["method"] == "fused" and x["with_q"] and
-                   "graph_ratio" in x]
+                   x["in"] == inp and x["r"] == r and x["method"] == "parallel" and x["with_q"]
+                   and "graph_ratio" in x]
             if pts:
-                ax.plot(*zip(*pts), "C0--", label="fused (graph, 8 layers)")
+                ax.plot(*zip(*pts), "C0--", label="parallel (graph, 8 layers)")
             ax.axhline(1.03, color="k", lw=0.5, ls=":")
             ax.axhline(1.15, color="k", lw=0.5, ls="--")
             ax.set_xscale("log", base=2)
@@ -106,9 +109,15 @@ def plot(records, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ranks", default=None, help="comma-separated (default: 64,256,1024)")
+    ap.add_argument("--tokens", default=None, help="comma-separated (default: 1 ... 16384)")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
     shapes, ranks, tokens = (SHAPES[:1], [256], [1, 4096]) if args.quick else (SHAPES, RANKS, TOKENS)
+    if args.ranks:
+        ranks = [int(v) for v in args.ranks.split(",")]
+    if args.tokens:
+        tokens = [int(v) for v in args.tokens.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     ceil = gb.ceilings()
     print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 mm {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s")

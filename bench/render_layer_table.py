@@ -19,14 +19,15 @@ def main():
            f"Command: `python bench/bench_layer_gpu.py` on the GPU machine ({d['env']['torch']}); "
            f"ceilings measured in the same run: {json.dumps(c)}. Cold = CUDA events with L2 "
            "flushed, median; graph = 8 layers in one CUDA graph, per layer (T <= 256). Ratios are "
-           "to the base GEMM. fused = base GEMM over [W; A_cat[:R]] + uora_expand_ (the "
-           "runtime's GPU path); group = base GEMM + uora_group_; torch = plain torch composition "
+           "to the base GEMM. parallel = the runtime's GPU path (the shrink from the shared A_cat "
+           "on a side stream beside the base GEMM, then the Triton expand); fused = the path it "
+           "replaced (base GEMM over a copy [W; A_cat[:R]] + uora_expand_); group = base GEMM + uora_group_; torch = plain torch composition "
            "of DESIGN §4; peft loop = per-adapter gather / two GEMMs / scatter (PEFT style).", "",
-           "| out x in | r | Q | T | base us | fused us | fused x | fused x (graph) | group x | "
-           "torch x | peft loop x | fused TB/s | fused TFLOP/s |",
+           "| out x in | r | Q | T | base us | parallel us | parallel x | parallel x (graph) | "
+           "fused x (graph) | group x | torch x | peft loop x | parallel TB/s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (o, i, r, q, t), m in sorted(rows.items()):
-        b, f = m.get("base"), m.get("fused")
+        b, f = m.get("base"), m.get("parallel")
         if not b or not f:
             continue
 
@@ -34,9 +35,10 @@ def main():
             v = m.get(name, {}).get(key)
             return "-" if v is None else f"{v:.2f}"
 
-        out.append(f"| {o}x{i} | {r} | {q} | {t} | {b['us']:.1f} | {f['us']:.1f} | {x('fused')} | "
+        out.append(f"| {o}x{i} | {r} | {q} | {t} | {b['us']:.1f} | {f['us']:.1f} | "
+                   f"{x('parallel')} | {x('parallel', 'graph_ratio')} | "
                    f"{x('fused', 'graph_ratio')} | {x('group')} | {x('torch_comp')} | "
-                   f"{x('peft_loop')} | {f['TBps']:.2f} | {f['TFLOPs']:.0f} |")
+                   f"{x('peft_loop')} | {f['TBps']:.2f} |")
     (RESULTS / "layer_gpu.md").write_text("\n".join(out) + "\n")
     print(f"wrote {RESULTS / 'layer_gpu.md'} ({len(out) - 6} rows)")
 

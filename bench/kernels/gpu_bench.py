@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from uora_rt import ops
+from uora_rt import ops, triton_expand
 
 BF16 = torch.bfloat16
 _flush_buf = None
@@ -100,7 +100,10 @@ class Layer:
         self.w = rn(out, inp, scale=inp**-0.5).to(BF16)
         self.a_cat = rn(2 * r, inp, scale=inp**-0.5).to(BF16)      # [A0; QA]
         self.b_cat = rn(out, 2 * r, scale=out**-0.5).to(BF16)      # [B0 | QB]
-        self.w_ext = torch.cat([self.w, self.a_cat]).contiguous()   # the runtime's fused weight
+        self.w_ext = torch.cat([self.w, self.a_cat]).contiguous()   # the replaced fused weight
+        self.u = torch.empty(T, self.R, device=dev, dtype=BF16)
+        self.side = torch.cuda.Stream()
+        self.table = triton_expand.module_table([0], [0], [0], [out], dev)
         self.lambda_d = rn(S, 1, r, scale=0.1)
         self.lambda_b = rn(S, out, scale=0.1)
         self.p = torch.where(torch.rand(S, r, generator=g, device=dev) < 0.3, 0.5, 1.0)
@@ -112,8 +115,26 @@ class Layer:
     def base(self):
         torch.matmul(self.x, self.w.t(), out=self.y)
 
+    def parallel(self):
+        """The runtime's GPU route (pool.AdapterBatch.run): the shrink from the shared A_cat on
+        a side stream beside the base GEMM, then the Triton expand (the C++ op above
+        triton_expand.MAX_ROWS rows)."""
+        main = torch.cuda.current_stream()
+        self.side.wait_stream(main)
+        with torch.cuda.stream(self.side):
+            torch.mm(self.x, self.a_cat[: self.R].t(), out=self.u)
+        self.base()
+        main.wait_stream(self.side)
+        if triton_expand.runs(self.y, self.b_cat):
+            triton_expand.expand_(self.y, self.u, self.b_cat, self.lambda_d, self.lambda_b,
+                                  self.p, self.slot, self.table, self.out, self.with_q)
+        else:
+            ops.uora_expand_(self.y, self.u, self.b_cat, self.lambda_d, self.lambda_b, self.p,
+                             self.slot, [0], [0], [0], [self.out], self.with_q)
+
     def fused(self):
-        """Shrink inside the base GEMM (A_cat rows appended), then one uora_expand_."""
+        """The route `parallel` replaced: the shrink inside the base GEMM (A_cat rows appended
+        to a copy of W), then one uora_expand_."""
         n = self.out
         y_ext = F.linear(self.x, self.w_ext[: n + self.R])
         ops.uora_expand_(y_ext[:, :n], y_ext[:, n:], self.b_cat, self.lambda_d, self.lambda_b,
