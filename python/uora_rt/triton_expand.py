@@ -25,7 +25,10 @@ try:
 except ImportError:  # the CPU wheel of torch brings no Triton
     triton = None
 
-MAX_ROWS = 512  # above this (prefill chunks) the C++ op's GEMM route is the better one
+# Above this many rows the C++ op's GEMM route is as fast or faster (H200: equal at 256 decode
+# rows in the 7B step, bench/results/decode_gpu.json; 28 against 15 us for one 4096 x 4096
+# layer at T = 256 with Q, layer_gpu.json), so this kernel takes decode batches up to 64.
+MAX_ROWS = 64
 # Launch settings; bench/kernels/decode_tune_gpu.py sweeps them (NOTES.md has the choice).
 CONFIG = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": None}
 
