@@ -35,20 +35,23 @@ from bench_engine_gpu import (LLAMA2_7B, copy_bandwidth, decode_step, settle,  #
 import uora_rt  # noqa: E402
 from uora_rt import Engine, SamplingParams  # noqa: E402
 
-# (label, fused elementwise kernels, adapter route, adapters). Routes: "triton" = parallel
-# shrink + the Triton expand (the default), "cpp" = parallel shrink + the C++ expand op,
-# "group" = the C++ uora_group_ after the base GEMM.
-VARIANTS = [("torch ops, none", False, "triton", False),
-            ("fused, none", True, "triton", False),
-            ("fused, 64 adapters, Triton expand", True, "triton", True),
-            ("fused, 64 adapters, C++ expand", True, "cpp", True),
-            ("fused, 64 adapters, uora_group_", True, "group", True)]
+# name -> (label, fused elementwise kernels, adapter route, adapters). Routes: "deferred" =
+# parallel shrink + the Triton expand on the side stream, added by the consumer kernels (the
+# default), "triton" = the Triton expand in place after the base GEMM, "cpp" = the C++ expand
+# op in place, "group" = the C++ uora_group_ after the base GEMM.
+VARIANTS = {"torch": ("torch ops, none", False, "deferred", False),
+            "none": ("fused, none", True, "deferred", False),
+            "deferred": ("fused, 64 adapters, deferred Triton expand", True, "deferred", True),
+            "triton": ("fused, 64 adapters, Triton expand", True, "triton", True),
+            "cpp": ("fused, 64 adapters, C++ expand", True, "cpp", True),
+            "group": ("fused, 64 adapters, uora_group_", True, "group", True)}
 
 
 def setup(rt, fused, route):
     rt.model.fused = fused
     rt.pool.parallel_shrink = route != "group"
-    rt.pool.triton_expand = route == "triton"
+    rt.pool.triton_expand = route in ("deferred", "triton")
+    rt.pool.defer_expand = route == "deferred"
 
 
 def prefill_ms(rt, names, n=8, length=512, reps=3) -> float:
@@ -111,6 +114,8 @@ def main():
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--name", default="decode_gpu")
     ap.add_argument("--profile-dir", default=None)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="of " + ",".join(VARIANTS))
+    ap.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     records = []
     bw = copy_bandwidth()
@@ -130,15 +135,16 @@ def main():
                 "weights_bytes": weights, "pool_bytes": factors}
 
     records.append(mem("loaded, 64 adapters registered"))
+    variants = [VARIANTS[v] for v in args.variants.split(",")]
     for batch in [int(b) for b in args.batches.split(",")]:
-        got = {v[0]: [] for v in VARIANTS}
+        got = {v[0]: [] for v in variants}
         for _ in range(args.rounds):
-            for label, fused, shrink, with_ad in VARIANTS:
+            for label, fused, shrink, with_ad in variants:
                 setup(rt, fused, shrink)
                 d = decode_step(rt, batch, names64 if with_ad else None)
                 got[label].append(d)
                 print(f"  batch {batch:3} {label:50}: graph {d['graph_ms']:6.2f} ms", flush=True)
-        for label, fused, shrink, with_ad in VARIANTS:
+        for label, fused, shrink, with_ad in variants:
             ds = got[label]
             rec = dict(ds[0], kind="decode", label=label, fused_kernels=fused, route=shrink,
                        graph_ms=statistics.median(d["graph_ms"] for d in ds),
@@ -151,15 +157,16 @@ def main():
                   f"step() {rec['api_ms']:6.2f} ms", flush=True)
         common.write(args.name, records)
     records.append(mem("after every variant's decode steps"))
-    setup(rt, True, "triton")
-    for label, names in (("none", None), ("8 distinct adapters", names64[:8])):
+    setup(rt, True, "deferred")
+    for label, names in (("none", None), ("8 distinct adapters", names64[:8])) if args.prefill \
+            else ():
         ms = prefill_ms(rt, names)
         records.append({"kind": "prefill", "label": label, "tokens": 8 * 512, "ms": ms})
         print(f"prefill 8 x 512, {label}: {ms:.1f} ms", flush=True)
     common.write(args.name, records)
     if args.profile_dir:
         for fused in (False, True):
-            setup(rt, fused, "triton")
+            setup(rt, fused, "deferred")
             for names in (None, names64):
                 tag = f"{'fused' if fused else 'torch'}_{'64ad' if names else 'none'}"
                 profile_step(rt, 64, names, Path(args.profile_dir) / f"profile_b64_{tag}.txt")

@@ -1,19 +1,21 @@
-"""Prints the README's decode-step table from bench/results/decode_gpu.json and draws
-bench/results/decode_gpu.png (graph-replayed step per variant and batch, against the byte floor).
+"""Prints the README's decode-step table from bench/results/NAME.json and draws
+bench/results/NAME.png (graph-replayed step per variant and batch, against the byte floor).
 
-  python bench/plot_decode_gpu.py
+  python bench/plot_decode_gpu.py [NAME]        (default decode_gpu)
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main():
-    recs = json.loads((RESULTS / "decode_gpu.json").read_text())["records"]
+    name = sys.argv[1] if len(sys.argv) > 1 else "decode_gpu"
+    recs = json.loads((RESULTS / f"{name}.json").read_text())["records"]
     dec = [r for r in recs if r["kind"] == "decode"]
     batches = sorted({r["batch"] for r in dec})
     labels = list(dict.fromkeys(r["label"] for r in dec))
@@ -50,8 +52,8 @@ def main():
     fig.suptitle("Llama-2-7B-shaped decode step, bf16, H200, 512-token contexts "
                  "(bench/bench_decode_gpu.py)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(RESULTS / "decode_gpu.png", dpi=110)
-    print(f"wrote {RESULTS / 'decode_gpu.png'}")
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    print(f"wrote {RESULTS / f'{name}.png'}")
 
 
 if __name__ == "__main__":

@@ -27,33 +27,38 @@ def randn(*shape, dtype, seed=0, scale=1.0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [17, 576, 1000, 4096])
-@pytest.mark.parametrize("with_delta", [False, True])
-def test_add_rms_norm_equals_torch(dtype, n, with_delta):
+@pytest.mark.parametrize("with_delta,with_extra", [(False, False), (True, False), (True, True)])
+def test_add_rms_norm_equals_torch(dtype, n, with_delta, with_extra):
     wide = randn(5, n + 3, dtype=dtype, scale=3.0)
     x = wide[:, :n]                                   # rows with a stride other than n
     delta = randn(5, n, dtype=dtype, seed=1) if with_delta else None
+    extra = randn(5, n, dtype=torch.float32, seed=3, scale=0.5) if with_extra else None
     w = randn(n, dtype=dtype, seed=2)
     with torch.no_grad():
-        got_x, got_h = fused.triton_add_rms_norm(x, delta, w, 1e-5)
-        want_x, want_h = fused.torch_add_rms_norm(x, delta, w, 1e-5)
+        got_x, got_h = fused.triton_add_rms_norm(x, delta, w, 1e-5, extra)
+        want_x, want_h = fused.torch_add_rms_norm(x, delta, w, 1e-5, extra)
     assert torch.equal(got_x, want_x)  # the add rounds once, as torch's does
     assert_close(got_h, want_h, table=ELEMENT_TOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [7, 96, 11008])
-def test_silu_mul_equals_torch(dtype, n):
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_silu_mul_equals_torch(dtype, n, with_extra):
     gu = randn(2, 3, 2 * n, dtype=dtype, scale=4.0)
-    got = fused.triton_silu_mul(gu)
+    extra = randn(2, 3, 2 * n, dtype=torch.float32, seed=1) if with_extra else None
+    got = fused.triton_silu_mul(gu, extra)
     assert got.shape == (2, 3, n)
-    assert_close(got, fused.torch_silu_mul(gu), table=ELEMENT_TOL)
+    assert_close(got, fused.torch_silu_mul(gu, extra), table=ELEMENT_TOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_heads,n_kv,hd", [(4, 2, 64), (8, 8, 128), (6, 3, 80)])
-def test_rope_store_equals_rope_and_index_copy(dtype, n_heads, n_kv, hd):
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_rope_store_equals_rope_and_index_copy(dtype, n_heads, n_kv, hd, with_extra):
     t, blocks, bs = 9, 6, 4
     qkv = randn(t, (n_heads + 2 * n_kv) * hd, dtype=dtype)
+    extra = randn(*qkv.shape, dtype=torch.float32, seed=8) if with_extra else None
     pos = torch.tensor([0, 1, 2, 7, 30, 31, 100, 5, 4096], device=DEVICE)
     inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd)).to(DEVICE)
     emb = torch.cat([pos.float()[:, None] * inv] * 2, dim=-1)
@@ -61,8 +66,8 @@ def test_rope_store_equals_rope_and_index_copy(dtype, n_heads, n_kv, hd):
     slots = torch.randperm(blocks * bs, generator=torch.Generator().manual_seed(3))[:t].to(DEVICE)
     got_k, got_v = (randn(blocks, bs, n_kv, hd, dtype=dtype, seed=s) for s in (4, 5))
     want_k, want_v = got_k.clone(), got_v.clone()
-    q = fused.triton_rope_store(qkv, cos, sin, slots, got_k, got_v, n_heads, n_kv, hd)
-    qs, ks, vs = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    q = fused.triton_rope_store(qkv, cos, sin, slots, got_k, got_v, n_heads, n_kv, hd, extra)
+    qs, ks, vs = fused.with_extra(qkv, extra).split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
     want_q = fused.apply_rope(qs.view(t, n_heads, hd), cos, sin)
     want_k.view(-1, n_kv, hd).index_copy_(0, slots, fused.apply_rope(ks.view(t, n_kv, hd), cos,
                                                                      sin))
@@ -79,19 +84,32 @@ def test_pick_says_why_not():
         fused.Kernels.pick(x.to(DEVICE), True)
 
 
-@pytest.mark.skipif(INTERPRET, reason="whole models in the interpreter take minutes")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_steps_with_fused_kernels_equal_without(tmp_path, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
+def test_engine_steps_with_fused_kernels_equal_without(tmp_path, monkeypatch, dtype):
     """The engine's model over a paged KV cache (prefill, then decode steps) with adapters of
-    two families in the batch: each step's logits with the fused kernels against the torch ops,
-    for as long as the two runs have drawn the same tokens (bf16 may part on a near tie)."""
+    two families in the batch: each step's logits with the fused kernels (and, in 16 bits, the
+    adapter deltas computed beside the base GEMMs and added by the consumer kernels) against
+    the torch ops, for as long as the two runs have drawn the same tokens (16-bit runs may part
+    on a near tie)."""
     from engine_helpers import build, load, random_prompts
     from uora_rt import Engine, SamplingParams
+    from uora_rt import pool as pool_mod
+    from uora_rt import runtime
 
+    if INTERPRET:  # the shared factors in the model's dtype, as on a GPU
+        monkeypatch.setattr(runtime, "pool_settings", lambda cfg, dev, dt: ("LlamaForCausalLM", dt))
+    deferred, run_deferred = [], pool_mod.AdapterBatch.run_deferred
+
+    def spy(self, *args):
+        y, extra = run_deferred(self, *args)
+        deferred.append(extra is not None)
+        return y, extra
+
+    monkeypatch.setattr(pool_mod.AdapterBatch, "run_deferred", spy)
     _, base, ads = build(tmp_path)
     runs = {}
     for use in (False, True):
-        rt = load(base, ads, device=DEVICE, dtype=dtype)
+        rt = load(base, ads, device=DEVICE, dtype=dtype, parallel_shrink=True)
         rt.model.fused = use
         engine = Engine(rt, kv_cache_tokens=2048, cuda_graphs=False)
         steps, sample = [], engine.runner.sampler
@@ -106,9 +124,11 @@ def test_engine_steps_with_fused_kernels_equal_without(tmp_path, dtype):
             engine.add_request(prompt, name, SamplingParams(max_tokens=8))
         engine.run_until_done()
         runs[use] = steps
+    assert any(deferred) == (dtype != torch.float32)  # 16-bit decode steps defer the expand
     compared = 0
     for (want, want_tok), (got, got_tok) in zip(runs[False], runs[True]):
-        assert_close(got, want, table=MODEL_TOL, dtype=dtype)
+        assert_close(got, want, table=MODEL_TOL, dtype=torch.bfloat16 if dtype != torch.float32
+                     else dtype)
         compared += 1
         if not torch.equal(want_tok, got_tok):
             assert dtype != torch.float32, "float32 runs must draw the same tokens"

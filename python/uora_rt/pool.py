@@ -127,6 +127,10 @@ class AdapterPool:
         # The decode expand of the parallel route in Triton where it runs (triton_expand.runs);
         # False: always the C++ op (benchmarks compare the two).
         self.triton_expand = True
+        # With the fused decoder kernels, compute the decode expand on the side stream too and
+        # let the consumer kernel add it (AdapterBatch.run_deferred); False: expand in place
+        # after the base GEMM (benchmarks compare the two).
+        self.defer_expand = True
         self._side: dict = {}  # CUDA device -> the side stream of the parallel shrink
         self.slots = slots
         # The shared factors in the dtype the kernels multiply in: bf16 on a bf16 GPU model
@@ -422,6 +426,47 @@ class AdapterBatch(AdapterHook):
             ops.uora_expand_(y2d, u, f.b_cat, f.lambda_d, f.lambda_b, f.p, f.token_slots, ids,
                              offs, cols, outs, f.with_q)
         return y
+
+    def run_deferred(self, layer, group, linear, x):
+        """(y, extra) for the fused decoder kernels (models.fused.Kernels.group): the base GEMM
+        on the current stream while the side stream computes every family's shrink and Triton
+        expand into extra, a float32 [..., n_out] delta (zero where no adapter applies) that the
+        consumer kernel adds as it reads y. So the adapter work leaves the critical path. Takes
+        decode-sized batches (triton_expand.MAX_ROWS) on CUDA, where parallel_shrink and
+        defer_expand are on; elsewhere it is run(...) with nothing pending."""
+        fams = [f for f in self.families if (layer, group) in f.groups]
+        x2d = x.reshape(-1, x.shape[-1])
+        if not fams:
+            return base_linear(linear, x), None
+        if not (self.pool.parallel_shrink and self.pool.defer_expand and self.pool.triton_expand
+                and triton_expand.available() and x2d.shape[0] <= triton_expand.MAX_ROWS
+                and x.dtype in (torch.bfloat16, torch.float16)
+                and all(f.b_cat.dtype == x.dtype for f in fams)):
+            return self.run(layer, group, linear, x), None
+        n_out = linear.weight.shape[0]
+        # Allocated on the current stream, which frees them after the consumer has read them.
+        extra = torch.empty(x2d.shape[0], n_out, dtype=torch.float32, device=x.device)
+        us = [x2d.new_empty(x2d.shape[0], f.rank) for f in fams]
+
+        def adapters():
+            extra.zero_()
+            for f, u in zip(fams, us):
+                torch.mm(x2d, f.a_cat[: f.rank, : x2d.shape[1]].t(), out=u)
+                table, max_out = f.tables[(layer, group)]
+                triton_expand.expand_(extra, u, f.b_cat, f.lambda_d, f.lambda_b, f.p,
+                                      f.token_slots, table, max_out, f.with_q)
+
+        if x.is_cuda:
+            main, side = torch.cuda.current_stream(x.device), self.pool.side_stream(x.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                adapters()
+            y = base_linear(linear, x)
+            main.wait_stream(side)
+        else:  # Triton's interpreter (tests): the same work, in order
+            adapters()
+            y = base_linear(linear, x)
+        return y, extra.view(*x.shape[:-1], n_out)
 
     def apply(self, layer, group, x2d, y2d):
         for f in self.families:

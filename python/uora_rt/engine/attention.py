@@ -106,14 +106,15 @@ class PagedAttention:
         part of the step must read keys from the cache (not the gather path's fresh prompts)."""
         return self.prefill_fn is not None or not self.meta.prefills
 
-    def attend_qkv(self, layer, qkv, cos, sin, n_heads, n_kv, head_dim):
-        """qkv [T, (nH + 2 nKV) hd] straight from the GEMM (models.fused.triton_rope_store
-        ropes q and k and writes k, v into the cache) -> [T, nH, hd]."""
+    def attend_qkv(self, layer, qkv, cos, sin, n_heads, n_kv, head_dim, extra=None):
+        """qkv [T, (nH + 2 nKV) hd] straight from the GEMM, with its pending adapter delta
+        (models.fused.triton_rope_store adds it, ropes q and k and writes k, v into the cache)
+        -> [T, nH, hd]."""
         from uora_rt.models.fused import triton_rope_store
 
         k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
         q = triton_rope_store(qkv, cos, sin, self.meta.slot_mapping, k_cache, v_cache, n_heads,
-                              n_kv, head_dim)
+                              n_kv, head_dim, extra)
         return self._attend(q, None, None, k_cache, v_cache)
 
     def __call__(self, layer, q, k, v):

@@ -62,6 +62,11 @@ class AdapterHook:
     def apply(self, layer: int, group: str, x2d: torch.Tensor, y2d: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def run_deferred(self, layer: int, group: str, linear, x: torch.Tensor):
+        """(y, extra): linear(x) and None, or linear(x) alone and the adapter deltas as a
+        float32 tensor of its shape that the caller adds (models.fused.Kernels.group)."""
+        return self.run(layer, group, linear, x), None
+
 
 def run_group(hook, layer, group, linear, x):
     """x: [..., in] -> [..., n_out]: the group's base GEMM and its adapter deltas."""

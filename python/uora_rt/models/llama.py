@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from uora_rt.models.common import Site, dense, run_group
-from uora_rt.models.fused import Kernels, apply_rope
+from uora_rt.models.common import Site, dense
+from uora_rt.models.fused import Kernels, apply_rope, with_extra
 
 
 @dataclass
@@ -162,26 +162,27 @@ class LlamaModel(nn.Module):
     # --- forward ----------------------------------------------------------------------------
     def block(self, i: int, x, delta, cos, sin, attention, hook, ops: Kernels):
         """One decoder layer: (x, delta) -> (x + delta, this layer's output delta); the residual
-        add is deferred so that it fuses with the next RMSNorm. x: [..., H]; cos, sin:
-        [..., 1, hd]; delta None = nothing to add (the first layer)."""
+        add is deferred so that it fuses with the next RMSNorm. A delta is (y, extra): a GEMM
+        output and the adapter deltas still to be added to it, or None (Kernels.group).
+        x: [..., H]; cos, sin: [..., 1, hd]; delta (None, None) = nothing to add."""
         s, layer = self.spec, self.layers[i]
         lead = x.shape[:-1]
         q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        x, h = ops.add_rms_norm(x, delta, layer.in_norm, s.rms_eps)
-        qkv = run_group(hook, i, "qkv", layer.qkv, h)                        # [..., q+2kv]
+        x, h = ops.add_rms_norm(x, delta[0], layer.in_norm, s.rms_eps, delta[1])
+        qkv, extra = ops.group(hook, i, "qkv", layer.qkv, h)                 # [..., q+2kv]
         if ops.fused and getattr(attention, "takes_qkv", False):
-            # RoPE and the KV write in one kernel inside the attention backend.
-            att = attention.attend_qkv(i, qkv, cos, sin, s.heads, s.kv_heads, s.head_dim)
+            # RoPE, the adapter delta and the KV write in one kernel inside the backend.
+            att = attention.attend_qkv(i, qkv, cos, sin, s.heads, s.kv_heads, s.head_dim, extra)
         else:
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = with_extra(qkv, extra).split([q_size, kv_size, kv_size], dim=-1)
             q = apply_rope(q.view(*lead, s.heads, s.head_dim), cos, sin)     # [..., nH, hd]
             k = apply_rope(k.view(*lead, s.kv_heads, s.head_dim), cos, sin)  # [..., nKV, hd]
             v = v.reshape(*lead, s.kv_heads, s.head_dim)
             att = attention(i, q, k, v)                                      # [..., nH, hd]
-        o = run_group(hook, i, "o", layer.o, att.reshape(*lead, q_size))
-        x, h = ops.add_rms_norm(x, o, layer.post_norm, s.rms_eps)
-        gate_up = run_group(hook, i, "gate_up", layer.gate_up, h)            # [..., 2I]
-        return x, run_group(hook, i, "down", layer.down, ops.silu_mul(gate_up))
+        o, extra = ops.group(hook, i, "o", layer.o, att.reshape(*lead, q_size))
+        x, h = ops.add_rms_norm(x, o, layer.post_norm, s.rms_eps, extra)
+        gate_up, extra = ops.group(hook, i, "gate_up", layer.gate_up, h)     # [..., 2I]
+        return x, ops.group(hook, i, "down", layer.down, ops.silu_mul(gate_up, extra))
 
     def forward(self, ids, positions, attention, hook=None, rows=None):
         """ids, positions: [T] (the engine's packed tokens) or [B, L]. attention(layer, q, k, v)
@@ -196,11 +197,11 @@ class LlamaModel(nn.Module):
         freqs = positions.float()[..., None] * self.inv_freq                 # [..., hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]
-        delta = None
+        delta = (None, None)
         for i in range(len(self.layers)):
             x, delta = self.block(i, x, delta, cos, sin, attention, hook, ops)
         if rows is not None:
-            x, delta = x[rows], None if delta is None else delta[rows]
-        _, x = ops.add_rms_norm(x, delta, self.norm, self.spec.rms_eps)
+            x, delta = x[rows], tuple(None if d is None else d[rows] for d in delta)
+        _, x = ops.add_rms_norm(x, delta[0], self.norm, self.spec.rms_eps, delta[1])
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return dense(x, head)
