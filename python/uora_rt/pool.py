@@ -382,6 +382,14 @@ class FamilyView:
         return self.lambda_d.shape[2] * (2 if self.with_q else 1)
 
 
+# Up to this many rows the decode expand is deferred (AdapterBatch.run_deferred). H200, 7B, 64
+# adapters (bench/results/decode_gpu_deferred.json): at batch 1 deferred +2.0 % over no
+# adapters against +3.4 % in place; at batch 64 +3.9 % against +2.8 % (the float32 delta's
+# traffic and the side stream's longer branch outweigh the saved launch). 16 lies between the
+# two measured points and was not measured itself.
+DEFER_MAX_ROWS = 16
+
+
 class AdapterBatch(AdapterHook):
     """The adapter hook of one forward: per family, per-token slots."""
 
@@ -432,14 +440,14 @@ class AdapterBatch(AdapterHook):
         on the current stream while the side stream computes every family's shrink and Triton
         expand into extra, a float32 [..., n_out] delta (zero where no adapter applies) that the
         consumer kernel adds as it reads y. So the adapter work leaves the critical path. Takes
-        decode-sized batches (triton_expand.MAX_ROWS) on CUDA, where parallel_shrink and
-        defer_expand are on; elsewhere it is run(...) with nothing pending."""
+        small decode batches (DEFER_MAX_ROWS) on CUDA, where parallel_shrink and defer_expand
+        are on; elsewhere it is run(...) with nothing pending."""
         fams = [f for f in self.families if (layer, group) in f.groups]
         x2d = x.reshape(-1, x.shape[-1])
         if not fams:
             return base_linear(linear, x), None
         if not (self.pool.parallel_shrink and self.pool.defer_expand and self.pool.triton_expand
-                and triton_expand.available() and x2d.shape[0] <= triton_expand.MAX_ROWS
+                and triton_expand.available() and x2d.shape[0] <= DEFER_MAX_ROWS
                 and x.dtype in (torch.bfloat16, torch.float16)
                 and all(f.b_cat.dtype == x.dtype for f in fams)):
             return self.run(layer, group, linear, x), None
