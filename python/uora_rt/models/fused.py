@@ -93,7 +93,7 @@ if triton is not None:
                  mask=mask)
 
     @triton.jit
-    def _load_qkv(qkv_ptr, e_ptr, t, s_qkv, s_e, col, m, HAS_E: tl.constexpr):
+    def _load_with_extra(qkv_ptr, e_ptr, t, s_qkv, s_e, col, m, HAS_E: tl.constexpr):
         x = tl.load(qkv_ptr + t * s_qkv + col, mask=m, other=0.0)
         if HAS_E:
             x = (x.to(tl.float32) + tl.load(e_ptr + t * s_e + col, mask=m, other=0.0)).to(x.dtype)
@@ -113,8 +113,8 @@ if triton is not None:
         m = j < half
         c = tl.load(cos_ptr + t * s_cs + j, mask=m, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + t * s_cs + j, mask=m, other=0.0).to(tl.float32)
-        x1 = _load_qkv(qkv_ptr, e_ptr, t, s_qkv, s_e, h * HEAD_DIM + j, m, HAS_E)
-        x2 = _load_qkv(qkv_ptr, e_ptr, t, s_qkv, s_e, h * HEAD_DIM + half + j, m, HAS_E)
+        x1 = _load_with_extra(qkv_ptr, e_ptr, t, s_qkv, s_e, h * HEAD_DIM + j, m, HAS_E)
+        x2 = _load_with_extra(qkv_ptr, e_ptr, t, s_qkv, s_e, h * HEAD_DIM + half + j, m, HAS_E)
         dt = x1.dtype
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
         # torch: x * cos + rotate_half(x) * sin, each product rounded to the dtype, then the sum.
@@ -132,10 +132,10 @@ if triton is not None:
             tl.store(dst + half + j, o2, mask=m)
             vcol = (n_heads + n_kv + g) * HEAD_DIM
             vdst = vc_ptr + (slot * n_kv + g) * HEAD_DIM
-            tl.store(vdst + j, _load_qkv(qkv_ptr, e_ptr, t, s_qkv, s_e, vcol + j, m, HAS_E),
+            tl.store(vdst + j, _load_with_extra(qkv_ptr, e_ptr, t, s_qkv, s_e, vcol + j, m, HAS_E),
                      mask=m)
             tl.store(vdst + half + j,
-                     _load_qkv(qkv_ptr, e_ptr, t, s_qkv, s_e, vcol + half + j, m, HAS_E), mask=m)
+                     _load_with_extra(qkv_ptr, e_ptr, t, s_qkv, s_e, vcol + half + j, m, HAS_E), mask=m)
 
     @triton.jit
     def _silu_mul(gu_ptr, e_ptr, out_ptr, n, s_gu, s_e, s_out, HAS_E: tl.constexpr,
@@ -143,8 +143,8 @@ if triton is not None:
         row = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = c < n
-        g = _load_qkv(gu_ptr, e_ptr, row, s_gu, s_e, c, mask, HAS_E)
-        u = _load_qkv(gu_ptr, e_ptr, row, s_gu, s_e, n + c, mask, HAS_E)
+        g = _load_with_extra(gu_ptr, e_ptr, row, s_gu, s_e, c, mask, HAS_E)
+        u = _load_with_extra(gu_ptr, e_ptr, row, s_gu, s_e, n + c, mask, HAS_E)
         gf = g.to(tl.float32)
         act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
         tl.store(out_ptr + row * s_out + c, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype),
