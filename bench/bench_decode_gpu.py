@@ -1,9 +1,10 @@
 """The GPU decode step, variant against variant in one process (issue 11): the decoder's
 elementwise ops as torch ops or as the fused Triton kernels (models.fused), and the adapter
-routes (AdapterPool.parallel_shrink: the shrink on a side stream beside the base GEMM, then the
-Triton expand of triton_expand.py or the C++ expand op; or uora_group_ after the base GEMM). Llama-2-7B shape, bf16, random weights, 512-token contexts, 64
-distinct adapters (r=256 on q/v) or none; the step is the decode graph's replay (CUDA events),
-as the engine runs it. Also: device memory after loading and after the adapter steps (weights
+routes (VARIANTS: the shrink on a side stream beside the base GEMM, then the Triton expand of
+triton_expand.py deferred to the consumer kernels or in place, or the C++ expand op; or
+uora_group_ after the base GEMM). Llama-2-7B shape, bf16, random weights, 512-token contexts,
+64 distinct adapters (r=256 on q/v) or none; the step is the decode graph's replay (CUDA
+events), as the engine runs it. Also: device memory after loading and after the adapter steps (weights
 are never copied), prefill of 8 x 512 tokens with 8 distinct adapters against none, and a
 kernel profile of the batch-64 step.
 
@@ -13,6 +14,7 @@ appended: as fast as the side stream (9.85 vs 9.86 ms at batch 64) for a copy of
 adapted group's weight (+3.2 GB for q/v adapters on this shape).
 
   python bench/bench_decode_gpu.py [--rounds 2] [--batches 1,64,256] [--name decode_gpu]
+      [--variants torch,none,deferred,triton,cpp,group] [--no-prefill] [--profile-dir DIR]
 
 Variants run round-robin (`--rounds` times each, the median kept), so drift hits all alike.
 """
