@@ -4,9 +4,9 @@ routes (VARIANTS: the shrink on a side stream beside the base GEMM, then the Tri
 triton_expand.py deferred to the consumer kernels or in place, or the C++ expand op; or
 uora_group_ after the base GEMM). Llama-2-7B shape, bf16, random weights, 512-token contexts,
 64 distinct adapters (r=256 on q/v) or none; the step is the decode graph's replay (CUDA
-events), as the engine runs it. Also: device memory after loading and after the adapter steps (weights
-are never copied), prefill of 8 x 512 tokens with 8 distinct adapters against none, and a
-kernel profile of the batch-64 step.
+events), as the engine runs it. Also: device memory after loading and after the adapter steps
+(weights are never copied), prefill of 8 x 512 tokens with 8 distinct adapters against none,
+and a kernel profile of the batch-64 step.
 
 The first run of this file (bench/results/decode_gpu_routes.json) also measured the route it
 replaced, the shrink inside the base GEMM over a copy of each weight with A_cat's rows

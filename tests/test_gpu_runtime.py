@@ -1,5 +1,5 @@
-"""The runtime on a CUDA GPU (skipped without one): both shrink routes, the engine's tokens, bf16, and
-SmolLM2 real weights against the CPU path and transformers + PEFT."""
+"""The runtime on a CUDA GPU (skipped without one): both shrink routes, the engine's tokens,
+bf16, and SmolLM2 real weights against the CPU path and transformers + PEFT."""
 
 import pytest
 import torch

@@ -135,7 +135,8 @@ if triton is not None:
             tl.store(vdst + j, _load_with_extra(qkv_ptr, e_ptr, t, s_qkv, s_e, vcol + j, m, HAS_E),
                      mask=m)
             tl.store(vdst + half + j,
-                     _load_with_extra(qkv_ptr, e_ptr, t, s_qkv, s_e, vcol + half + j, m, HAS_E), mask=m)
+                     _load_with_extra(qkv_ptr, e_ptr, t, s_qkv, s_e, vcol + half + j, m, HAS_E),
+                     mask=m)
 
     @triton.jit
     def _silu_mul(gu_ptr, e_ptr, out_ptr, n, s_gu, s_e, s_out, HAS_E: tl.constexpr,
