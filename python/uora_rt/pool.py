@@ -383,8 +383,8 @@ class FamilyView:
 
 
 # Up to this many rows the decode expand is deferred (AdapterBatch.run_deferred). H200, 7B, 64
-# adapters (bench/results/decode_gpu_deferred.json): at batch 1 deferred +2.0 % over no
-# adapters against +3.4 % in place; at batch 64 +3.9 % against +2.8 % (the float32 delta's
+# adapters (bench/results/decode_gpu_deferred.json): at batch 1 deferred +2.2 % over no
+# adapters against +3.4 % in place; at batch 64 +4.0 % against +2.8 % (the float32 delta's
 # traffic and the side stream's longer branch outweigh the saved launch). 16 lies between the
 # two measured points and was not measured itself.
 DEFER_MAX_ROWS = 16
