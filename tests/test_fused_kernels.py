@@ -2,22 +2,13 @@
 model run with them against it without them: on a GPU, or on the CPU in Triton's interpreter
 (TRITON_INTERPRET=1, set before this file is imported). Skipped where Triton is not installed."""
 
-import os
-
 import pytest
 import torch
 
 from conftest import ELEMENT_TOL, MODEL_TOL, assert_close
-
-triton = pytest.importorskip("triton", reason="needs Triton (comes with CUDA builds of torch)")
-from uora_rt.models import fused  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (torch.cuda.is_available() or INTERPRET):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
-# numpy has no bfloat16: the interpreter cannot run it (the GPU does).
-DTYPES = [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+# The decode tests' module carries the Triton / device skips and the device and dtype choice.
+from test_triton_decode import DEVICE, DTYPES, INTERPRET
+from uora_rt.models import fused
 
 
 def randn(*shape, dtype, seed=0, scale=1.0):

@@ -2,22 +2,15 @@
 CPU in Triton's interpreter (TRITON_INTERPRET=1, set before this file is imported). Skipped
 where Triton is not installed."""
 
-import os
-
 import pytest
 import torch
 
 from conftest import assert_close
 from test_group_op import make_case
-from uora_rt import reference
+# The decode tests' module carries the Triton / device skips and the device choice.
+from test_triton_decode import DEVICE, INTERPRET
+from uora_rt import reference, triton_expand
 
-triton = pytest.importorskip("triton", reason="needs Triton (comes with CUDA builds of torch)")
-from uora_rt import triton_expand  # noqa: E402
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (torch.cuda.is_available() or INTERPRET):
-    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
-DEVICE = "cpu" if INTERPRET else "cuda"
 # numpy has no bfloat16: the interpreter cannot run it (the GPU does).
 DTYPES = [torch.float16] + ([] if INTERPRET else [torch.bfloat16])
 

@@ -362,6 +362,12 @@ class AdapterPool:
             return AdapterBatch(self, views) if views else None
 
 
+def _shrink(f: "FamilyView", x2d: torch.Tensor, u: torch.Tensor) -> None:
+    """u = x A_cat[:rank, :in]^T, from the family's one A_cat (in x's dtype)."""
+    a = f.a_cat[: f.rank, : x2d.shape[1]]
+    torch.mm(x2d, (a if a.dtype == x2d.dtype else a.to(x2d.dtype)).t(), out=u)
+
+
 @dataclass
 class FamilyView:
     """What one forward reads of a family (tensors captured when the step was built)."""
@@ -408,21 +414,9 @@ class AdapterBatch(AdapterHook):
 
         def shrink():
             for f, u in zip(fams, us):
-                a = f.a_cat[: f.rank, : x2d.shape[1]]
-                torch.mm(x2d, (a if a.dtype == x2d.dtype else a.to(x2d.dtype)).t(), out=u)
+                _shrink(f, x2d, u)
 
-        if x.is_cuda:
-            # The side stream runs the shrinks while this one runs the base GEMM; in a CUDA
-            # graph the fork and join become a parallel branch.
-            main, side = torch.cuda.current_stream(x.device), self.pool.side_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                shrink()
-            y = base_linear(linear, x)
-            main.wait_stream(side)
-        else:
-            shrink()
-            y = base_linear(linear, x)
+        y = self._beside(linear, x, shrink)
         y2d = y.view(-1, y.shape[-1])
         for f, u in zip(fams, us):
             if self.pool.triton_expand and triton_expand.runs(y2d, f.b_cat):
@@ -459,22 +453,28 @@ class AdapterBatch(AdapterHook):
         def adapters():
             extra.zero_()
             for f, u in zip(fams, us):
-                torch.mm(x2d, f.a_cat[: f.rank, : x2d.shape[1]].t(), out=u)
+                _shrink(f, x2d, u)
                 table, max_out = f.tables[(layer, group)]
                 triton_expand.expand_(extra, u, f.b_cat, f.lambda_d, f.lambda_b, f.p,
                                       f.token_slots, table, max_out, f.with_q)
 
-        if x.is_cuda:
-            main, side = torch.cuda.current_stream(x.device), self.pool.side_stream(x.device)
-            side.wait_stream(main)
-            with torch.cuda.stream(side):
-                adapters()
-            y = base_linear(linear, x)
-            main.wait_stream(side)
-        else:  # Triton's interpreter (tests): the same work, in order
-            adapters()
-            y = base_linear(linear, x)
+        y = self._beside(linear, x, adapters)
         return y, extra.view(*x.shape[:-1], n_out)
+
+    def _beside(self, linear, x, work):
+        """The base GEMM of x with `work` (adapter kernels) issued beside it: on CUDA on the
+        pool's side stream, which the current one forks to and joins before returning (in a
+        captured graph, a parallel branch); elsewhere (CPU, Triton's interpreter) in order."""
+        if not x.is_cuda:
+            work()
+            return base_linear(linear, x)
+        main, side = torch.cuda.current_stream(x.device), self.pool.side_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            work()
+        y = base_linear(linear, x)
+        main.wait_stream(side)
+        return y
 
     def apply(self, layer, group, x2d, y2d):
         for f in self.families:

@@ -128,8 +128,6 @@ class PagedAttention:
 
     def _attend(self, q, k, v, k_cache, v_cache):
         m = self.meta
-        flat_k = k_cache.view(-1, *k_cache.shape[2:])
-        flat_v = v_cache.view(-1, *v_cache.shape[2:])
         out = torch.empty_like(q)
         scale = q.shape[-1] ** -0.5
         nd = m.num_decode
@@ -145,7 +143,8 @@ class PagedAttention:
                 vs = v[seg.start:seg.start + seg.count]
                 mask, causal = None, True
             else:
-                ks, vs = flat_k[seg.context_slots], flat_v[seg.context_slots]
+                ks = k_cache.view(-1, *k_cache.shape[2:])[seg.context_slots]
+                vs = v_cache.view(-1, *v_cache.shape[2:])[seg.context_slots]
                 mask, causal = seg.mask, False
             att = F.scaled_dot_product_attention(
                 qs, ks.transpose(0, 1)[None], vs.transpose(0, 1)[None], attn_mask=mask,

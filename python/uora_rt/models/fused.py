@@ -22,7 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from uora_rt.models.common import base_linear
+from uora_rt.models.common import run_group
 
 try:
     import triton
@@ -226,11 +226,9 @@ class Kernels:
         without the adapters' deltas and their float32 sum, which the consumer kernel adds as
         it reads y. The hook then computes the deltas beside the base GEMM, off the critical
         path (pool.AdapterBatch.run_deferred)."""
-        if hook is None:
-            return base_linear(linear, x), None
-        if self.fused:
+        if self.fused and hook is not None:
             return hook.run_deferred(layer, group, linear, x)
-        return hook.run(layer, group, linear, x), None
+        return run_group(hook, layer, group, linear, x), None
 
     _said: set = set()
 
