@@ -32,8 +32,8 @@ import torch  # noqa: E402
 
 import uora_rt  # noqa: E402
 from uora_rt import Engine, SamplingParams  # noqa: E402
-from uora_rt import format as fmt  # noqa: E402
-from uora_rt.gguf_import import default_base  # noqa: E402
+from uora_rt.core import format as fmt  # noqa: E402
+from uora_rt.models.gguf_import import default_base  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

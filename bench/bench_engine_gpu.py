@@ -28,8 +28,8 @@ from bench_engine import run_engine, run_peer, summary_row, transformers_generat
 
 import uora_rt  # noqa: E402
 from uora_rt import Engine, SamplingParams  # noqa: E402
-from uora_rt import format as fmt  # noqa: E402
-from uora_rt.projections import ALGORITHM, ProjectionSpec  # noqa: E402
+from uora_rt.core import format as fmt  # noqa: E402
+from uora_rt.core.projections import ALGORITHM, ProjectionSpec  # noqa: E402
 
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000,
                  hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 from uora_rt import projections  # noqa: E402
-from uora_rt.projections import clear_cache  # noqa: E402
+from uora_rt.core.projections import clear_cache  # noqa: E402
 
 FAMILIES = [(256, 4096, 4096), (256, 4096, 11008), (1024, 4096, 11008)]
 

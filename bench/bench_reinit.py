@@ -15,7 +15,8 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 import uora_rt  # noqa: E402
-from uora_rt import assets, tasks  # noqa: E402
+from uora_rt.models import assets
+from uora_rt.training import tasks  # noqa: E402
 
 
 def main():

@@ -41,7 +41,7 @@ def real_logits(rows: int) -> torch.Tensor | None:
         from tokenizers import Tokenizer
 
         import uora_rt
-        from uora_rt.gguf_import import default_base
+        from uora_rt.models.gguf_import import default_base
 
         folder = default_base("float32")
         rt = uora_rt.load(folder)

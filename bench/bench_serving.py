@@ -190,7 +190,7 @@ def save(name, records, extra) -> None:
 def cmd_prepare(args) -> list[Path]:
     import torch
     import uora_rt
-    from uora_rt import format as fmt
+    from uora_rt.core import format as fmt
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ def cmd_gpu(args) -> None:
     import torch
     import uora_rt
     from bench_engine_gpu import LLAMA2_7B
-    from uora_rt import format as fmt
+    from uora_rt.core import format as fmt
 
     folder = Path(args.out) / "llama2-7b"
     folder.mkdir(parents=True, exist_ok=True)

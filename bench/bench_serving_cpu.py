@@ -19,7 +19,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 import uora_rt  # noqa: E402
-from uora_rt.gguf_import import default_base  # noqa: E402
+from uora_rt.models.gguf_import import default_base  # noqa: E402
 
 BATCH, LENGTH, R = 16, 64, 64
 

@@ -72,7 +72,7 @@ def random_adapter(rt, seed: int, r: int = 64, targets=("q_proj", "v_proj"), rei
     """A UORA adapter for rt's base with random vectors (speed does not depend on the values);
     reinit fires events so that P < 1 (the Q halves run)."""
     import uora_rt
-    from uora_rt.trainer import TrainingHook
+    from uora_rt.training.trainer import TrainingHook
 
     torch.manual_seed(seed)
     hook = TrainingHook(rt.model, uora_rt.UORAConfig(r=r, target_modules=list(targets),

@@ -45,7 +45,7 @@ def tiny_bert(seed=0, **overrides):
 
 def randomize_lambdas(model, seed=1, scale=1.0):
     """Gives every UORA layer non-trivial lambda vectors (fresh adapters are exact no-ops)."""
-    from uora_rt.inject import adapter_layers
+    from uora_rt.training.inject import adapter_layers
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

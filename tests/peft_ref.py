@@ -8,9 +8,9 @@ exactly the adapter a `.uora` file describes, with code that is not ours.
 import torch
 
 import uora_rt
-from uora_rt import format as fmt
-from uora_rt import ops
-from uora_rt.inject import adapter_layers
+from uora_rt.core import format as fmt
+from uora_rt.kernels import ops
+from uora_rt.training.inject import adapter_layers
 
 
 def make_adapter(model_fn, path, r=16, targets=("q_proj", "v_proj"), seed=0, lam_seed=1,

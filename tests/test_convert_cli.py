@@ -10,7 +10,7 @@ import uora_rt
 from conftest import MODEL_TOL, assert_close
 from convert_helpers import forward, fresh, peft_load, peft_vera, save_base
 from models_tiny import randomize_lambdas
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

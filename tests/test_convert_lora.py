@@ -11,9 +11,9 @@ import uora_rt
 from conftest import MODEL_TOL, assert_close, requires_minilm
 from convert_helpers import forward, fresh, peft_load, peft_vera, rewrite_safetensors, save_base
 from models_tiny import randomize_lambdas
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.convert import from_peft, to_peft_lora, to_peft_vera
-from uora_rt.inject import adapter_layers, shared_state
+from uora_rt.training.inject import adapter_layers, shared_state
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -156,7 +156,7 @@ def test_authors_uora_tuner_checkpoint(tmp_path):
 def test_real_minilm_checkpoint(tmp_path):
     # all-MiniLM-L6-v2 (real weights, an HF folder): base shapes come from its safetensors header.
     from transformers import BertModel
-    from uora_rt import assets
+    from uora_rt.models import assets
 
     folder = assets.minilm_dir()
 

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from convert_helpers import forward, fresh, peft_load, peft_vera, save_base
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.convert import from_peft, to_peft_vera
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -9,7 +9,7 @@ import uora_rt
 from conftest import MODEL_TOL, assert_close
 from convert_helpers import fresh, peft_load, peft_vera, save_base
 from peft_ref import make_adapter, peft_vera_model
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.convert import from_peft
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

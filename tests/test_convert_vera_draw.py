@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from uora_rt import ops, reference
-from uora_rt.projections import vera_projections
+from uora_rt.kernels import ops, reference
+from uora_rt.core.projections import vera_projections
 
 # sha256 prefixes of the float32 little-endian row-major bytes (issue 4; identical under torch
 # 2.13.0+cpu and 2.14.1+cu130). Pinned forever for this algorithm id.
@@ -109,7 +109,7 @@ def test_opcheck_schema_and_fake():
 
 
 def test_algorithm_id_is_the_format_constant():
-    from uora_rt import format as fmt
-    from uora_rt.projections import VERA_ALGORITHM
+    from uora_rt.core import format as fmt
+    from uora_rt.core.projections import VERA_ALGORITHM
 
     assert VERA_ALGORITHM == fmt.PEFT_VERA_ALGORITHM == "peft-vera-kaiming-mt19937"

@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import REINIT_LITERAL_ATOL, assert_close, requires_cuda
 from test_group_op import make_case
-from uora_rt import ops, projections, reference
+from uora_rt.kernels import ops, reference
+from uora_rt import projections
 
 pytestmark = requires_cuda
 

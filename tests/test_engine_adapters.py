@@ -9,7 +9,7 @@ import uora_rt
 from engine_helpers import BASES, assert_idle, build, load, random_prompts, reference_greedy
 from peft_ref import make_adapter
 from uora_rt import Engine, EngineLoop, SamplingParams
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 
 
 def test_remove_adapter_while_in_use(tmp_path):

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, requires_smollm2]
 def smol(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
-    from uora_rt.gguf_import import default_base
+    from uora_rt.models.gguf_import import default_base
 
     folder = default_base("float32")
     fn = lambda: LlamaForCausalLM.from_pretrained(str(folder)).eval()  # noqa: E731

@@ -7,7 +7,8 @@ import torch
 
 import uora_rt
 from conftest import requires_minilm
-from uora_rt import assets, tasks
+from uora_rt.models import assets
+from uora_rt.training import tasks
 
 pytestmark = [pytest.mark.slow, requires_minilm]
 

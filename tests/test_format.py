@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import uora_rt
 from models_tiny import randomize_lambdas, tiny_llama
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.errors import AdapterFormatError
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import ELEMENT_TOL, MODEL_TOL, assert_close
 # The decode tests' module carries the Triton / device skips and the device and dtype choice.
 from test_triton_decode import DEVICE, DTYPES, INTERPRET
-from uora_rt.models import fused
+from uora_rt.kernels import fused
 
 
 def randn(*shape, dtype, seed=0, scale=1.0):
@@ -84,7 +84,7 @@ def test_engine_steps_with_fused_kernels_equal_without(tmp_path, monkeypatch, dt
     on a near tie)."""
     from engine_helpers import build, load, random_prompts
     from uora_rt import Engine, SamplingParams
-    from uora_rt import pool as pool_mod
+    from uora_rt.adapters import pool as pool_mod
     from uora_rt import runtime
 
     if INTERPRET:  # the shared factors in the model's dtype, as on a GPU

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 
 from conftest import requires_smollm2
-from uora_rt import gguf_import
-from uora_rt.assets import smollm2_gguf
-from uora_rt.gguf_import import default_base, materialize_gguf
+from uora_rt.models import gguf_import
+from uora_rt.models.assets import smollm2_gguf
+from uora_rt.models.gguf_import import default_base, materialize_gguf
 
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.slow, requires_smollm2]  # a real 135M checkpoint: ~40 s on 2 cores

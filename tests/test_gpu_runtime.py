@@ -67,7 +67,7 @@ def test_gpu_bf16_close_to_peft(tiny):
 def test_smollm2_on_gpu_equals_transformers_peft(tmp_path):
     from transformers import LlamaForCausalLM
 
-    from uora_rt.gguf_import import default_base
+    from uora_rt.models.gguf_import import default_base
 
     folder = default_base("float32")
     fn = lambda: LlamaForCausalLM.from_pretrained(str(folder)).eval()  # noqa: E731

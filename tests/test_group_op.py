@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import assert_close
-from uora_rt import ops, projections, reference
+from uora_rt.kernels import ops, reference
+from uora_rt import projections
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

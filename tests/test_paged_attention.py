@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TOL, assert_close
-from uora_rt import ops, reference
+from uora_rt.kernels import ops, reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

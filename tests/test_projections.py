@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import uora_rt
-from uora_rt import ops, reference
-from uora_rt.projections import STREAM_A0, STREAM_B0, STREAM_QA, STREAM_QB
+from uora_rt.kernels import ops, reference
+from uora_rt.core.projections import STREAM_A0, STREAM_B0, STREAM_QA, STREAM_QB
 
 # Pinned forever for algorithm uora-philox-qr-v1: sha256 over the float32 little-endian bytes of
 # A0, B0, QA, QB (in that order). A change here means a new algorithm id, never an edit.

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from conftest import REINIT_LITERAL_ATOL
-from uora_rt import ops, projections, reference
+from uora_rt.kernels import ops, reference
+from uora_rt import projections
 
 R, MAX_IN, MAX_OUT = 8, 24, 16
 

@@ -10,6 +10,7 @@ from conftest import MODEL_TOL, assert_close
 from models_tiny import tiny_bert, tiny_llama, tiny_qwen2
 from peft_ref import make_adapter, peft_vera_model
 from uora_rt.errors import AdapterFormatError
+from uora_rt.kernels import ops
 
 LLAMA_VARIANTS = {
     "llama_gqa_untied": lambda: tiny_llama(),
@@ -226,8 +227,8 @@ def test_parallel_shrink_path_equals_uora_group(tmp_path, monkeypatch):
     for names in (["a", "b", None, "c", "a"], ["c", "c", "c", "c", "c"], ["b", None, "b", "a", "c"]):
         assert_close(fused.forward(ids, adapters=names).logits,
                      plain.forward(ids, adapters=names).logits, table=MODEL_TOL)
-    calls, expand = [], uora_rt.ops.uora_expand_
-    monkeypatch.setattr(uora_rt.ops, "uora_expand_", lambda *a: (calls.append(1), expand(*a)))
+    calls, expand = [], ops.uora_expand_
+    monkeypatch.setattr(ops, "uora_expand_", lambda *a: (calls.append(1), expand(*a)))
     fused.forward(ids[:2], adapters=["a", "b"])
     assert calls  # the split route really ran
     assert fused.generate([[1, 2, 3]], adapters=["a"], max_new_tokens=6)[0].tokens == \

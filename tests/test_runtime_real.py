@@ -7,14 +7,14 @@ import torch
 import uora_rt
 from conftest import MODEL_TOL, assert_close, requires_minilm, requires_smollm2
 from peft_ref import make_adapter, peft_vera_model
-from uora_rt import assets
+from uora_rt.models import assets
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from uora_rt.gguf_import import default_base
+    from uora_rt.models.gguf_import import default_base
 
     return default_base("float32")
 

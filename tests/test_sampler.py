@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import CDF_MARGIN, requires_cuda
-from uora_rt import reference as ref
+from uora_rt.kernels import reference as ref
 from uora_rt.engine import sampler as sampler_mod
 from uora_rt.engine.sampler import Sampler, SamplingTensors, uniform
 

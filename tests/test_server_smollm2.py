@@ -27,7 +27,7 @@ def smol(tmp_path_factory):
     tests send, computed in this process in one batch while the server starts."""
     from transformers import LlamaForCausalLM
 
-    from uora_rt.gguf_import import default_base
+    from uora_rt.models.gguf_import import default_base
 
     folder = default_base("float32")
     fn = lambda: LlamaForCausalLM.from_pretrained(str(folder)).eval()  # noqa: E731

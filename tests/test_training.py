@@ -9,8 +9,8 @@ from torch import nn
 import uora_rt
 from conftest import assert_close
 from models_tiny import randomize_lambdas, tiny_bert, tiny_gpt2, tiny_llama
-from uora_rt import reference
-from uora_rt.inject import adapter_layers, shared_state
+from uora_rt.kernels import reference
+from uora_rt.training.inject import adapter_layers, shared_state
 
 
 def layer_inputs(model, x_fn):

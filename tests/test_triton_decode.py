@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import TOL, assert_close
-from uora_rt import reference
+from uora_rt.kernels import reference
 
 triton = pytest.importorskip("triton", reason="needs Triton (comes with CUDA builds of torch)")
-from uora_rt.engine import triton_decode  # noqa: E402
+from uora_rt.kernels import triton_decode  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (torch.cuda.is_available() or INTERPRET):

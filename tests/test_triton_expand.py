@@ -9,7 +9,7 @@ from conftest import assert_close
 from test_group_op import make_case
 # The decode tests' module carries the Triton / device skips and the device choice.
 from test_triton_decode import DEVICE, INTERPRET
-from uora_rt import reference, triton_expand
+from uora_rt.kernels import reference, triton_expand
 
 # numpy has no bfloat16: the interpreter cannot run it (the GPU does).
 DTYPES = [torch.float16] + ([] if INTERPRET else [torch.bfloat16])

@@ -8,8 +8,8 @@ import torch
 from conftest import TOL, assert_close
 # The decode tests' module carries the Triton / device skips and the device and dtype choice.
 from test_triton_decode import DEVICE, DTYPES, paged
-from uora_rt import reference
-from uora_rt.engine import triton_prefill
+from uora_rt.kernels import reference
+from uora_rt.kernels import triton_prefill
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

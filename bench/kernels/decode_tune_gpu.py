@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parents[2] / "tests"))
 from test_group_op import make_case  # noqa: E402
 
-from uora_rt import triton_expand  # noqa: E402
-from uora_rt.engine import triton_decode  # noqa: E402
+from uora_rt.kernels import triton_expand  # noqa: E402
+from uora_rt.kernels import triton_decode  # noqa: E402
 
 
 def graph_us(fn, calls=8, reps=20) -> float:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 import gpu_bench as gb
-from uora_rt import ops, reference
+from uora_rt.kernels import ops, reference
 
 VERSIONS = {"v1": ("fused", True), "v2": ("fused", False), "v3": ("gemm", True)}
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from uora_rt import ops, triton_expand
+from uora_rt.kernels import ops, triton_expand
 
 BF16 = torch.bfloat16
 _flush_buf = None

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common
-from uora_rt import ops, reference
+from uora_rt.kernels import ops, reference
 
 N_HEADS, N_KV, HD, BS = 9, 3, 64, 16
 

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from bench_engine_gpu import copy_bandwidth, cuda_ms  # noqa: E402
 
-from uora_rt.engine import triton_decode  # noqa: E402
+from uora_rt.kernels import triton_decode  # noqa: E402
 
 
 def case(batch, n_heads, n_kv, hd, lens, bs=16):

@@ -26,13 +26,13 @@ def _dispatch(argv) -> int:
     convert_cmd.add_arguments(sub.add_parser(
         "convert", help="convert adapters: PEFT VeRA -> .uora, .uora -> PEFT VeRA or LoRA"))
     inspect_cmd.add_arguments(sub.add_parser("inspect", help="describe a .uora adapter file"))
-    from uora_rt.server import args as serve_args  # argparse only: fastapi loads on `serve`
+    from uora_rt.commands import serve as serve_cmd  # argparse only: fastapi loads on `serve`
 
-    serve_args.add_arguments(sub.add_parser(
+    serve_cmd.add_arguments(sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server; `model` names the adapter"))
     args = parser.parse_args(argv)
     if args.command == "demo":
-        from uora_rt.demo import run
+        from uora_rt.commands.demo import run
 
         return run(args)
     if args.command == "convert":
@@ -40,7 +40,7 @@ def _dispatch(argv) -> int:
     if args.command == "inspect":
         return inspect_cmd.run(args)
     if args.command == "serve":
-        return serve_args.run(args)
+        return serve_cmd.run(args)
     return 2
 
 

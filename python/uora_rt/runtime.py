@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from uora_rt import checkpoint, models
-from uora_rt import format as fmt
+from uora_rt.models import checkpoint
+from uora_rt import models
+from uora_rt.core import format as fmt
 from uora_rt.models.common import PaddedAttention
-from uora_rt.pool import AdapterPool
+from uora_rt.adapters.pool import AdapterPool
 
 
 @dataclass
@@ -25,11 +26,11 @@ class Output:
 def resolve_base(base) -> Path:
     """A folder, or a name of a packaged model: "smollm2" (default) or "minilm"."""
     if base is None or base in ("smollm2", "SmolLM2-135M-Instruct"):
-        from uora_rt.gguf_import import default_base
+        from uora_rt.models.gguf_import import default_base
 
         return default_base()
     if base in ("minilm", "all-MiniLM-L6-v2"):
-        from uora_rt.assets import minilm_dir
+        from uora_rt.models.assets import minilm_dir
 
         return minilm_dir()
     return Path(base)
@@ -64,7 +65,7 @@ class Runtime:
         self.tp = None  # parallel.driver.TensorParallel when tensor_parallel > 1
         self.codec = None
         if self.folder is not None and (self.folder / "tokenizer.json").is_file():
-            from uora_rt.tokenizer import TextCodec
+            from uora_rt.models.tokenizer import TextCodec
 
             self.codec = TextCodec(self.folder)
         self.merged: str | None = None
@@ -256,7 +257,7 @@ class Runtime:
     def generate(self, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
                  top_k=0, stop=None, seed=0, chat=None):
         """See uora_rt.generate.generate (a loop over an engine)."""
-        from uora_rt.generate import generate
+        from uora_rt.engine.generate import generate
 
         return generate(self, prompts, adapters, max_new_tokens, temperature, top_p, top_k, stop,
                         seed, chat)

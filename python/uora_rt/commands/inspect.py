@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
 
 def describe(path) -> dict:
     """Everything `inspect` reports, as plain values (validates the file first)."""
-    from uora_rt import format as fmt
+    from uora_rt.core import format as fmt
 
     path = Path(path)
     adapter = fmt.load(path)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from torch import nn
 
-from uora_rt import checkpoint
+from uora_rt.models import checkpoint
 from uora_rt.errors import AdapterFormatError
-from uora_rt.layers import conv1d_class, linear_dims
+from uora_rt.training.layers import conv1d_class, linear_dims
 
 
 @dataclass

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.convert.base_model import natural_key, resolve_base
 from uora_rt.convert.peft_dir import PREFIX, read_peft_adapter
 from uora_rt.errors import AdapterFormatError
-from uora_rt.projections import ProjectionSpec
+from uora_rt.core.projections import ProjectionSpec
 
 _MAX_SEED = 2**63 - 1
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from uora_rt import format as fmt
-from uora_rt import ops
-from uora_rt.projections import ALGORITHM, projections, vera_projections
+from uora_rt.core import format as fmt
+from uora_rt.kernels import ops
+from uora_rt.core.projections import ALGORITHM, projections, vera_projections
 
 
 def live_projections(adapter: fmt.Adapter) -> tuple[torch.Tensor, torch.Tensor]:

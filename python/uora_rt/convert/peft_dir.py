@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.errors import AdapterFormatError
 
 CONFIG_NAME = "adapter_config.json"

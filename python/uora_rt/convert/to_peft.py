@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.convert.base_model import architecture_conv1d, resolve_base
 from uora_rt.convert.matrices import live_projections
 from uora_rt.convert.peft_dir import CONFIG_NAME, PREFIX, WEIGHTS_NAME

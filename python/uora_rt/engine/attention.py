@@ -43,21 +43,21 @@ def torch_paged_decode(out, q, k_cache, v_cache, meta, scale):
 
 
 def cpu_paged_decode(out, q, k_cache, v_cache, meta, scale):
-    from uora_rt import ops
+    from uora_rt.kernels import ops
 
     ops.paged_attention_(out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
                          meta.decode_query_start, scale)
 
 
 def cpu_paged_prefill(out, q, k_cache, v_cache, meta, scale):
-    from uora_rt import ops
+    from uora_rt.kernels import ops
 
     ops.paged_attention_(out, q, k_cache, v_cache, meta.prefill_block_tables,
                          meta.prefill_seq_lens, meta.prefill_query_start, scale)
 
 
 def triton_paged_prefill(out, q, k_cache, v_cache, meta, scale):
-    from uora_rt.engine import triton_prefill
+    from uora_rt.kernels import triton_prefill
 
     triton_prefill.paged_prefill(out, q, k_cache, v_cache, meta.prefill_block_tables,
                                  meta.prefill_seq_lens, meta.prefill_query_start,
@@ -65,7 +65,7 @@ def triton_paged_prefill(out, q, k_cache, v_cache, meta, scale):
 
 
 def triton_paged_decode(out, q, k_cache, v_cache, meta, scale):
-    from uora_rt.engine import triton_decode
+    from uora_rt.kernels import triton_decode
 
     triton_decode.paged_decode(out, q, k_cache, v_cache, meta.decode_block_tables,
                                meta.decode_seq_lens, scale)
@@ -74,8 +74,8 @@ def triton_paged_decode(out, q, k_cache, v_cache, meta, scale):
 def choose_attention(device: torch.device, path: str | None = None):
     """(decode_fn, prefill_fn or None, name) of an attention path for a device ("cpp", "triton"
     or "torch"; None = the fastest available), said once in the log (never silently)."""
-    from uora_rt import ops
-    from uora_rt.engine import triton_decode
+    from uora_rt.kernels import ops
+    from uora_rt.kernels import triton_decode
 
     paths = {"cpp": device.type == "cpu" and hasattr(ops, "paged_attention_"),
              "triton": device.type == "cuda" and triton_decode.available(), "torch": True}
@@ -110,7 +110,7 @@ class PagedAttention:
         """qkv [T, (nH + 2 nKV) hd] straight from the GEMM, with its pending adapter delta
         (models.fused.triton_rope_store adds it, ropes q and k and writes k, v into the cache)
         -> [T, nH, hd]."""
-        from uora_rt.models.fused import triton_rope_store
+        from uora_rt.kernels.fused import triton_rope_store
 
         k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
         q = triton_rope_store(qkv, cos, sin, self.meta.slot_mapping, k_cache, v_cache, n_heads,

@@ -60,7 +60,7 @@ class Engine:
             cuda_graphs = False
         if cuda_graphs is None:
             cuda_graphs = rt.device.type == "cuda" and attention in (None, "triton")
-            from uora_rt.engine import triton_decode
+            from uora_rt.kernels import triton_decode
 
             cuda_graphs = cuda_graphs and triton_decode.available()
         self.runner = ModelRunner(rt, self.kv, attention, cuda_graphs, self.max_num_seqs,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from uora_rt.engine.sampler import SamplingTensors
-from uora_rt.engine.triton_prefill import tiles_for
+from uora_rt.kernels.triton_prefill import tiles_for
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from uora_rt.models.common import Site, dense
-from uora_rt.models.fused import Kernels, apply_rope, with_extra
+from uora_rt.kernels.fused import Kernels, apply_rope, with_extra
 
 
 @dataclass

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.models.common import PaddedAttention
 from uora_rt.parallel import comm, shard
 from uora_rt.parallel.hook import ShardedHook
 from uora_rt.parallel.step import adapter_ints_tensors, encode_step
-from uora_rt.pool import AdapterPool
+from uora_rt.adapters.pool import AdapterPool
 
 log = logging.getLogger("uora_rt.parallel")
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from uora_rt import ops
+from uora_rt.kernels import ops
 from uora_rt.models.common import AdapterHook, base_linear, dense
 from uora_rt.parallel.shard import ROW_GROUPS
 

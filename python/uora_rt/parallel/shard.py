@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from uora_rt import checkpoint
+from uora_rt.models import checkpoint
 from uora_rt.models.llama import LlamaModel, LlamaSpec
 
 COLUMN_GROUPS = ("qkv", "gate_up")

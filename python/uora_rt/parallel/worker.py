@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.engine.attention import PagedAttention, choose_attention
 from uora_rt.engine.kv_cache import KVPool
 from uora_rt.models.common import PaddedAttention
@@ -28,7 +28,7 @@ from uora_rt.parallel import comm, shard
 from uora_rt.parallel.driver import ATTENTION_PATHS, IDLE, backend_for
 from uora_rt.parallel.hook import ShardedHook
 from uora_rt.parallel.step import decode_step, split_adapters
-from uora_rt.pool import AdapterPool
+from uora_rt.adapters.pool import AdapterPool
 from uora_rt.runtime import pool_settings
 
 log = logging.getLogger("uora_rt.parallel")

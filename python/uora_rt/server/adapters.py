@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePath
 
-from uora_rt import format as fmt
+from uora_rt.core import format as fmt
 from uora_rt.server.errors import APIError
 
 _NAME = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")

@@ -31,8 +31,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from uora_rt.errors import AdapterFormatError
-from uora_rt.projections import ALGORITHM as UORA_ALGORITHM
-from uora_rt.projections import ProjectionSpec
+from uora_rt.core.projections import ALGORITHM as UORA_ALGORITHM
+from uora_rt.core.projections import ProjectionSpec
 
 FORMAT = "uora"
 FORMAT_VERSION = 1

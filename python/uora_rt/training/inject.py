@@ -7,12 +7,12 @@ import re
 import torch
 from torch import nn
 
-from uora_rt import format as fmt
-from uora_rt import ops
-from uora_rt.config import DEFAULT_TARGETS, UORAConfig
+from uora_rt.core import format as fmt
+from uora_rt.kernels import ops
+from uora_rt.core.config import DEFAULT_TARGETS, UORAConfig
 from uora_rt.errors import AdapterFormatError
-from uora_rt.layers import UORALinear, UORAShared, linear_dims
-from uora_rt.projections import ALGORITHM, ProjectionSpec, check_family
+from uora_rt.training.layers import UORALinear, UORAShared, linear_dims
+from uora_rt.core.projections import ALGORITHM, ProjectionSpec, check_family
 
 
 

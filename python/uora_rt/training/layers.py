@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from uora_rt import ops
-from uora_rt.config import UORAConfig
-from uora_rt.projections import ProjectionSpec, projections
+from uora_rt.kernels import ops
+from uora_rt.core.config import UORAConfig
+from uora_rt.core.projections import ProjectionSpec, projections
 
 
 def conv1d_class():

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 
 import torch
 
-from uora_rt import format as fmt
-from uora_rt import ops, triton_expand
-from uora_rt.checkpoint import resolve_module
+from uora_rt.core import format as fmt
+from uora_rt.kernels import ops, triton_expand
+from uora_rt.models.checkpoint import resolve_module
 from uora_rt.errors import AdapterFormatError
 from uora_rt.models.common import AdapterHook, Site, base_linear
-from uora_rt.projections import ALGORITHM, projections
+from uora_rt.core.projections import ALGORITHM, projections
 
 
 def family_key(adapter: fmt.Adapter):
@@ -47,7 +47,7 @@ def family_factors(adapter: fmt.Adapter):
         a0, b0, qa, qb = projections(spec.seed, spec.r, spec.max_in, spec.max_out)
         return torch.cat([a0, qa]), torch.cat([b0, qb], dim=1), True
     if spec.algorithm == fmt.PEFT_VERA_ALGORITHM:
-        from uora_rt.projections import vera_projections
+        from uora_rt.core.projections import vera_projections
 
         a, b = vera_projections(spec.seed, spec.r, spec.max_in, spec.max_out)
         return a, b, False

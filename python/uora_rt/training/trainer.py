@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from uora_rt import format as fmt
-from uora_rt.config import UORAConfig
-from uora_rt.inject import reinit_step, to_adapter
-from uora_rt.layers import UORAShared
+from uora_rt.core import format as fmt
+from uora_rt.core.config import UORAConfig
+from uora_rt.training.inject import reinit_step, to_adapter
+from uora_rt.training.layers import UORAShared
 from uora_rt.models.common import AdapterHook, PaddedAttention
-from uora_rt.projections import ALGORITHM, ProjectionSpec, check_family
+from uora_rt.core.projections import ALGORITHM, ProjectionSpec, check_family
 
 
 class SiteAdapter(nn.Module):
