@@ -48,10 +48,10 @@ def assert_idle(engine):
     assert not engine.has_unfinished()
     assert engine.allocator.num_free == engine.allocator.capacity
     assert engine.scheduler.num_running == 0 and engine.scheduler.num_waiting == 0
-    pool = engine.rt.pool
+    pool = engine.adapters
     assert all(n == 0 for f in pool.families.values() for n in f.pins)
     assert all(e.refs == 0 for e in pool.entries.values())
-    assert engine.rt._in_flight == 0
+    assert pool.in_flight == 0
 
 
 def random_prompts(n, vocab=97, lo=1, hi=40, seed=0):

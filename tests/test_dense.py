@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import assert_close
-from uora_rt.models.common import SKINNY_ROWS, dense
+from uora_rt.kernels.dense import SKINNY_ROWS, dense
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 16, SKINNY_ROWS, SKINNY_ROWS + 1, 200])

@@ -161,9 +161,9 @@ def test_generate_runs_on_the_engine_and_equals_peft(tmp_path):
         tokens, reason = reference_greedy(fn, ads.get(n), p, 11, with_reason=True)
         assert g.tokens == tokens
         assert (g.adapter, g.prompt_tokens, g.finish_reason) == (n, len(p), reason)
-    with pytest.raises(ValueError, match="exceeds the model's 256 positions"):
+    with pytest.raises(ValueError, match="maximum context length is 256 tokens"):
         rt.generate([[1] * 200], max_new_tokens=100)
-    assert rt._in_flight == 0
+    assert rt.manager.in_flight == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -34,7 +34,7 @@ def test_remove_adapter_while_in_use(tmp_path):
     assert done[waiting].token_ids == reference_greedy(fn, ads["a0"], [8, 9], 5)
     assert done[late].token_ids == reference_greedy(fn, other, [8, 9], 5)
     assert_idle(engine)
-    assert rt.pool.entries["x"].slot >= 0  # x is resident now; a0's slot went back for it
+    assert rt.manager.entries["x"].slot >= 0  # x is resident now; a0's slot went back for it
 
 
 def test_more_adapters_than_device_slots(tmp_path):
@@ -42,8 +42,8 @@ def test_more_adapters_than_device_slots(tmp_path):
     paths = {f"t{i}": make_adapter(fn, tmp_path / f"t{i}.uora", lam_seed=100 + i, scale=1.0,
                                    reinit=i % 2 == 1) for i in range(8)}
     rt = load(base, paths, slots=2)
-    fam = next(iter(rt.pool.families.values()))
-    table_bytes = rt.pool.device_bytes()
+    fam = next(iter(rt.manager.families.values()))
+    table_bytes = rt.manager.device_bytes()
     engine = Engine(rt, kv_cache_tokens=2048)
     prompts = random_prompts(8, seed=7)
     rids = [engine.add_request(p, n, SamplingParams(max_tokens=6))
@@ -51,30 +51,30 @@ def test_more_adapters_than_device_slots(tmp_path):
     done = engine.run_until_done()
     for r, p, n in zip(rids, prompts, paths):
         assert done[r].token_ids == reference_greedy(fn, paths[n], p, 6), n
-    assert rt.pool.stats["uploads"] >= 8 and rt.pool.stats["evictions"] >= 6
+    assert rt.manager.stats["uploads"] >= 8 and rt.manager.stats["evictions"] >= 6
     assert fam.slots == 2 and fam.lambda_d.shape[0] == 2
     # registering many more leaves the device tables as they are (host memory grows instead)
     adapter = fmt.load(paths["t0"])
     for i in range(200):
         rt.add_adapter(adapter, name=f"many{i}")
-    assert rt.pool.device_bytes() == table_bytes
+    assert rt.manager.device_bytes() == table_bytes
     assert_idle(engine)
 
 
 def test_family_releases_device_tensors(tmp_path):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)
-    assert len(rt.pool.families) == 3
+    assert len(rt.manager.families) == 3
     engine = Engine(rt, kv_cache_tokens=512)
     r = engine.add_request([1, 2], "a2", SamplingParams(max_tokens=8))
     engine.step()
     rt.remove_adapter("a2")  # its family's only adapter, still in use
-    assert len(rt.pool.families) == 3
+    assert len(rt.manager.families) == 3
     engine.run_until_done()
-    assert len(rt.pool.families) == 2 and r not in engine._live
+    assert len(rt.manager.families) == 2 and r not in engine._live
     for name in ("a0", "a1"):
         rt.remove_adapter(name)
-    assert rt.pool.families == {} and rt.pool.device_bytes() == 0
+    assert rt.manager.families == {} and rt.manager.device_bytes() == 0
     assert_idle(engine)
 
 
@@ -131,9 +131,9 @@ def test_bad_requests_leave_the_engine_untouched(tmp_path):
     keep = engine.add_request([1, 2, 3], "a0", SamplingParams(max_tokens=4))
     cases = [
         (KeyError, "unknown adapter 'nope'", dict(prompt=[1], adapter="nope")),
-        (ValueError, "exceeds the model's 256 positions", dict(prompt=[1] * 250,
+        (ValueError, "maximum context length is 256 tokens", dict(prompt=[1] * 250,
                                                                 params=SamplingParams(max_tokens=10))),
-        (ValueError, "can never fit the KV cache \\(64 tokens\\)", dict(prompt=[1] * 60,
+        (ValueError, "KV cache holds 64 tokens", dict(prompt=[1] * 60,
                                                                         params=SamplingParams(max_tokens=10))),
         (ValueError, "token ids must be integers in \\[0, 97\\)", dict(prompt=[1, 97])),
         (ValueError, "token ids must be integers", dict(prompt=[1, "a"])),
@@ -151,7 +151,7 @@ def test_bad_requests_leave_the_engine_untouched(tmp_path):
                     (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop")]:
         with pytest.raises(ValueError, match=msg):
             SamplingParams(**kw)
-    assert engine.rt.pool.entries["a0"].refs == 1  # only `keep`
+    assert engine.adapters.entries["a0"].refs == 1  # only `keep`
     done = engine.run_until_done()
     assert done[keep].token_ids == reference_greedy(fn, ads["a0"], [1, 2, 3], 4)
     assert_idle(engine)

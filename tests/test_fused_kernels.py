@@ -1,4 +1,4 @@
-"""The fused decoder kernels of models.fused against the torch ops they replace, and a whole
+"""The fused decoder kernels of kernels/fused.py against the torch ops they replace, and a whole
 model run with them against it without them: on a GPU, or on the CPU in Triton's interpreter
 (TRITON_INTERPRET=1, set before this file is imported). Skipped where Triton is not installed."""
 
@@ -68,11 +68,13 @@ def test_rope_store_equals_rope_and_index_copy(dtype, n_heads, n_kv, hd, with_ex
     assert torch.equal(got_v, want_v)
 
 
-def test_pick_says_why_not():
-    x = torch.zeros(2, 4)
-    assert not fused.Kernels.pick(x, False).fused
+def test_routes_say_why_not():
+    from uora_rt.kernels.routes import KernelPrefs, choose
+
+    f32 = torch.float32
+    assert not choose(KernelPrefs(fused=False), DEVICE, f32, f32, 2).fused
     with torch.enable_grad(), pytest.raises(ValueError, match="autograd"):
-        fused.Kernels.pick(x.to(DEVICE), True)
+        choose(KernelPrefs(fused=True), DEVICE, f32, f32, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16 if INTERPRET else torch.bfloat16])
@@ -84,24 +86,24 @@ def test_engine_steps_with_fused_kernels_equal_without(tmp_path, monkeypatch, dt
     on a near tie)."""
     from engine_helpers import build, load, random_prompts
     from uora_rt import Engine, SamplingParams
-    from uora_rt.adapters import pool as pool_mod
     from uora_rt import runtime
+    from uora_rt.adapters.batch import AdapterBatch
 
     if INTERPRET:  # the shared factors in the model's dtype, as on a GPU
-        monkeypatch.setattr(runtime, "pool_settings", lambda cfg, dev, dt: ("LlamaForCausalLM", dt))
-    deferred, run_deferred = [], pool_mod.AdapterBatch.run_deferred
+        monkeypatch.setattr(runtime, "factor_dtype_for", lambda dev, dt: dt)
+    deferred, run_deferred = [], AdapterBatch._deferred
 
     def spy(self, *args):
         y, extra = run_deferred(self, *args)
         deferred.append(extra is not None)
         return y, extra
 
-    monkeypatch.setattr(pool_mod.AdapterBatch, "run_deferred", spy)
+    monkeypatch.setattr(AdapterBatch, "_deferred", spy)
     _, base, ads = build(tmp_path)
     runs = {}
     for use in (False, True):
         rt = load(base, ads, device=DEVICE, dtype=dtype, parallel_shrink=True)
-        rt.model.fused = use
+        rt.kernel_prefs.fused = use
         engine = Engine(rt, kv_cache_tokens=2048, cuda_graphs=False)
         steps, sample = [], engine.runner.sampler
 
@@ -165,7 +167,8 @@ def test_deferred_expand_graph_steps_equal_eager_steps(tmp_path):
     got = {}
     for graphs in (False, True):
         rt = load(base, ads, device=DEVICE, dtype=torch.bfloat16)
-        assert rt.pool.parallel_shrink and rt.pool.defer_expand
+        routes = Engine(rt, kv_cache_tokens=64).runner.routes(8)
+        assert routes.parallel_shrink and routes.deferred
         engine = Engine(rt, kv_cache_tokens=4096, cuda_graphs=graphs)
         rids = [engine.add_request(p, n, SamplingParams(max_tokens=12, ignore_eos=True))
                 for p, n in zip(random_prompts(8, seed=21), names)]

@@ -8,6 +8,7 @@ import uora_rt
 from conftest import MODEL_TOL, assert_close, requires_smollm2
 from models_tiny import tiny_llama
 from peft_ref import make_adapter, peft_vera_model
+from uora_rt.kernels.routes import choose
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,7 +29,8 @@ def test_gpu_float32_equals_cpu_path_and_engine_tokens_equal(tiny, parallel_shri
     fn, base, ads = tiny
     cpu = uora_rt.load(base, adapters=ads)
     gpu = uora_rt.load(base, adapters=ads, device="cuda", slots=8, parallel_shrink=parallel_shrink)
-    assert gpu.pool.parallel_shrink == (parallel_shrink is None)  # on by default on CUDA
+    routes = choose(gpu.kernel_prefs, gpu.device, gpu.dtype, gpu.manager.factor_dtype, 8)
+    assert routes.parallel_shrink == (parallel_shrink is None)  # on by default on CUDA
     weights = {id(p): p.data_ptr() for p in gpu.model.parameters()}
     ids = torch.randint(0, 97, (6, 11))
     mask = torch.ones_like(ids)

@@ -36,7 +36,7 @@ BAD = [
     ("completions", {"prompt": "x", "max_tokens": 600}, 400, "max_tokens",
      "maximum context length is 512"),
     ("completions", {"prompt": "y" * 600}, 400, "prompt", "your prompt has 601 tokens"),
-    ("completions", {"prompt": [1, 2, 500]}, 400, "prompt", "token ids must be in [0, 99)"),
+    ("completions", {"prompt": [1, 2, 500]}, 400, "prompt", "token ids must be integers in [0, 99)"),
     ("completions", {"prompt": [1, -3]}, 400, "prompt", "token ids"),
     ("completions", {"prompt": []}, 400, "prompt", "empty prompt"),
     ("completions", {"prompt": [1, True]}, 400, "prompt", ""),

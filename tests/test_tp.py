@@ -160,7 +160,7 @@ def test_adapters_change_from_another_thread_while_serving(pair, tmp_path):
     loop.stop()
     engine.close()
     assert got == want
-    assert rt2.pool.entries["w5"].family is rt2.pool.entries["a0"].family
+    assert rt2.manager.entries["w5"].family is rt2.manager.entries["a0"].family
     rt1.add_adapter(wide, "w5")
     ref = solo.add_request(prompts[0], "w5", SamplingParams(max_tokens=6))
     assert late.token_ids == solo.run_until_done()[ref].token_ids

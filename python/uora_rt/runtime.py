@@ -3,17 +3,20 @@ which every sequence may use a different adapter (or none)."""
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from uora_rt.models import checkpoint
 from uora_rt import models
+from uora_rt.adapters.manager import AdapterManager, factor_dtype_for
 from uora_rt.core import format as fmt
-from uora_rt.models.common import PaddedAttention
-from uora_rt.adapters.pool import AdapterPool
+from uora_rt.engine.runner import padded_forward
+from uora_rt.kernels.routes import KernelPrefs
+from uora_rt.models import checkpoint
+from uora_rt.models.assets import resolve_base
+
+__all__ = ["Output", "Runtime", "load", "resolve_base"]
 
 
 @dataclass
@@ -23,55 +26,34 @@ class Output:
     pooled: torch.Tensor | None = None         # encoders: [B, H]
 
 
-def resolve_base(base) -> Path:
-    """A folder, or a name of a packaged model: "smollm2" (default) or "minilm"."""
-    if base is None or base in ("smollm2", "SmolLM2-135M-Instruct"):
-        from uora_rt.models.gguf_import import default_base
-
-        return default_base()
-    if base in ("minilm", "all-MiniLM-L6-v2"):
-        from uora_rt.models.assets import minilm_dir
-
-        return minilm_dir()
-    return Path(base)
-
-
-def pool_settings(config: dict, device: torch.device, dtype) -> tuple[str, torch.dtype]:
-    """(base architecture, dtype of the shared factors) of a runtime's adapter pool."""
-    arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
-    return arch, dtype if device.type == "cuda" else torch.float32
+def _architecture(config: dict) -> str:
+    return (config.get("architectures") or [config.get("model_type", "?")])[0]
 
 
 class Runtime:
-    """A base model, its adapter pool and (for decoders) its tokenizer. Build with `load`
-    (a checkpoint folder) or `Runtime.random` (random weights, for benchmarks). Under tensor
-    parallelism (`load(..., tensor_parallel=N)`) `model` is rank 0's shard, `pool` the driver's
-    pool (parallel/driver.py) and `tp` the group; call close() (or leave it to atexit)."""
+    """A base model, its adapters (manager: an adapters.manager.AdapterManager) and, for decoders
+    with a tokenizer.json, its tokenizer (codec). Build with `load` (a checkpoint folder) or
+    `Runtime.random` (random weights, for benchmarks). Under tensor parallelism
+    (`load(..., tensor_parallel=N)`) `model` is rank 0's shard and `tp` drives the other ranks;
+    call close() (or leave it to atexit). kernel_prefs: which kernels to prefer (kernels.routes;
+    benchmarks compare paths through it)."""
 
     def __init__(self, model, config: dict, device, folder=None, parallel_shrink=None,
-                 slots: int = 64, pool=None):
+                 slots: int = 64, manager: AdapterManager | None = None, tp=None):
         self.folder, self.config = (Path(folder) if folder else None), config
-        self.device, self.dtype = torch.device(device), model.embed.weight.dtype if hasattr(
-            model, "embed") else model.word.weight.dtype
+        self.device = torch.device(device)
         self.model = model.eval().requires_grad_(False)
-        arch, factor_dtype = pool_settings(config, self.device, self.dtype)
-        # On the GPU the shrink runs beside the base GEMM on a side stream (measured against
-        # appending A_cat's rows to a copy of every base weight: as fast, and no copies,
-        # bench/results/decode_gpu_routes.json); on the CPU (compute-bound) only adapter rows
-        # should pay for it.
-        split = self.device.type == "cuda" if parallel_shrink is None else parallel_shrink
-        self.pool = pool if pool is not None else AdapterPool(
-            model.sites(), self.device, arch, split, slots, factor_dtype)
-        self.tp = None  # parallel.driver.TensorParallel when tensor_parallel > 1
+        self.dtype = (model.embed if model.kind == "decoder" else model.word).weight.dtype
+        self.manager = manager if manager is not None else AdapterManager(
+            model.sites(), self.device, _architecture(config), slots,
+            factor_dtype_for(self.device, self.dtype))
+        self.kernel_prefs = KernelPrefs(parallel_shrink=parallel_shrink)
+        self.tp = tp  # parallel.driver.TensorParallel when tensor_parallel > 1
         self.codec = None
         if self.folder is not None and (self.folder / "tokenizer.json").is_file():
             from uora_rt.models.tokenizer import TextCodec
 
             self.codec = TextCodec(self.folder)
-        self.merged: str | None = None
-        self.weights_version = 0  # bumped by merge/unmerge: engines drop what they derived
-        self._in_flight = 0       # requests of engines and synchronous batches being served
-        self._flight_lock = threading.Lock()
 
     @staticmethod
     def _empty_model(config, folder, names, device, dtype):
@@ -87,9 +69,10 @@ class Runtime:
                     tensor_parallel: int = 1):
         folder = Path(folder)
         if tensor_parallel != 1:
-            from uora_rt.parallel.driver import load_runtime
+            from uora_rt.parallel.driver import launch
 
-            return load_runtime(cls, folder, device, dtype, slots, tensor_parallel)
+            model, config, manager, tp = launch(folder, device, dtype, slots, tensor_parallel)
+            return cls(model, config, tp.device, folder, False, slots, manager, tp)
         config = checkpoint.read_config(folder)
         index = checkpoint.tensor_index(folder)
         model = cls._empty_model(config, folder, index.keys(), device, dtype)
@@ -110,64 +93,68 @@ class Runtime:
                     p.normal_(0.0, 0.02, generator=g)
         return cls(model, config, device, None, parallel_shrink, slots)
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The config's end-of-sequence ids and the tokenizer's."""
+        v = self.config.get("eos_token_id")
+        eos = set(v if isinstance(v, list) else [v] if v is not None else [])
+        if self.codec and self.codec.eos_id is not None:
+            eos.add(self.codec.eos_id)
+        return sorted(eos)
+
     # --- adapters ---------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
-        return sorted(self.pool.entries)
+        return self.manager.names()
 
-    def add_adapter(self, path, name: str | None = None) -> str:
+    def add_adapter(self, path, name: str | None = None, source=None) -> str:
         """Validates a `.uora` file (or an in-memory fmt.Adapter) against the base and registers
         it (host memory; it is uploaded to a device slot when a request needs it). Returns its
-        name. Never disturbs requests in flight."""
+        name. Never disturbs requests in flight; a failure registers nothing. source: where the
+        adapter came from, as /v1/models reports it (default: its file)."""
         adapter = path if isinstance(path, fmt.Adapter) else fmt.load(path)
         name = name or (Path(adapter.path).stem if adapter.path else None)
         if not name:
             raise ValueError("add_adapter: give a name for an in-memory adapter")
-        self.pool.add(name, adapter)
+        self.manager.add(name, adapter, source)
         return name
 
     def remove_adapter(self, name: str) -> None:
         """New requests for `name` fail (KeyError) at once; requests already holding it finish
         with it, and its slot returns when the last of them ends."""
-        if name == self.merged:
-            raise ValueError(f"{name!r} is merged into the weights: unmerge() first")
-        self.pool.remove(name)
-
-    def enter(self) -> None:
-        with self._flight_lock:
-            self._in_flight += 1
-
-    def exit(self) -> None:
-        with self._flight_lock:
-            self._in_flight -= 1
-
-    def _check_idle(self, what: str) -> None:
-        if self._in_flight:
-            raise ValueError(f"{what}: {self._in_flight} request(s) are being served; the weights "
-                             f"can only change when none is")
+        self.manager.remove(name)
 
     # --- single-adapter serving with zero overhead --------------------------------------------
+    @property
+    def merged(self) -> str | None:
+        return self.manager.merged
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """Folds one adapter into the base weights; until unmerge(), every sequence must use it."""
         if self.tp is not None:
             raise ValueError("merge: not supported under tensor parallelism")
-        if self.merged is not None:
-            raise ValueError(f"{self.merged!r} is already merged: unmerge() first")
+        if self.manager.merged is not None:
+            raise ValueError(f"{self.manager.merged!r} is already merged: unmerge() first")
         self._check_idle("merge")
         self._fold(name, +1.0)
-        self.merged = name
+        self.manager.merged = name
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.merged is None:
+        if self.manager.merged is None:
             raise ValueError("no adapter is merged")
         self._check_idle("unmerge")
-        self._fold(self.merged, -1.0)
-        self.merged = None
+        self._fold(self.manager.merged, -1.0)
+        self.manager.merged = None
+
+    def _check_idle(self, what: str) -> None:
+        if self.manager.in_flight:
+            raise ValueError(f"{what}: {self.manager.in_flight} request(s) are being served; the "
+                             f"weights can only change when none is")
 
     def _fold(self, name: str, sign: float) -> None:
-        entry = self.pool.entries.get(name)
+        entry = self.manager.entries.get(name)
         if entry is None:
             raise KeyError(f"no adapter named {name!r}; loaded: {self.adapters}")
         fam = entry.family
@@ -176,34 +163,26 @@ class Runtime:
         p = fam.host_p[entry.row]
         a = p[:, None] * a_cat[:r] + (1 - p[:, None]) * a_cat[r:] if fam.has_q else a_cat
         b = p * b_cat[:, :r] + (1 - p) * b_cat[:, r:] if fam.has_q else b_cat
-        for site_name, (lam_d, lam_b) in self.pool.vectors(name).items():
-            site = self.pool.sites[site_name]
+        for site_name, (lam_d, lam_b) in self.manager.vectors(name).items():
+            site = self.manager.sites[site_name]
             delta = (lam_b[:, None] * b[: site.out]) @ (lam_d[:, None] * a[:, : site.inp])
             w = self.model.group_linear(site.layer, site.group).weight
             rows = w[site.col: site.col + site.out]
             rows.copy_((rows.float() + sign * delta.to(w.device)).to(w.dtype))
-        self.weights_version += 1  # captured graphs are stale
+        self.model.weights_version += 1  # captured graphs are stale
 
     # --- batches ----------------------------------------------------------------------------
-    def check_merged(self, names) -> None:
-        if self.merged is not None and any(n != self.merged for n in names):
-            raise ValueError(f"the runtime is merged with {self.merged!r}: every sequence must "
-                             f"use it (unmerge() to serve others)")
-
-    def _row_hook(self, names, held, valid):
-        """The hook of a padded batch: each row's adapter slot on its valid tokens."""
-        slots, with_q = self._row_slots(names, held, valid)
-        return self.pool.hook(slots, with_q) if slots else None
-
     def _row_slots(self, names, held, valid):
+        """Each token's slot per family id: a row's adapter on its valid tokens, -1 elsewhere."""
         per_fam, with_q = {}, {}
         for i, n in enumerate(names):
             if n is None:
                 continue
             e = held[n]
-            t = per_fam.setdefault(e.family, torch.full(valid.shape, -1, dtype=torch.int32))
+            fid = e.family.fid
+            t = per_fam.setdefault(fid, torch.full(valid.shape, -1, dtype=torch.int32))
             t[i] = e.slot
-            with_q[e.family] = with_q.get(e.family, False) or e.has_q
+            with_q[fid] = with_q.get(fid, False) or e.has_q
         pad = ~valid.cpu()
         slots = {f: t.masked_fill(pad, -1).reshape(-1).to(self.device) for f, t in per_fam.items()}
         return slots, with_q
@@ -223,25 +202,22 @@ class Runtime:
         if len(names) != ids.shape[0]:
             raise ValueError(f"adapters: expected {ids.shape[0]} entries (one per sequence), "
                              f"got {len(names)}")
-        self.check_merged(names)
-        served = [] if self.merged is not None else names
-        self.enter()
+        self.manager.check_merged(names)
+        served = [] if self.manager.merged is not None else names
+        self.manager.enter()
         try:
-            with self.pool.serving(served) as held:
-                if self.tp is not None:
-                    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-                    slots, with_q = self._row_slots(served, held, valid) if held else ({}, {})
-                    return Output(logits=self.tp.run_padded(ids, positions, valid, slots,
-                                                            with_q).float())
-                hook = self._row_hook(served, held, valid) if held else None
+            with self.manager.serving(served) as held:
+                slots, with_q = self._row_slots(served, held, valid) if held else ({}, {})
+                positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+                args = (self.model, self.manager, self.kernel_prefs, ids, positions, valid,
+                        slots, with_q)
+                out = (self.tp.forward_padded(*args) if self.tp is not None
+                       else padded_forward(*args))
                 if self.model.kind == "decoder":
-                    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-                    logits = self.model(ids, positions, PaddedAttention(valid), hook)
-                    return Output(logits=logits.float())
-                hidden, pooled = self.model(ids, valid, hook)
-                return Output(hidden_states=hidden, pooled=pooled)
+                    return Output(logits=out.float())
+                return Output(hidden_states=out[0], pooled=out[1])
         finally:
-            self.exit()
+            self.manager.exit()
 
     def close(self) -> None:
         """Stops the tensor-parallel workers (also run at exit); nothing to do otherwise."""
@@ -256,7 +232,7 @@ class Runtime:
 
     def generate(self, prompts, adapters=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
                  top_k=0, stop=None, seed=0, chat=None):
-        """See uora_rt.generate.generate (a loop over an engine)."""
+        """See uora_rt.engine.generate.generate (a loop over an engine)."""
         from uora_rt.engine.generate import generate
 
         return generate(self, prompts, adapters, max_new_tokens, temperature, top_p, top_k, stop,
@@ -267,11 +243,11 @@ def load(base=None, adapters=(), device="cpu", dtype=torch.float32, parallel_shr
          slots: int = 64, tensor_parallel: int = 1) -> Runtime:
     """Loads a Hugging Face base checkpoint folder (or "smollm2" / "minilm") and adapters given
     as paths or (name, path) pairs. parallel_shrink (default: on for CUDA) computes each
-    adapter family's shared shrink as one GEMM beside the base GEMM (AdapterPool); slots: device slots per projection family, i.e. how many
-    distinct adapters of one family can run at once (any number can be registered: the others
-    wait in host memory). tensor_parallel: ranks (processes) the decoder is split across; 1 is
-    the single-process path, N > 1 starts N - 1 worker processes (see uora_rt.parallel.driver;
-    parallel_shrink does not apply there)."""
+    adapter family's shared shrink as one GEMM beside the base GEMM (kernels.routes); slots:
+    device slots per projection family, i.e. how many distinct adapters of one family can run at
+    once (any number can be registered: the others wait in host memory). tensor_parallel: ranks
+    (processes) the decoder is split across; 1 is the single-process path, N > 1 starts N - 1
+    worker processes (see uora_rt.parallel; parallel_shrink does not apply there)."""
     rt = Runtime.from_folder(resolve_base(base), device, dtype, parallel_shrink, slots,
                              tensor_parallel)
     try:

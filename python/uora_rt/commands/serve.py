@@ -8,10 +8,6 @@ import os
 import sys
 from pathlib import Path
 
-PACKAGED = {None: "SmolLM2-135M-Instruct", "smollm2": "SmolLM2-135M-Instruct",
-            "SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct"}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", nargs="?", default=None,
                    help="a Hugging Face decoder folder, or 'smollm2' (default: the packaged "
@@ -85,6 +81,7 @@ def _device_dtype(args):
 def build(args):
     """(app, state) for parsed arguments; ValueError/OSError for anything wrong in them."""
     from uora_rt.models import checkpoint
+    from uora_rt.models.assets import base_name
     from uora_rt.runtime import Runtime, resolve_base
 
     adapters = parse_adapters(args.adapter)
@@ -104,7 +101,7 @@ def build(args):
         folder = resolve_base(args.base)
         rt = Runtime.from_folder(folder, device, dtype, slots=args.slots,
                                  tensor_parallel=args.tensor_parallel)
-        default_name = PACKAGED.get(args.base, Path(folder).name)
+        default_name = base_name(args.base, folder)
     try:
         return _serve_runtime(args, rt, adapters, default_name)
     except BaseException:
@@ -126,7 +123,7 @@ def _serve_runtime(args, rt, adapters, default_name):
         except APIError as e:
             raise ValueError(f"--adapter {name}={path}: {e.message}") from None
         try:
-            rt.add_adapter(read_adapter(path, rt.folder), name)
+            rt.add_adapter(read_adapter(path, rt.folder), name, source=Path(path).resolve())
         except (ValueError, OSError) as e:
             raise ValueError(f"--adapter {name}={path}: {e}") from None
     engine = uora_rt.Engine(rt, kv_cache_tokens=args.kv_cache_tokens,
@@ -134,7 +131,7 @@ def _serve_runtime(args, rt, adapters, default_name):
     config = ServerConfig(
         served_names=names, max_queued=args.max_queued_requests, retry_after_s=args.retry_after,
         allow_adapter_loading=args.allow_adapter_loading, adapter_dir=args.adapter_dir,
-        api_key=args.api_key, adapter_paths={n: str(Path(p).resolve()) for n, p in adapters})
+        api_key=args.api_key)
     state = ServerState(rt, engine, config)
     return build_app(state), state
 

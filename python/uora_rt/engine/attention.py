@@ -3,10 +3,10 @@
 A step's tokens are packed as [decode rows (one token per sequence) | prefill chunks]. For each
 layer the new keys/values are written into the KV pool at their slots first; then
 - decode rows: one call over the block tables with per-row lengths (`decode_fn`: the C++ op
-  uora::paged_attention_ on the CPU and the Triton kernel of triton_decode.py on CUDA, both
+  uora::paged_attention_ on the CPU and the Triton kernel of kernels/triton_decode.py on CUDA, both
   reading the pages in place; or `torch_paged_decode`, which gathers them, where neither runs);
 - prefill chunks: one call over all of them (`prefill_fn`: the same C++ op, or the Triton kernel
-  of triton_prefill.py), or, on the gather path, SDPA per chunk over its own keys (no context)
+  of kernels/triton_prefill.py), or, on the gather path, SDPA per chunk over its own keys (no context)
   or over its context gathered from the pool with an offset causal mask.
 reference.paged_attention is the oracle for all of it.
 """
@@ -17,6 +17,9 @@ import logging
 
 import torch
 import torch.nn.functional as F
+
+from uora_rt.kernels import ops, triton_available, triton_decode, triton_prefill
+from uora_rt.kernels.fused import triton_rope_store
 
 log = logging.getLogger("uora_rt.engine")
 
@@ -43,30 +46,22 @@ def torch_paged_decode(out, q, k_cache, v_cache, meta, scale):
 
 
 def cpu_paged_decode(out, q, k_cache, v_cache, meta, scale):
-    from uora_rt.kernels import ops
-
     ops.paged_attention_(out, q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens,
                          meta.decode_query_start, scale)
 
 
 def cpu_paged_prefill(out, q, k_cache, v_cache, meta, scale):
-    from uora_rt.kernels import ops
-
     ops.paged_attention_(out, q, k_cache, v_cache, meta.prefill_block_tables,
                          meta.prefill_seq_lens, meta.prefill_query_start, scale)
 
 
 def triton_paged_prefill(out, q, k_cache, v_cache, meta, scale):
-    from uora_rt.kernels import triton_prefill
-
     triton_prefill.paged_prefill(out, q, k_cache, v_cache, meta.prefill_block_tables,
                                  meta.prefill_seq_lens, meta.prefill_query_start,
                                  meta.prefill_tiles, scale)
 
 
 def triton_paged_decode(out, q, k_cache, v_cache, meta, scale):
-    from uora_rt.kernels import triton_decode
-
     triton_decode.paged_decode(out, q, k_cache, v_cache, meta.decode_block_tables,
                                meta.decode_seq_lens, scale)
 
@@ -74,11 +69,8 @@ def triton_paged_decode(out, q, k_cache, v_cache, meta, scale):
 def choose_attention(device: torch.device, path: str | None = None):
     """(decode_fn, prefill_fn or None, name) of an attention path for a device ("cpp", "triton"
     or "torch"; None = the fastest available), said once in the log (never silently)."""
-    from uora_rt.kernels import ops
-    from uora_rt.kernels import triton_decode
-
     paths = {"cpp": device.type == "cpu" and hasattr(ops, "paged_attention_"),
-             "triton": device.type == "cuda" and triton_decode.available(), "torch": True}
+             "triton": device.type == "cuda" and triton_available(), "torch": True}
     if path is not None and path not in paths:
         raise ValueError(f"attention path: expected None or one of {sorted(paths)}, got {path!r}")
     if path is not None and not paths[path]:
@@ -108,10 +100,8 @@ class PagedAttention:
 
     def attend_qkv(self, layer, qkv, cos, sin, n_heads, n_kv, head_dim, extra=None):
         """qkv [T, (nH + 2 nKV) hd] straight from the GEMM, with its pending adapter delta
-        (models.fused.triton_rope_store adds it, ropes q and k and writes k, v into the cache)
+        (kernels.fused.triton_rope_store adds it, ropes q and k and writes k, v into the cache)
         -> [T, nH, hd]."""
-        from uora_rt.kernels.fused import triton_rope_store
-
         k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
         q = triton_rope_store(qkv, cos, sin, self.meta.slot_mapping, k_cache, v_cache, n_heads,
                               n_kv, head_dim, extra)

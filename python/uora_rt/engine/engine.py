@@ -11,17 +11,26 @@ import threading
 import time
 
 from uora_rt.engine.detokenizer import Detokenizer
-from uora_rt.engine.kv_cache import BlockAllocator, KVPool, bytes_per_token, default_kv_tokens
+from uora_rt.engine.kv_cache import BlockAllocator, KVPool, default_kv_tokens
 from uora_rt.engine.metadata import build_step
 from uora_rt.engine.request import Request, RequestOutput, SamplingParams, Status
 from uora_rt.engine.runner import ModelRunner
 from uora_rt.engine.scheduler import Scheduler
+from uora_rt.kernels import triton_available
 
 log = logging.getLogger("uora_rt.engine")
 
 
+class ContextLengthError(ValueError):
+    """A request that cannot fit the model's context; field: what to shorten."""
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 class Engine:
-    """rt: a decoder Runtime. kv_cache_tokens: KV capacity in tokens (rounded up to whole
+    """rt: a decoder Runtime (uora_rt.load). kv_cache_tokens: KV capacity in tokens (rounded up to whole
     blocks); max_num_seqs: requests running at once; max_step_tokens: tokens computed per step
     (decodes first, then prefill chunks). Defaults: what the device's free memory allows, 256
     sequences and 8,192 tokens on a GPU, 64 and 512 on the CPU (a CPU step of 512 prompt tokens
@@ -33,16 +42,21 @@ class Engine:
     def __init__(self, rt, kv_cache_tokens: int | None = None, max_num_seqs: int | None = None,
                  max_step_tokens: int | None = None, block_size: int = 16,
                  attention: str | None = None, cuda_graphs: bool | None = None):
-        if rt.model.kind != "decoder":
+        model = rt.model
+        if model.kind != "decoder":
             raise ValueError("the engine serves decoder models; this base is an encoder")
-        self.rt, spec = rt, rt.model.spec
-        cuda = rt.device.type == "cuda"
+        # The engine's collaborators, taken from the runtime once: the model (through the
+        # runner), the adapter manager, the tokenizer, and the tensor-parallel peers if any.
+        self.adapters, self.codec, spec = rt.manager, rt.codec, model.spec
+        self.vocab = spec.vocab
+        device, dtype = rt.device, rt.dtype
+        cuda = device.type == "cuda"
         self.max_num_seqs = max_num_seqs or (256 if cuda else 64)
         self.max_step_tokens = max_step_tokens or (8192 if cuda else 512)
         self.max_model_len = spec.max_positions
         if kv_cache_tokens is None:
-            weights = sum(p.numel() * p.element_size() for p in rt.model.parameters())
-            kv_cache_tokens = min(default_kv_tokens(spec, rt.dtype, rt.device, weights),
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            kv_cache_tokens = min(default_kv_tokens(spec, dtype, device, weights),
                                   self.max_num_seqs * self.max_model_len)
         for name, v in (("kv_cache_tokens", kv_cache_tokens), ("max_num_seqs", self.max_num_seqs),
                         ("max_step_tokens", self.max_step_tokens), ("block_size", block_size)):
@@ -50,22 +64,17 @@ class Engine:
                 raise ValueError(f"Engine: {name} must be a positive integer, got {v!r}")
         self.block_size = block_size
         num_blocks = -(-kv_cache_tokens // block_size) + 1  # + the reserved block 0
-        self.kv = KVPool(spec, num_blocks, block_size, rt.dtype, rt.device)
+        self.kv = KVPool(spec, num_blocks, block_size, dtype, device)
         self.allocator = BlockAllocator(num_blocks)
         self.scheduler = Scheduler(self.allocator, block_size, self.max_num_seqs,
-                                   self.max_step_tokens, rt.pool)
-        if getattr(rt, "tp", None) is not None:  # graph capture under tensor parallelism is not built
-            if cuda_graphs:
-                raise ValueError("cuda_graphs are not supported under tensor parallelism")
-            cuda_graphs = False
-        if cuda_graphs is None:
-            cuda_graphs = rt.device.type == "cuda" and attention in (None, "triton")
-            from uora_rt.kernels import triton_decode
-
-            cuda_graphs = cuda_graphs and triton_decode.available()
-        self.runner = ModelRunner(rt, self.kv, attention, cuda_graphs, self.max_num_seqs,
-                                  -(-self.max_model_len // block_size))
-        self.eos = _eos_ids(rt)
+                                   self.max_step_tokens, self.adapters)
+        if cuda_graphs is None:  # graphs replay the Triton attention path, one device only
+            cuda_graphs = (cuda and attention in (None, "triton") and triton_available()
+                           and rt.tp is None)
+        self.runner = ModelRunner(model, self.kv, self.adapters, rt.kernel_prefs, attention,
+                                  cuda_graphs, self.max_num_seqs,
+                                  -(-self.max_model_len // block_size), peers=rt.tp)
+        self.eos = set(rt.eos_token_ids)
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
@@ -98,49 +107,87 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
-        ids = self._encode(prompt)
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                             f"{total} exceeds the model's {self.max_model_len} positions")
-        if total > self.max_request_tokens:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                             f"can never fit the KV cache ({self.kv_capacity_tokens} tokens)")
-        self.rt.check_merged([adapter])
-        use_lease = adapter is not None and self.rt.merged is None
-        lease = self.rt.pool.lease(adapter) if use_lease else None  # KeyError if unknown
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else self.check_prompt(prompt)
+        self.check_length(len(ids), params.max_tokens)
+        self.adapters.check_merged([adapter])
+        use_lease = adapter is not None and self.adapters.merged is None
+        lease = self.adapters.lease(adapter) if use_lease else None  # KeyError if unknown
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        codec = self.rt.codec
-        req = Request("", ids, adapter, lease, params, seed, Detokenizer(codec, params.stop),
+        req = Request("", ids, adapter, lease, params, seed, Detokenizer(self.codec, params.stop),
                       set() if params.ignore_eos else self.eos, on_output)
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._live:
                 if lease is not None:
-                    self.rt.pool.release(lease)
+                    self.adapters.release(lease)
                 raise ValueError(f"request id {rid!r} is already in use")
             req.request_id = rid
             self._live[rid] = req
             self._inbox.append(req)
-            self.rt.enter()
+            self.adapters.enter()
         return rid
 
-    def _encode(self, prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.rt.codec is None:
-                raise ValueError("text prompts need a tokenizer; this base has no tokenizer.json")
-            ids = self.rt.codec.encode_prompt(prompt)
-        else:
-            ids = list(prompt)
-            vocab = self.rt.model.spec.vocab
-            bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-                   or not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got "
-                                 f"{bad[:5]}")
+    # --- the rules a request must meet (servers ask these, never repeat them) -------------------
+    def _tokenizer(self):
+        if self.codec is None:
+            raise ValueError("text prompts need a tokenizer; this base has no tokenizer.json: "
+                             "send token ids")
+        return self.codec
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt string as add_request takes it: through the chat template (as generate
+        does) when the tokenizer has one."""
+        return self.check_prompt(self._tokenizer().encode_prompt(text))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Plain text -> token ids (the tokenizer's special tokens added or not)."""
+        return self._tokenizer().tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Chat messages through the base's chat template -> token ids. ValueError when the
+        base has no template or the template refuses the messages."""
+        codec = self._tokenizer()
+        if codec.chat_template is None:
+            raise ValueError("this base has no chat template")
+        text = codec.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return codec.tok.encode(text, add_special_tokens=False).ids
+
+    def check_prompt(self, ids) -> list[int]:
+        """Token ids a request may carry: a non-empty list of ids in the vocabulary."""
+        ids = list(ids)
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
+               or not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab}), got "
+                             f"{bad[:5]}")
         if not ids:
             raise ValueError("empty prompt")
         return ids
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.codec is not None and self.codec.chat_template is not None
+
+    def check_length(self, prompt_tokens: int, max_tokens: int, what: str = "prompt") -> None:
+        """A prompt of that many tokens plus max_tokens must fit the model's positions and the
+        KV cache (the last generated token is never cached, hence max_request_tokens); else
+        ContextLengthError, whose field names what to shorten (`what` or "max_tokens")."""
+        for limit, head in ((self.max_model_len,
+                             f"This model's maximum context length is {self.max_model_len} "
+                             "tokens."),
+                            (self.max_request_tokens,
+                             f"The KV cache holds {self.kv_capacity_tokens} tokens, so one "
+                             f"request can have at most {self.max_request_tokens} (the last "
+                             "output token is never cached).")):
+            if prompt_tokens >= limit:
+                raise ContextLengthError(
+                    f"{head} However, your {what} has {prompt_tokens} tokens (at most "
+                    f"{limit - 1}, to leave room for one output token).", what)
+            if prompt_tokens + max_tokens > limit:
+                raise ContextLengthError(
+                    f"{head} However, you requested {prompt_tokens + max_tokens} tokens "
+                    f"({prompt_tokens} in the {what}, {max_tokens} in the completion). Please "
+                    f"reduce the length of the {what} or completion.", "max_tokens")
 
     def abort(self, request_id: str) -> bool:
         """Ends a request at the next step (finish_reason "abort"). False if it is not live."""
@@ -181,8 +228,8 @@ class Engine:
             return outputs
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_used)
         try:
-            meta = build_step(scheduled, self.rt.pool, self.block_size, self.rt.device,
-                              self.rt.merged is None, self.runner.gather_prefill)
+            meta = build_step(scheduled, self.block_size, self.runner.device,
+                              self.adapters.merged is None, self.runner.gather_prefill)
             t1 = time.perf_counter()
             tokens = self.runner.run(meta).tolist()
             self.stats["forward_s"] += time.perf_counter() - t1
@@ -218,11 +265,11 @@ class Engine:
                 new: list[int] | None = None) -> RequestOutput:
         self.scheduler.finish(req)
         if req.lease is not None:
-            self.rt.pool.release(req.lease)
+            self.adapters.release(req.lease)
         req.finish_reason, req.error = reason, error
         with self._lock:
             self._live.pop(req.request_id, None)
-        self.rt.exit()
+        self.adapters.exit()
         return self._emit(req, new or [])
 
     def _emit(self, req: Request, new: list[int]) -> RequestOutput:
@@ -252,7 +299,7 @@ class Engine:
             return 0.0
         if self.has_unfinished():
             raise RuntimeError("warmup needs an idle engine")
-        from uora_rt.engine.graphs import BUCKETS
+        from uora_rt.engine.graphs import BUCKETS  # CUDA only
 
         t = time.perf_counter()
         params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.7 if sampled else 0.0)
@@ -271,16 +318,3 @@ class Engine:
                 if out.finished:
                     done[out.request_id] = out
         return done
-
-
-def _eos_ids(rt) -> set[int]:
-    v = rt.config.get("eos_token_id")
-    eos = set(v if isinstance(v, list) else [v] if v is not None else [])
-    if rt.codec and rt.codec.eos_id is not None:
-        eos.add(rt.codec.eos_id)
-    return eos
-
-
-def kv_bytes_per_token(rt) -> int:
-    return bytes_per_token(rt.model.spec, rt.dtype)
-

@@ -28,11 +28,13 @@ def bucket_for(n: int) -> int | None:
 
 
 class DecodeGraphs:
-    def __init__(self, rt, kv, decode_fn, sampler, max_num_seqs: int, max_blocks: int,
+    """runner: the engine's ModelRunner (model, KV cache, adapters, attention, sampler)."""
+
+    def __init__(self, runner, max_num_seqs: int, max_blocks: int,
                  keep: int = 4 * len(BUCKETS)):  # every bucket, greedy and sampled, two layouts
-        self.rt, self.kv, self.decode_fn, self.sampler = rt, kv, decode_fn, sampler
+        self.runner = runner
         self.max_bucket = bucket_for(max_num_seqs) or max_num_seqs
-        n, dev = self.max_bucket, rt.device
+        n, dev = self.max_bucket, runner.device
         self.ids = torch.zeros(n, dtype=torch.long, device=dev)
         self.pos = torch.zeros(n, dtype=torch.long, device=dev)
         self.slots = torch.zeros(n, dtype=torch.long, device=dev)
@@ -46,14 +48,14 @@ class DecodeGraphs:
         self.adapter_slots: dict = {}  # family -> [n] int32 buffer
         self.graphs: OrderedDict = OrderedDict()
         self.keep, self.mempool = keep, torch.cuda.graph_pool_handle()
-        self.version = rt.weights_version
+        self.version = runner.model.weights_version
         self.captures = 0
 
     def _family_buffer(self, fam):
         buf = self.adapter_slots.get(fam)
         if buf is None:
             buf = self.adapter_slots[fam] = torch.full((self.max_bucket,), -1, dtype=torch.int32,
-                                                       device=self.rt.device)
+                                                       device=self.runner.device)
         return buf
 
     def run(self, meta) -> torch.Tensor | None:
@@ -62,13 +64,14 @@ class DecodeGraphs:
         bucket = bucket_for(b)
         if meta.prefills or b == 0 or bucket is None or bucket > self.max_bucket:
             return None
-        if self.rt.weights_version != self.version:
+        version = self.runner.model.weights_version
+        if version != self.version:
             self.graphs.clear()
-            self.version = self.rt.weights_version
-        fams = list(meta.adapter_slots)
-        sig = tuple((f.serial, f.version, meta.adapter_with_q[f]) for f in fams)
-        first = next(iter(self.rt.pool.families.values()), None)
-        key = (bucket, meta.any_sampled, sig, first.serial if first is not None and fams else None)
+            self.version = version
+        fams = list(meta.adapter_slots)  # family ids
+        manager = self.runner.adapters
+        sig = tuple((f, manager.family_of(f).version, meta.adapter_with_q[f]) for f in fams)
+        key = (bucket, meta.any_sampled, sig)
         self._load(meta, b, bucket, fams)
         entry = self.graphs.get(key)
         if entry is None:
@@ -101,17 +104,19 @@ class DecodeGraphs:
         static = SimpleNamespace(
             slot_mapping=self.slots[:bucket], num_decode=bucket, prefills=[],
             decode_block_tables=self.tables[:bucket], decode_seq_lens=self.lens[:bucket],
-            decode_query_start=torch.arange(bucket + 1, dtype=torch.int32, device=self.rt.device))
-        hook = self.rt.pool.hook({f: self._family_buffer(f)[:bucket] for f in fams}, with_q) \
-            if fams else None
+            decode_query_start=torch.arange(bucket + 1, dtype=torch.int32,
+                                            device=self.runner.device))
+        r = self.runner
+        routes = r.routes(bucket)
+        hook = r.adapters.batch({f: self._family_buffer(f)[:bucket] for f in fams}, with_q, routes)
         st = SamplingTensors(*(getattr(self.sampling, n)[:bucket] for n in
                                ("temperature", "top_k", "top_p", "seed", "position")))
-        model = self.rt.model
 
         def step():
-            attention = PagedAttention(static, self.kv, self.decode_fn)
-            logits = model(self.ids[:bucket], self.pos[:bucket], attention, hook).float()
-            return self.sampler(logits, st, sampled, sampled)
+            attention = PagedAttention(static, r.kv, r.decode_fn)
+            logits = r.model(self.ids[:bucket], self.pos[:bucket], attention, hook,
+                             routes=routes).float()
+            return r.sampler(logits, st, sampled, sampled)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

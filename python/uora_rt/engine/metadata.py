@@ -46,9 +46,8 @@ class StepMetadata:
     sampling: SamplingTensors | None
     any_sampled: bool                   # some row has temperature > 0
     any_top_p: bool                     # some row has top_p < 1
-    hook: object                        # the adapter hook (pool.AdapterBatch) or None
-    adapter_slots: dict                 # family -> [T] int32 slots (what the hook was built from)
-    adapter_with_q: dict                # family -> any adapter of it with reinit events
+    adapter_slots: dict                 # family id -> [T] int32 slots (-1 = not this family)
+    adapter_with_q: dict                # family id -> any adapter of it with reinit events
 
     @property
     def num_tokens(self) -> int:
@@ -77,7 +76,7 @@ def _table(seqs) -> np.ndarray:
     return table
 
 
-def build_step(scheduled, pool, block_size: int, device, use_adapters: bool,
+def build_step(scheduled, block_size: int, device, use_adapters: bool,
                gather_prefill: bool = True) -> StepMetadata:
     """gather_prefill: also build each prefill chunk's context slots and mask (the SDPA path
     needs them; paged kernels read the page table instead)."""
@@ -133,21 +132,20 @@ def build_step(scheduled, pool, block_size: int, device, use_adapters: bool,
         logits_rows=dev(rows, torch.long), sampled=[s for _, s in sampled], sampling=sampling,
         any_sampled=any(p.temperature > 0 for p in params),
         any_top_p=any(p.temperature > 0 and p.top_p < 1 for p in params),
-        hook=pool.hook(slots_by_fam, with_q) if slots_by_fam else None,
         adapter_slots=slots_by_fam, adapter_with_q=with_q)
 
 
 def _adapter_slots(ordered, starts, total, device):
-    """Each token's adapter slot, per projection family (every lease here is pinned)."""
+    """Each token's adapter slot, per projection family id (every lease here is pinned)."""
     per_fam, with_q = {}, {}
     for st, s in zip(starts, ordered):
         lease = s.req.lease
         if lease is None:
             continue
-        fam = lease.family
-        arr = per_fam.get(fam)
+        fid = lease.family.fid
+        arr = per_fam.get(fid)
         if arr is None:
-            arr = per_fam[fam] = np.full(total, -1, dtype=np.int32)
+            arr = per_fam[fid] = np.full(total, -1, dtype=np.int32)
         arr[st:st + s.count] = lease.slot
-        with_q[fam] = with_q.get(fam, False) or lease.has_q
+        with_q[fid] = with_q.get(fid, False) or lease.has_q
     return {f: torch.from_numpy(a).to(device) for f, a in per_fam.items()}, with_q

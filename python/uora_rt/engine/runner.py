@@ -1,51 +1,116 @@
 """Runs one step: the model over the packed tokens (attention over the page table), then the
-sampler. Decode-only steps on CUDA replay a captured graph (engine/graphs.py)."""
+sampler. Decode-only steps on CUDA replay a captured graph (engine/graphs.py).
+
+The same runner runs on every tensor-parallel rank (as nano-vllm's does): rank 0's engine hands
+it `peers` (parallel.driver.TensorParallel), to which it sends each step before running its own
+shard; the other ranks' runners get the step from the wire and run the same forward, without
+logits rows. Padded batches (Runtime.forward) take `padded_forward`, also on every rank.
+"""
 
 from __future__ import annotations
 
 import logging
 import weakref
+from contextlib import nullcontext
 
 import torch
 
+from uora_rt.adapters.manager import AdapterManager
 from uora_rt.engine.attention import PagedAttention, choose_attention
 from uora_rt.engine.kv_cache import KVPool
 from uora_rt.engine.sampler import Sampler
+from uora_rt.kernels.routes import KernelPrefs, choose
+from uora_rt.models.common import PaddedAttention
 
 log = logging.getLogger("uora_rt.engine")
 
 
+def step_routes(model, adapters: AdapterManager, prefs: KernelPrefs, device, rows: int):
+    """The kernel routes of one forward of `rows` tokens (kernels.routes.choose)."""
+    return choose(prefs, device, model.embed.weight.dtype if model.kind == "decoder"
+                  else model.word.weight.dtype, adapters.factor_dtype, rows,
+                  model.kind == "decoder")
+
+
+@torch.no_grad()
+def padded_forward(model, adapters: AdapterManager, prefs: KernelPrefs, ids, positions, valid,
+                   token_slots: dict, with_q: dict, announce=None):
+    """One forward of a padded batch [B, L] (no KV cache): decoders -> logits [B, L, V] (none
+    on tensor-parallel workers: rank 0 alone computes the head), encoders -> (hidden [B, L, H],
+    pooled [B, H]). token_slots / with_q: per family id, as in a step's metadata (-1 = no
+    adapter, padding included). announce(changes), on a tensor-parallel driver, sends the
+    adapter changes taken with the batch (AdapterManager.batch) and the forward to the workers
+    before this rank runs its shard."""
+    routes = step_routes(model, adapters, prefs, ids.device, ids.numel())
+    changes = [] if announce is not None else None
+    hook = adapters.batch(token_slots, with_q, routes, changes)
+    if announce is not None:
+        announce(changes)
+    if model.kind == "decoder":
+        rows = None if model.shard is None or model.shard.rank == 0 else \
+            torch.empty(0, dtype=torch.long, device=ids.device)
+        return model(ids, positions, PaddedAttention(valid), hook, rows=rows, routes=routes)
+    return model(ids, valid, hook)
+
+
 class ModelRunner:
-    def __init__(self, rt, kv: KVPool, attention: str | None = None, cuda_graphs=None,
-                 max_num_seqs: int = 256, max_blocks: int = 1):
-        self.rt, self.kv = rt, kv
-        self.decode_fn, self.prefill_fn, self.attention_path = choose_attention(rt.device,
+    """model: a decoder (one rank's shard under tensor parallelism); kv: its paged cache;
+    adapters: the manager whose slots the steps name; peers: the workers to drive (rank 0 of a
+    tensor-parallel runtime), None otherwise."""
+
+    def __init__(self, model, kv: KVPool, adapters: AdapterManager, prefs: KernelPrefs,
+                 attention: str | None = None, cuda_graphs=None, max_num_seqs: int = 256,
+                 max_blocks: int = 1, peers=None):
+        self.model, self.kv, self.adapters, self.prefs, self.peers = model, kv, adapters, prefs, peers
+        self.device = kv.k.device
+        self.decode_fn, self.prefill_fn, self.attention_path = choose_attention(self.device,
                                                                                attention)
         self.gather_prefill = self.prefill_fn is None  # the SDPA path reads gathered context
-        self.sampler = Sampler(rt.device)
+        self.sampler = Sampler(self.device)
         # Graphs need an attention path with a length-independent grid (Triton); the gather
         # path's shapes follow the lengths.
-        want = rt.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        want = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.graphs = None
         if want:
-            if rt.device.type != "cuda" or self.attention_path != "triton":
+            if peers is not None:
+                raise ValueError("cuda_graphs are not supported under tensor parallelism")
+            if self.device.type != "cuda" or self.attention_path != "triton":
                 raise ValueError(f"cuda_graphs need CUDA and the Triton attention path, got "
-                                 f"{rt.device.type} / {self.attention_path}")
+                                 f"{self.device.type} / {self.attention_path}")
             from uora_rt.engine.graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(rt, kv, self.decode_fn, self.sampler, max_num_seqs,
-                                       max_blocks)
+            self.graphs = DecodeGraphs(self, max_num_seqs, max_blocks)
         log.info("engine steps: %s", "decode steps from CUDA graphs, the rest eager"
                  if self.graphs else "eager")
         # Under tensor parallelism each worker holds its KV heads' share of this cache, until
         # close() or until this runner is garbage (an engine dropped without close()).
-        tp = getattr(rt, "tp", None)
-        self.tp_kv = tp.open_kv(kv.num_blocks, kv.block_size, self.attention_path) if tp else None
-        self._release = weakref.finalize(self, tp.close_kv, self.tp_kv) if tp else None
+        self.peer_kv = (peers.open_kv(kv.num_blocks, kv.block_size, self.attention_path)
+                        if peers is not None else None)
+        self._release = (weakref.finalize(self, peers.close_kv, self.peer_kv)
+                         if peers is not None else None)
 
     def close(self) -> None:
         if self._release is not None:
             self._release()  # runs once
+
+    def routes(self, rows: int):
+        return step_routes(self.model, self.adapters, self.prefs, self.device, rows)
+
+    @torch.no_grad()
+    def forward(self, meta, rows=None):
+        """The model over a step's tokens; logits of `rows` (None: every token)."""
+        routes = self.routes(meta.num_tokens)
+        if self.peers is not None and not self._release.alive:
+            raise RuntimeError("this engine is closed")
+        with (self.peers.exclusive("an engine step") if self.peers is not None
+              else nullcontext()):
+            changes = [] if self.peers is not None else None
+            hook = self.adapters.batch(meta.adapter_slots, meta.adapter_with_q, routes, changes)
+            if self.peers is not None:
+                self.peers.send_step(self.peer_kv, meta, changes)
+            attention = PagedAttention(meta, self.kv, self.decode_fn, self.prefill_fn)
+            return self.model(meta.input_ids, meta.positions, attention, hook, rows=rows,
+                              routes=routes)
 
     @torch.no_grad()
     def run(self, meta) -> torch.Tensor:
@@ -54,14 +119,7 @@ class ModelRunner:
             tokens = self.graphs.run(meta)
             if tokens is not None:
                 return tokens
-        attention = PagedAttention(meta, self.kv, self.decode_fn, self.prefill_fn)
-        if self.tp_kv is not None:
-            if not self._release.alive:
-                raise RuntimeError("this engine is closed")
-            logits = self.rt.tp.run_step(meta, self.tp_kv, attention)
-        else:
-            logits = self.rt.model(meta.input_ids, meta.positions, attention, meta.hook,
-                                   rows=meta.logits_rows)
+        logits = self.forward(meta, meta.logits_rows)
         if not meta.sampled:
             return torch.empty(0, dtype=torch.long, device=logits.device)
         return self.sampler(logits.float(), meta.sampling, meta.any_sampled, meta.any_top_p)

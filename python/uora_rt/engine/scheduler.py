@@ -30,8 +30,8 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
-                 max_step_tokens: int, pool):
-        self.alloc, self.block_size, self.pool = allocator, block_size, pool
+                 max_step_tokens: int, adapters):
+        self.alloc, self.block_size, self.adapters = allocator, block_size, adapters
         self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -77,7 +77,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
             if req.lease is not None and not req.pinned:
-                if not self.pool.pin(req.lease):
+                if not self.adapters.pin(req.lease):
                     skipped.append(req)
                     continue
                 req.pinned = True
@@ -96,7 +96,7 @@ class Scheduler:
 
     def _unpin(self, req: Request) -> None:
         if req.pinned:
-            self.pool.unpin(req.lease)
+            self.adapters.unpin(req.lease)
             req.pinned = False
 
     def _free(self, req: Request) -> None:

@@ -3,34 +3,24 @@ the reference and the fallback.
 
 A Llama layer in plain torch launches ~30 small kernels besides its GEMMs and attention (RMSNorm
 alone is pow, mean, add, rsqrt, mul, cast, mul); at decode sizes each costs a few microseconds of
-launch and tail, together ~27 % of the H200 decode step (reference/gpu-decode-profile.md). Three
-kernels replace them:
+launch and tail, together ~27 % of the H200 decode step (docs/kernels.md has the profile).
+Three kernels replace them:
 - add_rms_norm: the residual add and the next RMSNorm in one pass over the row;
 - rope_store: RoPE of q and k and the write of k and v into the paged KV cache;
 - silu_mul: SiLU(gate) * up straight from the fused gate/up GEMM's output.
 Each rounds where the torch composition rounds (to the model dtype after every op), so the
 results differ from it only where the two compute a float32 reduction or exp differently.
 
-`Kernels.pick(x)` decides per forward: Triton when x is on CUDA, Triton is installed and no
-autograd is recorded (training keeps the differentiable torch ops); the choice is logged once.
+kernels.routes decides once per step which set a forward uses (`elementwise(fused)`): Triton on
+CUDA when no autograd is recorded (training keeps the differentiable torch ops).
 """
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.nn.functional as F
 
-from uora_rt.models.common import run_group
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU wheel of torch brings no Triton
-    triton = None
-
-log = logging.getLogger("uora_rt.models")
+from uora_rt.kernels._triton import tl, triton
 
 # --- the torch composition (transformers' modeling_llama numerics) -----------------------------
 
@@ -58,7 +48,7 @@ def with_extra(y, extra):
 
 def torch_add_rms_norm(x, delta, weight, eps, extra=None):
     """(x + delta, rms_norm(x + delta)); delta None: (x, rms_norm(x)). extra: a float32 adapter
-    delta still to be added to delta (see Kernels.group)."""
+    delta still to be added to delta (an adapter expand deferred to this consumer)."""
     if delta is not None:
         x = x + with_extra(delta, extra)
     return x, rms_norm(x, weight, eps)
@@ -152,9 +142,6 @@ if triton is not None:
                  mask=mask)
 
 
-def available() -> bool:
-    return triton is not None
-
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """A [rows, n] view with unit column stride (a copy only when none exists)."""
@@ -213,53 +200,17 @@ def triton_silu_mul(gate_up, extra=None):
     return out
 
 
-class Kernels:
-    """The elementwise ops one forward uses. `fused` says whether they are the Triton kernels."""
+class Elementwise:
+    """The elementwise ops of one forward: the Triton kernels (fused) or the torch composition."""
 
     def __init__(self, fused: bool):
         self.fused = fused
         self.add_rms_norm = triton_add_rms_norm if fused else torch_add_rms_norm
         self.silu_mul = triton_silu_mul if fused else torch_silu_mul
 
-    def group(self, hook, layer, group, linear, x):
-        """(y, extra): a group's GEMM output and None, or (with the fused kernels) its output
-        without the adapters' deltas and their float32 sum, which the consumer kernel adds as
-        it reads y. The hook then computes the deltas beside the base GEMM, off the critical
-        path (pool.AdapterBatch.run_deferred)."""
-        if self.fused and hook is not None:
-            return hook.run_deferred(layer, group, linear, x)
-        return run_group(hook, layer, group, linear, x), None
 
-    _said: set = set()
-
-    @classmethod
-    def pick(cls, x: torch.Tensor, enabled: bool | None = None) -> "Kernels":
-        """enabled None: Triton where it can run (CUDA, Triton installed, no autograd); False:
-        always the torch ops; True: Triton or an error saying why not."""
-        why = None
-        if triton is None:
-            why = "Triton is not installed"
-        elif x.device.type != "cuda" and not _interpret():
-            why = f"the tensors are on {x.device.type}"
-        elif torch.is_grad_enabled():
-            why = "autograd is recording (training takes the differentiable torch ops)"
-        if enabled and why:
-            raise ValueError(f"fused decoder kernels requested but {why}")
-        use = enabled is not False and why is None
-        key = (use, x.device.type)
-        if key not in cls._said and (use or x.device.type == "cuda"):
-            cls._said.add(key)
-            log.info("decoder elementwise ops on %s: %s", x.device.type,
-                     "Triton fused kernels (add+RMSNorm, RoPE+KV write, SiLU*mul)" if use
-                     else f"torch ops ({why or 'fused kernels turned off'})")
-        return _FUSED if use else _TORCH
+_SETS = {True: Elementwise(True), False: Elementwise(False)}
 
 
-def _interpret() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_FUSED = Kernels(True)
-_TORCH = Kernels(False)
+def elementwise(fused: bool) -> Elementwise:
+    return _SETS[bool(fused)]

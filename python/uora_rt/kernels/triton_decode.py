@@ -9,22 +9,15 @@ the final output (one split) or its partial (normalized output, max, sum) for `_
 depends only on the batch, never on lengths, so a CUDA graph captured once serves any lengths.
 
 Semantics: reference.paged_attention with one query per sequence (query_start = 0, 1, ..., B).
-Triton is optional: `available()` says whether this path can run.
+Runs only where Triton does (kernels.routes decides).
 """
 
 from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU wheel of torch brings no Triton
-    triton = None
+from uora_rt.kernels._triton import tl, triton
 
-
-def available() -> bool:
-    return triton is not None
 
 
 if triton is not None:

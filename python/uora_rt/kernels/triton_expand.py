@@ -12,18 +12,14 @@ tensor-core dot (as the C++ kernels do). Semantics and tolerance: ops.uora_expan
 reference.uora_group.
 
 Used for 16-bit y with b_cat in y's dtype and at most MAX_ROWS rows (decode); elsewhere the C++
-op runs. Triton is optional: `available()` says whether this path can run.
+op runs (kernels.routes decides, once per step).
 """
 
 from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU wheel of torch brings no Triton
-    triton = None
+from uora_rt.kernels._triton import tl, triton
 
 # Above this many rows the C++ op's GEMM route is as fast or faster (H200: equal at 256 decode
 # rows in the 7B step, bench/results/decode_gpu.json; 28 against 15 us for one 4096 x 4096
@@ -32,9 +28,6 @@ MAX_ROWS = 64
 # Launch settings; bench/kernels/decode_tune_gpu.py sweeps them (NOTES.md has the choice).
 CONFIG = {"block_n": 64, "block_k": 64, "num_warps": 4, "num_stages": None}
 
-
-def available() -> bool:
-    return triton is not None
 
 
 if triton is not None:
@@ -85,12 +78,6 @@ def module_table(modules, lambda_b_offsets, y_offsets, outs, device) -> torch.Te
     """[n, 4] int32 (module id, lambda_b offset, y offset, out) of one group, on its device."""
     rows = list(zip(modules, lambda_b_offsets, y_offsets, outs))
     return torch.tensor(rows, dtype=torch.int32, device=device).reshape(len(rows), 4)
-
-
-def runs(y: torch.Tensor, b_cat: torch.Tensor) -> bool:
-    """Whether expand_ takes this call (else the caller runs ops.uora_expand_)."""
-    return (triton is not None and y.is_cuda and y.dtype in (torch.bfloat16, torch.float16)
-            and b_cat.dtype == y.dtype and y.shape[0] <= MAX_ROWS)
 
 
 def expand_(y, u, b_cat, lambda_d, lambda_b, p, slot, table, max_out: int, with_q: bool):

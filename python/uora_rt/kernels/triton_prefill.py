@@ -14,17 +14,10 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from uora_rt.kernels._triton import tl, triton
 
 BLOCK_M = 16
 
-
-def available() -> bool:
-    return triton is not None
 
 
 def tiles_for(query_start: list[int]) -> list[tuple[int, int]]:

@@ -90,6 +90,7 @@ class BertModel(nn.Module):
                  pooler: bool = False):
         super().__init__()
         self.spec = spec
+        self.weights_version = 0  # bumped when the weights change in place (merge)
         self.word = nn.Embedding(spec.vocab, spec.hidden)
         self.position = nn.Embedding(spec.max_positions, spec.hidden)
         self.token_type = nn.Embedding(spec.type_vocab, spec.hidden)
@@ -160,16 +161,18 @@ class BertModel(nn.Module):
         x = self.emb_norm(x)                                                 # [B, L, H]
         mask = valid[:, None, None, :]                                       # keys only
         hd = s.hidden // s.heads
+        # An encoder's routes never defer an adapter delta (no consumer kernel would add it), so
+        # each group's second result, the pending delta, is always None here.
         for i, layer in enumerate(self.layers):
-            qkv = run_group(hook, i, "qkv", layer.qkv, x)                    # [B, L, 3H]
+            qkv, _ = run_group(hook, i, "qkv", layer.qkv, x)                 # [B, L, 3H]
             q, k, v = (t.view(b, n, s.heads, hd).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
             att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             att = att.transpose(1, 2).reshape(b, n, s.hidden)
-            a = run_group(hook, i, "attn_out", layer.attn_out, att)
+            a, _ = run_group(hook, i, "attn_out", layer.attn_out, att)
             x = layer.attn_norm(a + x)
-            h = run_group(hook, i, "intermediate", layer.intermediate, x)
+            h, _ = run_group(hook, i, "intermediate", layer.intermediate, x)
             h = _ACTS[s.act](h)
-            o = run_group(hook, i, "output", layer.output, h)
+            o, _ = run_group(hook, i, "output", layer.output, h)
             x = layer.out_norm(o + x)
         return x, self.pool(x, valid)
 

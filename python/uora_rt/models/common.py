@@ -1,11 +1,15 @@
-"""Pieces shared by the model families: adapter sites, the adapter hook, padded attention."""
+"""Pieces shared by the model families: adapter sites, the group GEMM with its adapter hook,
+tensor-parallel shards, padded attention."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from uora_rt.kernels.dense import dense
 
 
 @dataclass(frozen=True)
@@ -25,52 +29,51 @@ class Site:
     inp: int
 
 
-# Up to this many rows, a float32 CPU GEMM runs as W·xᵀ instead of x·Wᵀ: MKL's sgemm with few
-# rows of x streams W at a fraction of the memory bandwidth, the transposed problem does not.
-# Measured on SmolLM2-135M's weights (2 cores): 4 rows 49 vs 116 ms, 16 rows 82 vs 136 ms, 64
-# rows 171 vs 198 ms, 1 row 57 vs 60 ms; from 128 rows on x·Wᵀ is as fast or faster.
-SKINNY_ROWS = 64
-
-
-def dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """F.linear(x, weight, bias), with the CPU's few-row case computed as (W·xᵀ)ᵀ. Inference
-    only (autograd takes F.linear); the two differ by float32 rounding, not more."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or not 1 < rows <= SKINNY_ROWS
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
-        return F.linear(x, weight, bias)
-    y = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().contiguous()
-    if bias is not None:
-        y += bias
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
 def base_linear(linear, x):
     return dense(x, linear.weight, linear.bias)
 
 
-class AdapterHook:
-    """How a model runs each fused group GEMM when adapters are present. The runtime supplies
-    pool.AdapterBatch (serving) or trainer.TrainingHook (training); None = base model only."""
+@dataclass(frozen=True)
+class Shard:
+    """One rank's part of a tensor-parallel model (parallel/ builds it): the rank, the number of
+    ranks and the in-place sum of a tensor over all of them."""
 
-    def run(self, layer: int, group: str, linear, x: torch.Tensor) -> torch.Tensor:
-        """Returns linear(x) plus the adapter deltas of this group ([..., n_out])."""
-        y = base_linear(linear, x)
+    rank: int
+    world: int
+    all_reduce: Callable[[torch.Tensor], None]
+
+
+def run_group(hook, layer: int, group: str, linear, x, shard: Shard | None = None,
+              row_parallel: bool = False):
+    """x: [..., in] -> (y [..., n_out], extra): the group's base GEMM with its adapter deltas
+    added, extra None; or, on the deferred route, y without them and extra their float32 sum,
+    which the consumer kernel adds as it reads y. row_parallel: x is this rank's slice of the
+    inputs, so the partial outputs are summed over the ranks (and the bias added once, after)."""
+    if hook is not None:
+        return hook.group(layer, group, linear, x, shard, row_parallel)
+    if not row_parallel:
+        return base_linear(linear, x), None
+    y = dense(x, linear.weight)
+    shard.all_reduce(y)
+    if linear.bias is not None:
+        y += linear.bias
+    return y, None
+
+
+class AdapterHook:
+    """How a model runs each fused group GEMM when adapters are present: the runtime supplies
+    adapters.batch.AdapterBatch (serving), training.trainer.TrainingHook (training); None =
+    base model only. A subclass implements group, or apply (which adds the deltas in place)."""
+
+    def group(self, layer: int, group: str, linear, x: torch.Tensor, shard: Shard | None = None,
+              row_parallel: bool = False):
+        """(y, extra) as run_group."""
+        y, _ = run_group(None, layer, group, linear, x, shard, row_parallel)
         self.apply(layer, group, x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1]))
-        return y
+        return y, None
 
     def apply(self, layer: int, group: str, x2d: torch.Tensor, y2d: torch.Tensor) -> None:
         raise NotImplementedError
-
-    def run_deferred(self, layer: int, group: str, linear, x: torch.Tensor):
-        """(y, extra): linear(x) and None, or linear(x) alone and the adapter deltas as a
-        float32 tensor of its shape that the caller adds (models.fused.Kernels.group)."""
-        return self.run(layer, group, linear, x), None
-
-
-def run_group(hook, layer, group, linear, x):
-    """x: [..., in] -> [..., n_out]: the group's base GEMM and its adapter deltas."""
-    return base_linear(linear, x) if hook is None else hook.run(layer, group, linear, x)
 
 
 class PaddedAttention:

@@ -3,7 +3,8 @@
 Numerics follow transformers' modeling_llama: RMSNorm in float32, rotate_half RoPE with cos/sin
 cast to the model dtype, GQA. Our own layout fuses q/k/v and gate/up into one GEMM each; adapted
 modules are addressed through `Site`s and their deltas added by the adapter hook right after the
-fused GEMM (DESIGN §4).
+fused GEMM (docs/design.md). Under tensor parallelism (parallel/) a model holds one rank's heads
+and MLP width, and its row-parallel groups sum their partial outputs over the ranks.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from uora_rt.models.common import Site, dense
-from uora_rt.kernels.fused import Kernels, apply_rope, with_extra
+from uora_rt.kernels.dense import dense
+from uora_rt.kernels.fused import apply_rope, elementwise, with_extra
+from uora_rt.kernels.routes import TORCH, Routes
+from uora_rt.models.common import Shard, Site, run_group
 
 
 @dataclass
@@ -94,16 +97,23 @@ class LlamaLayer(nn.Module):
         self.down = nn.Linear(s.intermediate, s.hidden, bias=s.mlp_bias)
 
 
+# Groups whose inputs are split across tensor-parallel ranks (their outputs are summed); the
+# others (qkv, gate_up) split their outputs.
+ROW_PARALLEL = ("o", "down")
+
+
 class LlamaModel(nn.Module):
     """forward(ids, positions, attention, hook) -> logits. One block serves every caller: the
-    engine (packed tokens [T] over a paged KV cache), padded batches and training ([B, L])."""
+    engine (packed tokens [T] over a paged KV cache), padded batches and training ([B, L]).
+    shard: this rank's part under tensor parallelism (spec then holds the rank's heads and MLP
+    width), None on one device."""
 
     kind = "decoder"
 
-    def __init__(self, spec: LlamaSpec):
+    def __init__(self, spec: LlamaSpec, shard: Shard | None = None):
         super().__init__()
-        self.spec = spec
-        self.fused: bool | None = None  # the elementwise kernels (see forward)
+        self.spec, self.shard = spec, shard
+        self.weights_version = 0  # bumped when the weights change in place (merge): graphs recapture
         self.embed = nn.Embedding(spec.vocab, spec.hidden)
         self.layers = nn.ModuleList(LlamaLayer(spec) for _ in range(spec.layers))
         self.norm = nn.Parameter(torch.ones(spec.hidden))
@@ -160,16 +170,23 @@ class LlamaModel(nn.Module):
                     layer.down.bias.copy_(t[f"{m}.down_proj.bias"])
 
     # --- forward ----------------------------------------------------------------------------
-    def block(self, i: int, x, delta, cos, sin, attention, hook, ops: Kernels):
+    def _group(self, hook, i: int, group: str, x):
+        """(y, extra) of one fused GEMM with its adapters (models.common.run_group)."""
+        linear = getattr(self.layers[i], group)
+        return run_group(hook, i, group, linear, x, self.shard,
+                         self.shard is not None and group in ROW_PARALLEL)
+
+    def block(self, i: int, x, delta, cos, sin, attention, hook, ops):
         """One decoder layer: (x, delta) -> (x + delta, this layer's output delta); the residual
         add is deferred so that it fuses with the next RMSNorm. A delta is (y, extra): a GEMM
-        output and the adapter deltas still to be added to it, or None (Kernels.group).
-        x: [..., H]; cos, sin: [..., 1, hd]; delta (None, None) = nothing to add."""
+        output and the adapter deltas still to be added to it, or None (models.common.run_group).
+        x: [..., H]; cos, sin: [..., 1, hd]; delta (None, None) = nothing to add; ops: the
+        step's elementwise kernels (kernels.fused.elementwise)."""
         s, layer = self.spec, self.layers[i]
         lead = x.shape[:-1]
         q_size, kv_size = s.heads * s.head_dim, s.kv_heads * s.head_dim
         x, h = ops.add_rms_norm(x, delta[0], layer.in_norm, s.rms_eps, delta[1])
-        qkv, extra = ops.group(hook, i, "qkv", layer.qkv, h)                 # [..., q+2kv]
+        qkv, extra = self._group(hook, i, "qkv", h)                          # [..., q+2kv]
         if ops.fused and getattr(attention, "takes_qkv", False):
             # RoPE, the adapter delta and the KV write in one kernel inside the backend.
             att = attention.attend_qkv(i, qkv, cos, sin, s.heads, s.kv_heads, s.head_dim, extra)
@@ -179,21 +196,20 @@ class LlamaModel(nn.Module):
             k = apply_rope(k.view(*lead, s.kv_heads, s.head_dim), cos, sin)  # [..., nKV, hd]
             v = v.reshape(*lead, s.kv_heads, s.head_dim)
             att = attention(i, q, k, v)                                      # [..., nH, hd]
-        o, extra = ops.group(hook, i, "o", layer.o, att.reshape(*lead, q_size))
+        o, extra = self._group(hook, i, "o", att.reshape(*lead, q_size))
         x, h = ops.add_rms_norm(x, o, layer.post_norm, s.rms_eps, extra)
-        gate_up, extra = ops.group(hook, i, "gate_up", layer.gate_up, h)     # [..., 2I]
-        return x, ops.group(hook, i, "down", layer.down, ops.silu_mul(gate_up, extra))
+        gate_up, extra = self._group(hook, i, "gate_up", h)                  # [..., 2I]
+        return x, self._group(hook, i, "down", ops.silu_mul(gate_up, extra))
 
-    def forward(self, ids, positions, attention, hook=None, rows=None):
+    def forward(self, ids, positions, attention, hook=None, rows=None, routes: Routes = TORCH):
         """ids, positions: [T] (the engine's packed tokens) or [B, L]. attention(layer, q, k, v)
         -> [..., nH, hd] with q [..., nH, hd] and k, v [..., nKV, hd] (models.common.
         PaddedAttention, engine.attention.PagedAttention). rows: the tokens that get logits (an
         index or bool mask over the leading dims; the LM head is a large share of a small model's
-        FLOPs, so compute only what is used); None = all. Returns logits [..., V]. The
-        elementwise kernels follow self.fused (models.fused.Kernels.pick: None = Triton where it
-        runs, False = the torch ops, True = Triton or an error)."""
+        FLOPs, so compute only what is used); None = all. Returns logits [..., V]. routes: the
+        step's kernels (kernels.routes.choose); the default is the torch ops, as training needs."""
         x = self.embed(ids)                                                  # [..., H]
-        ops = Kernels.pick(x, self.fused)
+        ops = elementwise(routes.fused)
         freqs = positions.float()[..., None] * self.inv_freq                 # [..., hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype)[..., None, :], emb.sin().to(x.dtype)[..., None, :]

@@ -1,5 +1,6 @@
-"""Rank 0 of a tensor-parallel runtime: starts the workers, sends them every change and every
-step, and runs its own shard of each forward (the engine and the sampler run here only).
+"""Rank 0 of a tensor-parallel runtime: starts the workers, sends them every adapter change and
+every step, and runs its own shard of each forward through the same code as one device (the
+engine's ModelRunner, engine.runner.padded_forward); the engine and the sampler run here only.
 
 Backend: gloo on the CPU (tested: 2 processes), nccl on CUDA (written for one GPU per rank,
 cuda:k on rank k, but NOT run: the two-GPU machine was not available). Failure is an error,
@@ -29,12 +30,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from uora_rt.adapters.manager import AdapterManager, factor_dtype_for
 from uora_rt.core import format as fmt
-from uora_rt.models.common import PaddedAttention
+from uora_rt.engine.runner import padded_forward
+from uora_rt.models.common import Shard
 from uora_rt.parallel import comm, shard
-from uora_rt.parallel.hook import ShardedHook
 from uora_rt.parallel.step import adapter_ints_tensors, encode_step
-from uora_rt.adapters.pool import AdapterPool
 
 log = logging.getLogger("uora_rt.parallel")
 
@@ -58,54 +59,17 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-class DriverPool(AdapterPool):
-    """Rank 0's pool. Every registration, device-slot upload and final drop is also queued, in
-    order, for the workers; the queue is sent before the next forward, from the thread that
-    runs forwards, so adapters may be added or removed from any thread. Entries get a uid (names
-    can be reused after a removal)."""
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.pending: list[tuple] = []
-        self.uids: dict = {}  # Entry -> uid
-        self._next_uid = 0
-
-    def add(self, name, adapter) -> None:
-        data = _file_bytes(adapter)
-        with self._lock:  # so no upload of this entry can be queued before its add
-            super().add(name, adapter)
-            entry = self.entries[name]
-            self.uids[entry], self._next_uid = self._next_uid, self._next_uid + 1
-            self.pending.append((comm.ADD, [self.uids[entry], entry.family.serial],
-                                 [data, comm.text_tensor(str(entry.path or name))]))
-
-    def _write_slot(self, entry, s) -> None:
-        super()._write_slot(entry, s)
-        self.pending.append((comm.UPLOAD, [self.uids[entry], s], []))
-
-    def _drop(self, entry) -> None:
-        super()._drop(entry)
-        self.pending.append((comm.DROP, [self.uids.pop(entry)], []))
-
-    def snapshot(self, slots: dict, with_q: dict):
-        """(the queued changes, the adapter hook of a forward) from one state of the pool: the
-        workers replay exactly those changes and then build their hook, so all ranks see the
-        same families and modules (an add from another thread may widen a family's tables;
-        the row-parallel reduce needs every rank to concatenate the same shrinks)."""
-        with self._lock:
-            out, self.pending = self.pending, []
-            return out, (self.hook(slots, with_q) if slots else None)
-
-
 def _file_bytes(adapter: fmt.Adapter) -> torch.Tensor:
-    """The adapter as `.uora` bytes (workers parse and validate them as a file)."""
-    if adapter.path is not None:
-        data = Path(adapter.path).read_bytes()
-    else:
-        with tempfile.TemporaryDirectory() as d:
-            fmt.save(adapter, Path(d) / "a.uora")
-            data = (Path(d) / "a.uora").read_bytes()
+    """The registered adapter as `.uora` bytes (workers parse and validate them as a file),
+    written from memory: what the driver registered, whatever its file holds by now."""
+    with tempfile.TemporaryDirectory() as d:
+        fmt.save(adapter, Path(d) / "a.uora")
+        data = (Path(d) / "a.uora").read_bytes()
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def all_reduce(t: torch.Tensor) -> None:
+    dist.all_reduce(t)
 
 
 class TensorParallel:
@@ -117,7 +81,7 @@ class TensorParallel:
                                "tensor-parallel runtime per process (close() the other first)")
         self.world, self.device = world, device
         self.timeout, self.start_timeout = timeout_s(), timeout_s(start=True)
-        self.model = self.pool = self.chan = None
+        self.chan = None
         self.broken: str | None = None
         self.closed = False
         self._lock = threading.RLock()
@@ -178,10 +142,9 @@ class TensorParallel:
         return "\n".join(lines)
 
     @contextmanager
-    def _exclusive(self, what: str, slots=None, with_q=None):
-        """One message (and its forward) at a time, after the queued changes; yields rank 0's
-        ShardedHook for {Family: token slots}. Any failure breaks the group for good (the ranks
-        are no longer in lockstep)."""
+    def exclusive(self, what: str):
+        """One message (and its forward) at a time; freed KV caches are announced first. Any
+        failure breaks the group for good (the ranks are no longer in lockstep)."""
         with self._lock:
             if self.closed:
                 raise RuntimeError("the tensor-parallel runtime is closed")
@@ -189,12 +152,9 @@ class TensorParallel:
                 raise RuntimeError(f"the tensor-parallel group is broken ({self.broken})")
             self._check_workers(f"before {what}")
             try:
-                pending, adapters = self.pool.snapshot(slots or {}, with_q or {})
                 while self._kv_closing:
                     self.chan.send(comm.KV_CLOSE, [self._kv_closing.pop(0)])
-                for op, ints, tensors in pending:
-                    self.chan.send(op, ints, tensors)
-                yield ShardedHook(0, self.world, adapters)
+                yield
             except BaseException as e:
                 self.broken = f"{what} failed: {type(e).__name__}: {e}"
                 if not isinstance(e, Exception):  # KeyboardInterrupt mid-step: as it is
@@ -204,10 +164,23 @@ class TensorParallel:
                 raise RuntimeError(self._describe(f"tensor parallelism: {self.broken} (worker "
                                                   f"exit codes: {dead})")) from e
 
+    def _send_changes(self, changes: list) -> None:
+        """The adapter manager's recorded changes, in order (AdapterManager.batch took them)."""
+        for change in changes:
+            kind, entry = change[0], change[1]
+            if kind == "add":
+                source = str(entry.source or entry.name)
+                self.chan.send(comm.ADD, [entry.uid],
+                               [_file_bytes(change[2]), comm.text_tensor(source)])
+            elif kind == "upload":
+                self.chan.send(comm.UPLOAD, [entry.uid, change[2]])
+            else:
+                self.chan.send(comm.DROP, [entry.uid])
+
     # --- what the runtime and the engine call ---------------------------------------------------
     def open_kv(self, num_blocks: int, block_size: int, attention_path: str) -> int:
         """Each worker allocates its KV heads' share of an engine's paged cache."""
-        with self._exclusive("opening a KV cache"):
+        with self.exclusive("opening a KV cache"):
             self._kv_ids += 1
             self.chan.send(comm.KV_OPEN, [self._kv_ids, num_blocks, block_size,
                                           ATTENTION_PATHS.index(attention_path)])
@@ -218,21 +191,25 @@ class TensorParallel:
         middle of a step); the workers free the cache before the next message."""
         self._kv_closing.append(kv_id)
 
-    def run_step(self, meta, kv_id: int, attention):
-        """An engine step: the workers get its metadata, every rank runs its shard; logits of
-        meta.logits_rows (rank 0's head over the replicated hidden state)."""
+    def send_step(self, kv_id: int, meta, changes: list) -> None:
+        """Inside exclusive(): the adapter changes taken with the step's batch, then the step;
+        each worker's ModelRunner runs its shard of it (engine.runner.ModelRunner.forward)."""
+        self._send_changes(changes)
         ints, tensors = encode_step(meta, kv_id)
-        with self._exclusive("an engine step", meta.adapter_slots, meta.adapter_with_q) as hook:
-            self.chan.send(comm.STEP, ints, tensors)
-            return self.model(meta.input_ids, meta.positions, attention, hook,
-                              rows=meta.logits_rows)
+        self.chan.send(comm.STEP, ints, tensors)
 
-    def run_padded(self, ids, positions, valid, slots: dict, with_q: dict):
-        """Runtime.forward of a padded batch: logits [B, L, V]."""
+    def forward_padded(self, model, manager, prefs, ids, positions, valid, slots: dict,
+                       with_q: dict):
+        """Runtime.forward of a padded batch on every rank (engine.runner.padded_forward)."""
         a_ints, a_tensors = adapter_ints_tensors(slots, with_q)
-        with self._exclusive("a forward", slots, with_q) as hook:
+
+        def announce(changes):
+            self._send_changes(changes)
             self.chan.send(comm.FORWARD, a_ints, [ids, positions, valid] + a_tensors)
-            return self.model(ids, positions, PaddedAttention(valid), hook)
+
+        with self.exclusive("a forward"):
+            return padded_forward(model, manager, prefs, ids, positions, valid, slots, with_q,
+                                  announce)
 
     def close(self) -> None:
         """Stops the workers (STOP if the group is healthy, else kill), bounded in time."""
@@ -258,11 +235,10 @@ class TensorParallel:
             atexit.unregister(self.close)
 
 
-def load_runtime(cls, folder: Path, device, dtype, slots: int, world: int):
-    """Runtime.from_folder(..., tensor_parallel=world): the config is checked before any process
-    starts; the workers load their shards while rank 0 loads its own."""
-    from uora_rt.runtime import pool_settings
-
+def launch(folder: Path, device, dtype, slots: int, world: int):
+    """(rank 0's model shard, config, adapter manager, TensorParallel) for Runtime.from_folder(...,
+    tensor_parallel=world): the config is checked before any process starts; the workers load
+    their shards while rank 0 loads its own."""
     config, spec = shard.read_spec(folder)
     shard.check_divisible(spec, world)
     device = torch.device(device)
@@ -271,15 +247,12 @@ def load_runtime(cls, folder: Path, device, dtype, slots: int, world: int):
         torch.cuda.set_device(device)
     tp = TensorParallel(folder, world, device, dtype, slots)
     try:
-        model = shard.load_shard(folder, 0, world, device, dtype)
-        arch, factor_dtype = pool_settings(config, device, dtype)
-        tp.pool = DriverPool(shard.full_sites(config), device, arch, False, slots,
-                             factor_dtype)
-        tp.model = model
+        model = shard.load_shard(folder, Shard(0, world, all_reduce), device, dtype)
+        manager = AdapterManager(shard.full_sites(config), device, shard.architecture(config),
+                                 slots, factor_dtype_for(device, dtype))
+        manager.record_changes()
         tp.join()
-        rt = cls(model, config, device, folder, False, slots, pool=tp.pool)
     except BaseException:
         tp.close()
         raise
-    rt.tp = tp
-    return rt
+    return model, config, manager, tp

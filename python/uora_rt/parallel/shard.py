@@ -13,11 +13,10 @@ import dataclasses
 
 import torch
 
+from uora_rt import models
 from uora_rt.models import checkpoint
+from uora_rt.models.common import Shard
 from uora_rt.models.llama import LlamaModel, LlamaSpec
-
-COLUMN_GROUPS = ("qkv", "gate_up")
-ROW_GROUPS = ("o", "down")
 
 # HF tensor name suffix -> dimension split across ranks (0: rows = outputs, 1: columns = inputs).
 _SPLIT = {"self_attn.q_proj.weight": 0, "self_attn.k_proj.weight": 0,
@@ -57,15 +56,17 @@ def shard_tensors(tensors: dict, rank: int, n: int) -> dict:
 
 
 def full_sites(config: dict):
-    """The unsharded model's adapter sites: every rank's pool validates and stores adapters
-    against the full shapes (a rank reads its slice of the vectors; see hook.py)."""
+    """The unsharded model's adapter sites: every rank's manager validates and stores adapters
+    against the full shapes (a rank reads its slice of the vectors; see adapters/batch.py)."""
     with torch.device("meta"):
         return LlamaModel(LlamaSpec.from_config(config)).sites()
 
 
-def read_spec(folder) -> tuple[dict, LlamaSpec]:
-    from uora_rt import models
+def architecture(config: dict) -> str:
+    return (config.get("architectures") or [config.get("model_type", "?")])[0]
 
+
+def read_spec(folder) -> tuple[dict, LlamaSpec]:
     config = checkpoint.read_config(folder)
     with torch.device("meta"):
         model = models.build(config, folder, checkpoint.tensor_index(folder).keys())
@@ -75,12 +76,12 @@ def read_spec(folder) -> tuple[dict, LlamaSpec]:
     return config, model.spec
 
 
-def load_shard(folder, rank: int, n: int, device, dtype) -> LlamaModel:
-    """Rank `rank`'s model: the sharded spec, loaded from the checkpoint's slices."""
+def load_shard(folder, part: Shard, device, dtype) -> LlamaModel:
+    """One rank's model: the sharded spec, loaded from the checkpoint's slices."""
     _, spec = read_spec(folder)
     with torch.device("meta"):
-        model = LlamaModel(shard_spec(spec, n))
+        model = LlamaModel(shard_spec(spec, part.world), part)
     model = model.to(dtype).to_empty(device=torch.device(device))
     model.init_buffers()
-    model.load_checkpoint(shard_tensors(checkpoint.load_tensors(folder), rank, n))
+    model.load_checkpoint(shard_tensors(checkpoint.load_tensors(folder), part.rank, part.world))
     return model.eval().requires_grad_(False)

@@ -2,8 +2,8 @@
 
 The driver keeps the full StepMetadata (sampling, logits rows: rank 0 alone samples, from the
 replicated hidden state). A worker gets the tokens, the KV slots, the page tables, the prefill
-chunks and, per projection family, each token's adapter slot; families are named by the
-driver's Family.serial (the worker maps it to its own, see worker.py).
+chunks and, per projection family id, each token's adapter slot (a worker's manager replays the
+driver's registrations in order, so family ids and slots agree across ranks).
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ _STEP_FIELDS = ("input_ids", "positions", "slot_mapping", "decode_block_tables",
 
 
 def adapter_ints_tensors(slots: dict, with_q: dict):
-    """(ints, tensors) of {Family: [T] int32 slots}, {Family: bool}."""
-    fams = list(slots)
-    return ([len(fams)] + [f.serial for f in fams] + [int(with_q.get(f, False)) for f in fams],
-            [slots[f] for f in fams])
+    """(ints, tensors) of {family id: [T] int32 slots}, {family id: bool}."""
+    fids = list(slots)
+    return ([len(fids)] + fids + [int(with_q.get(f, False)) for f in fids],
+            [slots[f] for f in fids])
 
 
 def split_adapters(ints: list[int], tensors: list[torch.Tensor]):
-    """Inverse of adapter_ints_tensors: ({serial: slots}, {serial: with_q}), the rest of ints."""
+    """Inverse of adapter_ints_tensors: ({fid: slots}, {fid: with_q}), the rest of ints."""
     n = ints[0]
-    serials, qs = ints[1:1 + n], ints[1 + n:1 + 2 * n]
-    return dict(zip(serials, tensors)), dict(zip(serials, map(bool, qs))), ints[1 + 2 * n:]
+    fids, qs = ints[1:1 + n], ints[1 + n:1 + 2 * n]
+    return dict(zip(fids, tensors)), dict(zip(fids, map(bool, qs))), ints[1 + 2 * n:]
 
 
 def encode_step(meta: StepMetadata, kv_id: int):
@@ -43,7 +43,7 @@ def encode_step(meta: StepMetadata, kv_id: int):
 
 
 def decode_step(ints: list[int], tensors: list[torch.Tensor], device):
-    """-> (kv_id, StepMetadata without sampling, {serial: slots}, {serial: with_q})."""
+    """-> (kv_id, StepMetadata without sampling or logits rows)."""
     kv_id, num_decode, gather = ints[:3]
     n = len(_STEP_FIELDS)
     fields = dict(zip(_STEP_FIELDS, tensors[:n]))
@@ -59,6 +59,6 @@ def decode_step(ints: list[int], tensors: list[torch.Tensor], device):
         prefills.append(PrefillSegment(start, count, context, cs, mask))
     meta = StepMetadata(**fields, num_decode=num_decode, prefills=prefills,
                         logits_rows=torch.empty(0, dtype=torch.long, device=device), sampled=[],
-                        sampling=None, any_sampled=False, any_top_p=False, hook=None,
-                        adapter_slots={}, adapter_with_q={})
-    return kv_id, meta, slots, with_q
+                        sampling=None, any_sampled=False, any_top_p=False,
+                        adapter_slots=slots, adapter_with_q=with_q)
+    return kv_id, meta

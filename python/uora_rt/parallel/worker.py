@@ -1,10 +1,11 @@
 """A tensor-parallel worker (ranks 1..N-1): `python -m uora_rt.parallel.worker --rank k ...`.
 
-It loads its shard of the decoder and a pool that mirrors the driver's (same adapters, same
-device slots, replayed from the driver's messages), then loops: receive a message, apply it or
-run its shard of the forward, which takes part in the all-reduces. It exits on STOP, on any
-error (with the traceback in its log: the driver's next collective then fails fast), or when
-its parent process is gone.
+It loads its shard of the decoder and an adapter manager that mirrors the driver's (the same
+adapters, families and device slots, replayed from the driver's messages), then loops: receive a
+message, apply it, or run its shard of a forward through the same code as the driver (the
+engine's ModelRunner for steps, engine.runner.padded_forward for padded batches), which takes
+part in the all-reduces. It exits on STOP, on any error (with the traceback in its log: the
+driver's next collective then fails fast), or when its parent process is gone.
 """
 
 from __future__ import annotations
@@ -20,27 +21,27 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from uora_rt.adapters.manager import AdapterManager, factor_dtype_for
 from uora_rt.core import format as fmt
-from uora_rt.engine.attention import PagedAttention, choose_attention
 from uora_rt.engine.kv_cache import KVPool
-from uora_rt.models.common import PaddedAttention
+from uora_rt.engine.runner import ModelRunner, padded_forward
+from uora_rt.kernels.routes import KernelPrefs
+from uora_rt.models.common import Shard
 from uora_rt.parallel import comm, shard
-from uora_rt.parallel.driver import ATTENTION_PATHS, IDLE, backend_for
-from uora_rt.parallel.hook import ShardedHook
+from uora_rt.parallel.driver import ATTENTION_PATHS, IDLE, all_reduce, backend_for
 from uora_rt.parallel.step import decode_step, split_adapters
-from uora_rt.adapters.pool import AdapterPool
-from uora_rt.runtime import pool_settings
 
 log = logging.getLogger("uora_rt.parallel")
 
 
 class Worker:
-    def __init__(self, model, pool: AdapterPool, chan: comm.Channel, rank: int, world: int):
-        self.model, self.pool, self.chan, self.rank, self.world = model, pool, chan, rank, world
-        self.device, self.dtype = pool.device, model.embed.weight.dtype
+    def __init__(self, model, manager: AdapterManager, chan: comm.Channel):
+        self.model, self.manager, self.chan = model, manager, chan
+        # The driver's kernel preferences are the defaults too (TP turns the parallel shrink
+        # off on both sides); each step's routes are then chosen alike on every rank.
+        self.prefs = KernelPrefs(parallel_shrink=False)
         self.entries: dict = {}    # driver uid -> Entry (registered here as "#uid")
-        self.families: dict = {}   # driver Family.serial -> this pool's Family
-        self.kv: dict = {}         # kv id -> (KVPool, decode_fn, prefill_fn)
+        self.runners: dict = {}    # kv id -> ModelRunner over this rank's share of the cache
         self.handlers = {comm.ADD: self.add, comm.DROP: self.drop, comm.UPLOAD: self.upload,
                          comm.KV_OPEN: self.kv_open, comm.KV_CLOSE: self.kv_close,
                          comm.STEP: self.step, comm.FORWARD: self.forward}
@@ -52,55 +53,41 @@ class Worker:
                 return
             self.handlers[op](ints, tensors)
 
-    # --- the pool's mirror --------------------------------------------------------------------
+    # --- the manager's mirror -----------------------------------------------------------------
     def add(self, ints, tensors) -> None:
-        uid, serial = ints
-        adapter = fmt.loads(tensors[0].cpu().numpy().tobytes(), comm.text(tensors[1]))
-        self.pool.add(f"#{uid}", adapter)
-        entry = self.entries[uid] = self.pool.entries[f"#{uid}"]
-        self.families[serial] = entry.family
+        uid, source = ints[0], comm.text(tensors[1])
+        adapter = fmt.loads(tensors[0].cpu().numpy().tobytes(), source)
+        self.entries[uid] = self.manager.add(f"#{uid}", adapter, source)
 
     def drop(self, ints, tensors) -> None:
-        self.pool.remove(f"#{ints[0]}")  # never leased here: dropped at once, as on the driver
+        self.manager.remove(f"#{ints[0]}")  # never leased here: dropped at once, as on the driver
         del self.entries[ints[0]]
-        live = set(map(id, self.pool.families.values()))
-        self.families = {s: f for s, f in self.families.items() if id(f) in live}
 
     def upload(self, ints, tensors) -> None:
         uid, slot = ints
-        self.pool._write_slot(self.entries[uid], slot)
-
-    def _hook(self, slots: dict, with_q: dict) -> ShardedHook:
-        fam_slots = {self.families[s]: t for s, t in slots.items()}
-        fam_q = {self.families[s]: q for s, q in with_q.items()}
-        adapters = self.pool.hook(fam_slots, fam_q) if fam_slots else None
-        return ShardedHook(self.rank, self.world, adapters)
+        self.manager.place(self.entries[uid], slot)
 
     # --- engines' KV caches and forwards ------------------------------------------------------
     def kv_open(self, ints, tensors) -> None:
         kv_id, num_blocks, block_size, path = ints
-        decode_fn, prefill_fn, _ = choose_attention(self.device, ATTENTION_PATHS[path])
-        self.kv[kv_id] = (KVPool(self.model.spec, num_blocks, block_size, self.dtype,
-                                 self.device), decode_fn, prefill_fn)
+        kv = KVPool(self.model.spec, num_blocks, block_size, self.model.embed.weight.dtype,
+                    self.manager.device)
+        self.runners[kv_id] = ModelRunner(self.model, kv, self.manager, self.prefs,
+                                          ATTENTION_PATHS[path], cuda_graphs=False)
 
     def kv_close(self, ints, tensors) -> None:
-        self.kv.pop(ints[0], None)
+        self.runners.pop(ints[0], None)
 
-    @torch.no_grad()
     def step(self, ints, tensors) -> None:
-        kv_id, meta, slots, with_q = decode_step(ints, tensors, self.device)
-        kv, decode_fn, prefill_fn = self.kv[kv_id]
-        # Rows: none. The hidden state is replicated after the last all-reduce; rank 0 alone
-        # computes the head and samples.
-        self.model(meta.input_ids, meta.positions, PagedAttention(meta, kv, decode_fn, prefill_fn),
-                   self._hook(slots, with_q), rows=meta.logits_rows)
+        kv_id, meta = decode_step(ints, tensors, self.manager.device)
+        # No logits rows: the hidden state is replicated after the last all-reduce, and rank 0
+        # alone computes the head and samples.
+        self.runners[kv_id].forward(meta, rows=meta.logits_rows)
 
-    @torch.no_grad()
     def forward(self, ints, tensors) -> None:
         ids, positions, valid = tensors[:3]
         slots, with_q, _ = split_adapters(ints, tensors[3:])
-        self.model(ids, positions, PaddedAttention(valid), self._hook(slots, with_q),
-                   rows=torch.empty(0, dtype=torch.long, device=self.device))
+        padded_forward(self.model, self.manager, self.prefs, ids, positions, valid, slots, with_q)
 
 
 def _watch_parent(parent: int) -> None:
@@ -132,15 +119,14 @@ def main(argv=None) -> int:
     store = dist.TCPStore("127.0.0.1", a.port, a.world, is_master=False,
                           timeout=timedelta(seconds=a.start_timeout))
     config, _ = shard.read_spec(a.base)
-    model = shard.load_shard(a.base, a.rank, a.world, device, dtype)
-    arch, factor_dtype = pool_settings(config, device, dtype)
-    pool = AdapterPool(shard.full_sites(config), device, arch, False, a.slots, factor_dtype)
+    model = shard.load_shard(a.base, Shard(a.rank, a.world, all_reduce), device, dtype)
+    manager = AdapterManager(shard.full_sites(config), device, shard.architecture(config),
+                             a.slots, factor_dtype_for(device, dtype))
     store.set(f"tp_ready_{a.rank}", "1")
     timeout = timedelta(seconds=a.timeout)
     dist.init_process_group(backend_for(device), store=store, rank=a.rank, world_size=a.world,
                             timeout=timeout)
-    worker = Worker(model, pool, comm.Channel(dist.new_group(timeout=IDLE), device), a.rank,
-                    a.world)
+    worker = Worker(model, manager, comm.Channel(dist.new_group(timeout=IDLE), device))
     try:
         worker.loop()
     except Exception:

@@ -75,8 +75,7 @@ def build_app(state) -> FastAPI:
         cards = [P.ModelCard(id=n, created=state.created, root=root,
                              max_model_len=state.engine.max_model_len)
                  for n in state.config.served_names]
-        for name in state.rt.adapters:
-            path, created = state.adapters.get(name, (None, state.created))
+        for name, path, created in state.adapter_cards():
             cards.append(P.ModelCard(id=name, created=created, root=path,
                                      parent=state.base_name))
         return P.ModelList(data=cards)

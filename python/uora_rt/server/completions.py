@@ -20,7 +20,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from uora_rt.engine import SamplingParams
+from uora_rt.engine import ContextLengthError, SamplingParams
 from uora_rt.server import protocol as P
 from uora_rt.server.errors import APIError, error_body
 
@@ -134,27 +134,19 @@ def _check_supported(req) -> None:
 def _completion_prompts(state, req: P.CompletionRequest) -> list[list[int]]:
     p = req.prompt
     batch = p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
-    out = []
-    for item in batch:
-        if isinstance(item, str):
-            if state.rt.codec is None:
-                raise APIError(400, "this base has no tokenizer: send token ids", "prompt")
-            item = state.rt.codec.tok.encode(item, add_special_tokens=req.add_special_tokens
-                                             is not False).ids
-        if not item:
-            raise APIError(400, "empty prompt", "prompt")
-        vocab = state.rt.model.spec.vocab
-        bad = [t for t in item if not 0 <= t < vocab]
-        if bad:
-            raise APIError(400, f"prompt: token ids must be in [0, {vocab}), got {bad[:5]}",
-                           "prompt")
-        out.append(list(item))
+    engine, out = state.engine, []
+    try:
+        for item in batch:
+            if isinstance(item, str):
+                item = engine.encode(item, add_special_tokens=req.add_special_tokens is not False)
+            out.append(engine.check_prompt(item))
+    except ValueError as e:
+        raise APIError(400, str(e), "prompt") from None
     return out
 
 
 def _chat_prompt(state, req: P.ChatCompletionRequest) -> list[int]:
-    codec = state.rt.codec
-    if codec is None or codec.chat_template is None:
+    if not state.engine.has_chat_template:
         raise APIError(400, "this base has no chat template: use /v1/completions", "messages")
     messages = []
     for i, m in enumerate(req.messages):
@@ -169,27 +161,21 @@ def _chat_prompt(state, req: P.ChatCompletionRequest) -> list[int]:
             msg["name"] = m.name
         messages.append(msg)
     try:
-        text = codec.render_chat(messages, add_generation_prompt=req.add_generation_prompt
-                                 is not False)
+        return state.engine.encode_chat(messages, req.add_generation_prompt is not False)
     except (ValueError, TemplateError, TypeError) as e:
         why = str(e).removeprefix("chat template: ")
         raise APIError(400, f"the chat template refused these messages: {why}", "messages") \
             from None
-    return codec.tok.encode(text, add_special_tokens=False).ids
 
 
 def _params(state, req, prompts, requested, default, what) -> SamplingParams:
-    limit, longest = state.context_limit(), max(len(p) for p in prompts)
-    if longest >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
-                            f"your {what} has {longest} tokens (at most {limit - 1}, to leave "
-                            "room for one output token).", what)
-    max_tokens = requested if requested is not None else default(limit - longest)
-    if longest + max_tokens > limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, "
-                            f"you requested {longest + max_tokens} tokens ({longest} in the "
-                            f"{what}, {max_tokens} in the completion). Please reduce the "
-                            f"length of the {what} or completion.", "max_tokens")
+    engine, longest = state.engine, max(len(p) for p in prompts)
+    room = engine.max_request_tokens - longest
+    max_tokens = requested if requested is not None else default(max(room, 1))
+    try:
+        engine.check_length(longest, max_tokens, what)
+    except ContextLengthError as e:
+        raise APIError(400, str(e), e.field) from None
     d = state.defaults
     top_k = req.top_k if req.top_k is not None else d["top_k"]
     try:

@@ -45,7 +45,7 @@ class _EngineGauges:
                 ("kv_cache_usage_perc", "fraction of the KV cache in use", used / cap),
                 ("generation_tokens_per_second", "output tokens per second, last 10 s",
                  m.tokens_per_second()),
-                ("num_adapters", "adapters loaded", len(e.rt.adapters))]
+                ("num_adapters", "adapters loaded", len(e.adapters.names()))]
         for name, doc, value in rows:
             yield GaugeMetricFamily(P + name, doc, value=value)
         per_model = GaugeMetricFamily(P + "num_requests_in_flight", "requests being served, "

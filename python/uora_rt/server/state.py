@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from uora_rt.engine import EngineLoop
@@ -29,7 +29,6 @@ class ServerConfig:
     allow_adapter_loading: bool = False
     adapter_dir: str | None = None
     api_key: str | None = None
-    adapter_paths: dict[str, str] = field(default_factory=dict)  # start-up adapters: name -> path
 
 
 class ServerState:
@@ -49,17 +48,14 @@ class ServerState:
         self.loop = EngineLoop(engine)
         self.metrics = Metrics(engine)
         self.adapter_dir = AdapterDir(config.adapter_dir) if config.adapter_dir else None
-        now = int(time.time())
-        self.created = now
-        self.adapters: dict[str, tuple[str | None, int]] = {  # name -> (root, created)
-            n: (config.adapter_paths.get(n), now) for n in rt.adapters}
+        self.created = int(time.time())
         self.defaults = generation_defaults(rt.folder)
         self._admin: asyncio.Lock | None = None
 
     # --- lifetime ---------------------------------------------------------------------------
     def start(self) -> None:
         if self.engine.runner.graphs is not None:  # captures before traffic, not during it
-            per_family = {e.family: name for name, e in self.rt.pool.entries.items()}
+            per_family = {e.family: name for name, e in self.rt.manager.entries.items()}
             seconds = self.engine.warmup(adapters=(None, *per_family.values()))
             log.info("captured %d decode graphs in %.1f s", self.engine.runner.graphs.captures,
                      seconds)
@@ -77,7 +73,7 @@ class ServerState:
         """The adapter a request's `model` names (None: the base); 404 if it names nothing."""
         if model is None or model in self.config.served_names:
             return None
-        if model in self.rt.pool.entries:
+        if model in self.rt.manager:
             return model
         raise APIError(404, f"The model `{model}` does not exist.", "model")
 
@@ -96,9 +92,10 @@ class ServerState:
                                 f"{self.config.max_queued}); retry later",
                            headers={"Retry-After": str(self.config.retry_after_s)})
 
-    def context_limit(self) -> int:
-        """The most prompt + output tokens one request may have (the engine's rule)."""
-        return self.engine.max_request_tokens
+    def adapter_cards(self) -> list[tuple[str, str | None, int]]:
+        """(name, source, created) of every loaded adapter, as the registry knows them."""
+        entries = sorted(self.rt.manager.entries.items())
+        return [(n, e.source, int(e.created)) for n, e in entries]
 
     # --- adapters ---------------------------------------------------------------------------
     def _check_loading(self) -> None:
@@ -118,28 +115,26 @@ class ServerState:
                            "lora_name" if not name else "lora_path")
         check_name(name, self.config.served_names)
         async with self._lock():
-            if name in self.rt.pool.entries:
+            if name in self.rt.manager:
                 raise APIError(400, f"The lora adapter '{name}' has already been loaded.",
                                "lora_name")
             path = self.adapter_dir.resolve(lora_path)
             try:  # parsing, validation and (for PEFT folders) conversion: off the event loop
                 adapter = await asyncio.to_thread(read_adapter, path, self.rt.folder)
-                await asyncio.to_thread(self.rt.add_adapter, adapter, name)
+                await asyncio.to_thread(self.rt.add_adapter, adapter, name, path)
             except (ValueError, OSError) as e:
                 raise APIError(400, f"cannot load adapter '{name}': {e}", "lora_path") from None
-            self.adapters[name] = (str(path), int(time.time()))
         log.info("loaded adapter %r from %s", name, path)
 
     async def unload_adapter(self, name: str) -> None:
         self._check_loading()
         async with self._lock():
-            if name not in self.rt.pool.entries:
+            if name not in self.rt.manager:
                 raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
             try:
                 self.rt.remove_adapter(name)  # requests holding it finish with it
             except (KeyError, ValueError) as e:
                 raise APIError(400, f"cannot unload adapter '{name}': {e}", "lora_name") from None
-            self.adapters.pop(name, None)
         log.info("unloaded adapter %r", name)
 
 
