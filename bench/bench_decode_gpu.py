@@ -36,6 +36,7 @@ from bench_engine_gpu import (LLAMA2_7B, copy_bandwidth, decode_step, settle,  #
 
 import uora_rt  # noqa: E402
 from uora_rt import Engine, SamplingParams  # noqa: E402
+from uora_rt.kernels.routes import KernelPrefs  # noqa: E402
 
 # name -> (label, fused elementwise kernels, adapter route, adapters). Routes: "deferred" =
 # parallel shrink + the Triton expand on the side stream, added by the consumer kernels (the
@@ -50,10 +51,9 @@ VARIANTS = {"torch": ("torch ops, none", False, "deferred", False),
 
 
 def setup(rt, fused, route):
-    rt.model.fused = fused
-    rt.pool.parallel_shrink = route != "group"
-    rt.pool.triton_expand = route in ("deferred", "triton")
-    rt.pool.defer_expand = route == "deferred"
+    rt.kernel_prefs = KernelPrefs(fused=fused, parallel_shrink=route != "group",
+                                  triton_expand=route in ("deferred", "triton"),
+                                  defer_expand=route == "deferred")
 
 
 def prefill_ms(rt, names, n=8, length=512, reps=3) -> float:
@@ -127,7 +127,7 @@ def main():
     for i in range(64):
         rt.add_adapter(synthetic_adapter(rt, i), name=f"ad{i}")
     names64 = [f"ad{i}" for i in range(64)]
-    factors = rt.pool.device_bytes()
+    factors = rt.manager.device_bytes()
 
     def mem(label):
         gc.collect()  # engines of earlier variants (their KV caches and graph pools)

@@ -175,13 +175,13 @@ def scale(rt, template: fmt.Adapter, counts, requests=32) -> list[dict]:
         trace = engine_trace.make_trace(requests, rt.model.spec.vocab, seed=9, prompt=(16, 256),
                                         output=(16, 64), names=names, zipf=True)
         res = run_engine(rt, trace, f"scale {count}")
-        fam = rt.pool.entries["s0"].family
+        fam = rt.manager.entries["s0"].family
         out.append({"registered": count, "register_s": reg,
                     "output_tokens_per_s": res["output_tokens_per_s"],
-                    "device_bytes": rt.pool.device_bytes(),
+                    "device_bytes": rt.manager.device_bytes(),
                     "host_bytes": sum(t.numel() * 4 for t in (fam.host_d, fam.host_b, fam.host_p)),
                     "distinct_in_trace": len({r["adapter"] for r in trace}),
-                    "uploads": rt.pool.stats["uploads"]})
+                    "uploads": rt.manager.stats["uploads"]})
         print(f"  scale {count:>9,}: {res['output_tokens_per_s']:.1f} tok/s, device "
               f"{out[-1]['device_bytes'] / 1e6:.2f} MB, host {out[-1]['host_bytes'] / 1e6:.1f} MB,"
               f" registered in {reg:.1f} s")

@@ -42,7 +42,7 @@ LLAMA3_8B = dict(LLAMA2_7B, vocab_size=128256, intermediate_size=14336, num_key_
 def synthetic_adapter(rt, seed: int, r: int = 256, suffixes=("q_proj", "v_proj")) -> fmt.Adapter:
     """Random vectors on every layer's q/v (speed does not depend on the values)."""
     g = torch.Generator().manual_seed(seed)
-    sites = [s for s in rt.pool.sites.values() if s.name.rsplit(".", 1)[-1] in suffixes]
+    sites = [s for s in rt.manager.sites.values() if s.name.rsplit(".", 1)[-1] in suffixes]
     spec = ProjectionSpec(ALGORITHM, 0, r, max(s.inp for s in sites), max(s.out for s in sites))
     return fmt.Adapter(spec, [s.name for s in sites],
                        {s.name: torch.randn(s.out, generator=g) * 0.01 for s in sites},

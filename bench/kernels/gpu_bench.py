@@ -116,16 +116,16 @@ class Layer:
         torch.matmul(self.x, self.w.t(), out=self.y)
 
     def parallel(self):
-        """The runtime's GPU route (pool.AdapterBatch.run): the shrink from the shared A_cat on
-        a side stream beside the base GEMM, then the Triton expand (the C++ op above
-        triton_expand.MAX_ROWS rows)."""
+        """The runtime's GPU route (adapters.batch.AdapterBatch.group): the shrink from the
+        shared A_cat on a side stream beside the base GEMM, then the Triton expand (the C++ op
+        above triton_expand.MAX_ROWS rows)."""
         main = torch.cuda.current_stream()
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
             torch.mm(self.x, self.a_cat[: self.R].t(), out=self.u)
         self.base()
         main.wait_stream(self.side)
-        if triton_expand.runs(self.y, self.b_cat):
+        if self.y.shape[0] <= triton_expand.MAX_ROWS and self.b_cat.dtype == self.y.dtype:
             triton_expand.expand_(self.y, self.u, self.b_cat, self.lambda_d, self.lambda_b,
                                   self.p, self.slot, self.table, self.out, self.with_q)
         else:

@@ -14,7 +14,7 @@ from uora_rt.core import format as fmt
 from uora_rt.engine.runner import padded_forward
 from uora_rt.kernels.routes import KernelPrefs
 from uora_rt.models import checkpoint
-from uora_rt.models.assets import resolve_base
+from uora_rt.models.bases import resolve_base
 
 __all__ = ["Output", "Runtime", "load", "resolve_base"]
 

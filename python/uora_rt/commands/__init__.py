@@ -1,4 +1,4 @@
-"""The `uora-rt` subcommands other than demo: each module has add_arguments(parser) and run(args).
+"""The `uora-rt` subcommands: each module has add_arguments(parser) and run(args).
 
 Kept light at import time (heavy imports happen inside run) so `uora-rt --help` stays fast.
 """

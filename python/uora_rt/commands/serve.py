@@ -81,7 +81,7 @@ def _device_dtype(args):
 def build(args):
     """(app, state) for parsed arguments; ValueError/OSError for anything wrong in them."""
     from uora_rt.models import checkpoint
-    from uora_rt.models.assets import base_name
+    from uora_rt.models.bases import base_name
     from uora_rt.runtime import Runtime, resolve_base
 
     adapters = parse_adapters(args.adapter)

@@ -11,7 +11,7 @@ from torch import nn
 
 from uora_rt.models import checkpoint
 from uora_rt.errors import AdapterFormatError
-from uora_rt.training.layers import conv1d_class, linear_dims
+from uora_rt.core.targets import conv1d_class, linear_dims
 
 
 @dataclass

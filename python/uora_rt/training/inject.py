@@ -11,7 +11,8 @@ from uora_rt.core import format as fmt
 from uora_rt.kernels import ops
 from uora_rt.core.config import DEFAULT_TARGETS, UORAConfig
 from uora_rt.errors import AdapterFormatError
-from uora_rt.training.layers import UORALinear, UORAShared, linear_dims
+from uora_rt.core.targets import linear_dims
+from uora_rt.training.layers import UORALinear, UORAShared
 from uora_rt.core.projections import ALGORITHM, ProjectionSpec, check_family
 
 
