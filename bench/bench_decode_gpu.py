@@ -1,4 +1,4 @@
-"""The GPU decode step, variant against variant in one process (issue 11): the decoder's
+"""The GPU decode step, variant against variant in one process: the decoder's
 elementwise ops as torch ops or as the fused Triton kernels (models.fused), and the adapter
 routes (VARIANTS: the shrink on a side stream beside the base GEMM, then the Triton expand of
 triton_expand.py deferred to the consumer kernels or in place, or the C++ expand op; or

@@ -245,7 +245,7 @@ def render():
     plot of all of them, each row labelled with the commit it ran at."""
     rows, decode = [], []
     for path in sorted(common.RESULTS.glob("engine_cpu*.json")):
-        data = json.loads(path.read_text())
+        data = common.read(path)
         for r in data["records"]:
             if r["kind"] == "trace":
                 rows.append({**r, "setup": f"{r['setup']} [{data['env']['git']}]"})

@@ -6,7 +6,7 @@ Methods (each y = x W^T + the adapters' delta):
              Triton expand (C++ uora_expand_ above 512 rows)                     (the runtime's path)
   fused      base GEMM over a copy [W; A_cat] (shrink inside it) + uora_expand_  (the path it replaced)
   group      base GEMM + uora_group_ (own shrink GEMM + expand)
-  torch_comp DESIGN §4 as plain torch ops (gather, mix, two GEMMs, scale-add)
+  torch_comp docs/design.md §4 as plain torch ops (gather, mix, two GEMMs, scale-add)
   peft_loop  per adapter: gather its rows, two small GEMMs, scale, scatter-add (PEFT mixed batch)
 Cold: CUDA events, warm-up, L2 flushed before every repetition, median. Graph (T <= 256): eight
 layers with their own weights (shared A_cat/B_cat/tables, as in a model) captured in one CUDA graph,

@@ -178,10 +178,7 @@ def plot(records, path: Path) -> None:
 
 
 def save(name, records, extra) -> None:
-    path = common.write(name, records)
-    data = json.loads(path.read_text())
-    data["env"].update(extra)
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    path = common.write(name, records, extra)
     plot(records, path.with_suffix(".png"))
     print(table(records))
 
@@ -374,7 +371,7 @@ def main():
     elif args.cmd == "gpu":
         cmd_gpu(args)
     else:
-        records = json.loads(Path(args.json).read_text())["records"]
+        records = common.read(args.json)["records"]
         plot(records, Path(args.json).with_suffix(".png"))
         print(table(records))
 

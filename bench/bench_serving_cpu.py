@@ -4,7 +4,7 @@ Measured in one process, same inputs:
   transformers base | uora_rt without adapters | uora_rt with 1, 4, 16 distinct UORA adapters
   (r=64 on q/v; with and without reinit, i.e. Q halves on/off) | PEFT LoRA r=16 on q/v with
   1, 4, 16 distinct adapters mixed through `adapter_names`.
-Goals (issue 3): 16 distinct adapters <= 1.05x our no-adapter forward; our no-adapter forward no
+Goals: 16 distinct adapters <= 1.05x our no-adapter forward; our no-adapter forward no
 slower than transformers.
 
 python bench/bench_serving_cpu.py [--repeats 9]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -60,12 +61,50 @@ def interleaved_medians(fns: dict, repeats: int = 9, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def write(name: str, records: list[dict]) -> Path:
+# A record's fields larger than this as JSON (per-request or per-token rows) go to
+# NAME.rows.json.gz beside the JSON, which keeps only summaries and stays readable in a diff.
+ROW_BYTES = 2048
+
+
+def write(name: str, records: list[dict], env: dict | None = None) -> Path:
+    """bench/results/NAME.json: the environment and the records' summaries; raw rows (fields
+    over ROW_BYTES) in NAME.rows.json.gz, which read() puts back."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"env": environment(), "records": records}, indent=1) + "\n")
-    print(f"wrote {path}")
+    rows_path = RESULTS / f"{name}.rows.json.gz"
+    summaries, rows = [], {}
+    for i, rec in enumerate(records):
+        summary = {}
+        for k, v in rec.items():
+            if isinstance(v, (list, dict)) and len(json.dumps(v)) > ROW_BYTES:
+                rows[f"{i}.{k}"] = v
+                v = {"rows": rows_path.name, "count": len(v)}
+            summary[k] = v
+        summaries.append(summary)
+    path.write_text(json.dumps({"env": {**environment(), **(env or {})}, "records": summaries},
+                               indent=1) + "\n")
+    if rows:
+        # mtime 0: the same rows give the same bytes (no churn in git)
+        with gzip.GzipFile(rows_path, "wb", mtime=0) as f:
+            f.write(json.dumps(rows, separators=(",", ":")).encode())
+    elif rows_path.exists():
+        rows_path.unlink()
+    print(f"wrote {path}" + (f" (+ {rows_path.name})" if rows else ""))
     return path
+
+
+def read(path) -> dict:
+    """A results JSON as write() was given it: {"env", "records"} with the raw rows back."""
+    path = Path(path)
+    data = json.loads(path.read_text())
+    placed = [(i, k) for i, r in enumerate(data["records"]) for k, v in r.items()
+              if isinstance(v, dict) and set(v) == {"rows", "count"}]
+    if placed:
+        with gzip.open(path.parent / data["records"][placed[0][0]][placed[0][1]]["rows"]) as f:
+            rows = json.loads(f.read())
+        for i, k in placed:
+            data["records"][i][k] = rows[f"{i}.{k}"]
+    return data
 
 
 def random_adapter(rt, seed: int, r: int = 64, targets=("q_proj", "v_proj"), reinit=False):

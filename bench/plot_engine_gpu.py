@@ -7,7 +7,6 @@ traces; engine_gpu_peers*.json: transformers and the old static generate on one 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import common  # noqa: E402
 def records(pattern: str) -> list[dict]:
     out = []
     for path in sorted(common.RESULTS.glob(pattern)):
-        out += json.loads(path.read_text())["records"]
+        out += common.read(path)["records"]
     return out
 
 
@@ -109,7 +108,7 @@ def plot(decode, traces, path: Path) -> None:
 def main():
     decode = [r for r in records("engine_gpu.json") if r["kind"] == "decode"]
     traces = [r for r in records("engine_gpu_traces*.json") if r["kind"] == "trace"]
-    files = [[r for r in json.loads(p.read_text())["records"] if r["kind"] == "peer_trace"]
+    files = [[r for r in common.read(p)["records"] if r["kind"] == "peer_trace"]
              for p in sorted(common.RESULTS.glob("engine_gpu_peers*.json"))]
     peers = [r for rows in files for r in rows]
     print(decode_table(decode), end="\n\n")

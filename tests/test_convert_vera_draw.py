@@ -10,7 +10,7 @@ import torch
 from uora_rt.kernels import ops, reference
 from uora_rt.core.projections import vera_projections
 
-# sha256 prefixes of the float32 little-endian row-major bytes (issue 4; identical under torch
+# sha256 prefixes of the float32 little-endian row-major bytes (identical under torch
 # 2.13.0+cpu and 2.14.1+cu130). Pinned forever for this algorithm id.
 GOLDEN = {
     (0, 8, 96, 64): ("0608ec41d3636c9f", "f79c9cb0931ac96e"),

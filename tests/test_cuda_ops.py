@@ -95,7 +95,7 @@ def test_base_only_rows_untouched_and_no_nan_leak(monkeypatch, impl, dtype):
 def test_long_reduction_error_within_twice_plain_torch():
     """STYLE §8: bf16, in = 11008, r = 256 with Q (K = 512): error against the float32 reference
     (y kept in float32, so unrounded) at most 2x that of the same computation in plain bf16 torch
-    (DESIGN §4 written out)."""
+    (docs/design.md §4 written out)."""
     args = make_case(11008, (4096,), 256, 6, 64, "distinct", True, torch.bfloat16, "cuda", seed=9)
     y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, offs, y_offs, outs, _ = args
     ref = reference.uora_group(y.cpu().float(), *[a.cpu() if torch.is_tensor(a) else a

@@ -2,7 +2,7 @@
 timed after the base GEMM it follows (the runtime's fused [W; A_cat] GEMM), cold (L2 flushed) and
 in a CUDA graph over 8 layers (decode-like). Decides kFusedMaxRows and PDL (NOTES.md).
 
-  v0  plain torch composition of DESIGN §4 (gather tables, mix, GEMM, scale-add)
+  v0  plain torch composition of docs/design.md §4 (gather tables, mix, GEMM, scale-add)
   v1  fused kernel (mix prologue, mma.sync over K = R, lambda_b + accumulate epilogue), PDL on
   v2  v1 without programmatic dependent launch
   v3  GEMM route: mix once into z, cuBLAS z B^T, epilogue kernel

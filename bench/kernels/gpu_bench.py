@@ -155,7 +155,7 @@ class Layer:
         self.t_s = self.slot.long().clamp(min=0)
 
     def torch_comp(self):
-        """DESIGN §4 in plain torch (bf16), every stage a separate kernel."""
+        """docs/design.md §4 in plain torch (bf16), every stage a separate kernel."""
         self.base()
         r, s = self.r, self.t_s
         u = F.linear(self.x, self.a_cat[: self.R])

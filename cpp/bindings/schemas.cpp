@@ -4,16 +4,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(uora, m) {
-  // One float32 CPU factor of a projection family (algorithm uora-philox-qr-v1, DESIGN §2):
+  // One float32 CPU factor of a projection family (algorithm uora-philox-qr-v1, docs/design.md §2):
   // transposed ? [r, n] with orthonormal rows : [n, r] with orthonormal columns.
   m.def("projection_factor(int seed, int stream, int n, int r, bool transposed) -> Tensor");
-  // One reinitialization step over every adapted layer (DESIGN §1). Returns fires [r] int32.
+  // One reinitialization step over every adapted layer (docs/design.md §1). Returns fires [r] int32.
   m.def(
       "reinit_(Tensor lambda_d, Tensor(a!) counts, Tensor(b!) p, Tensor(c!) A, Tensor(d!) B, "
       "Tensor A0, Tensor QA, Tensor B0, Tensor QB, float tau, int k, float alpha) -> Tensor");
   // A, B rebuilt from the initial factors and the reinit record p (same rounding as reinit_).
   m.def("mix_projections(Tensor A0, Tensor QA, Tensor B0, Tensor QB, Tensor p) -> (Tensor, Tensor)");
-  // Multi-adapter UORA delta of one input group (DESIGN §4), accumulated into the group's fused
+  // Multi-adapter UORA delta of one input group (docs/design.md §4), accumulated into the group's fused
   // base output y [T, n_out]: per-token slots (-1 = base only), one shrink for the group, one
   // expand per module. with_q = false drops the Q halves (no slot in the batch has p < 1).
   m.def(

@@ -1,4 +1,4 @@
-// CUDA multi-adapter UORA group op (DESIGN §4): shared checks -> ExpandParams -> the kernels of
+// CUDA multi-adapter UORA group op (docs/design.md §4): shared checks -> ExpandParams -> the kernels of
 // kernels/adapter_cuda.cu, on the current stream under a device guard. No host synchronization
 // and no allocation whose size depends on data, so every path can be captured in a CUDA graph.
 //

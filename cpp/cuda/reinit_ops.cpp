@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> mix_projections_cuda(const at::Tensor& a0, co
 }  // namespace uora
 
 // projection_factor has no CUDA kernel by design: projections are built once per family on the CPU
-// (bit-exact generator, DESIGN §2) and uploaded; the op takes no tensor, so it dispatches to CPU.
+// (bit-exact generator, docs/design.md §2) and uploaded; the op takes no tensor, so it dispatches to CPU.
 TORCH_LIBRARY_IMPL(uora, CUDA, m) {
   m.impl("reinit_", &uora::reinit_cuda);
   m.impl("mix_projections", &uora::mix_projections_cuda);

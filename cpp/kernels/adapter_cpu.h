@@ -1,4 +1,4 @@
-// Multi-adapter UORA linear, CPU element-wise stages (DESIGN §4) — torch-free.
+// Multi-adapter UORA linear, CPU element-wise stages (docs/design.md §4) — torch-free.
 //
 // For the rows t of one input group that carry an adapter (slot s_t >= 0), with u_t = A_cat x_t
 // (R = r without Q halves, 2r with them) already computed by a GEMM:

@@ -1,4 +1,4 @@
-// Multi-adapter UORA expand on the GPU (DESIGN §4) — torch-free interface.
+// Multi-adapter UORA expand on the GPU (docs/design.md §4) — torch-free interface.
 //
 // For one input group whose shrink u = x A_cat^T is already computed (u [T, >= R]), and each module
 // j of the call (id m, out columns, lambda_b offset, y offset):

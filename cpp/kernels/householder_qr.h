@@ -1,4 +1,4 @@
-// Thin Householder QR in float64 with a fixed operation order (DESIGN §2).
+// Thin Householder QR in float64 with a fixed operation order (docs/design.md §2).
 //
 // Every floating-point sum here runs in an order fixed by this code alone: vectorization is only
 // across independent outputs (each output keeps its own sequential sum), threads split independent

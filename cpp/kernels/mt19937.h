@@ -1,4 +1,4 @@
-// PEFT VeRA's projection draw, algorithm "peft-vera-kaiming-mt19937" (DESIGN §2, conversion issue).
+// PEFT VeRA's projection draw, algorithm "peft-vera-kaiming-mt19937" (docs/design.md §2).
 //
 // PEFT builds vera_A [r, max_in] and then vera_B [max_out, r] from ONE CPU torch.Generator seeded
 // with projection_prng_key, each with Kaiming-uniform values:

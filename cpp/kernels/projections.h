@@ -1,4 +1,4 @@
-// The UORA projection family generator, algorithm "uora-philox-qr-v1" (DESIGN §2).
+// The UORA projection family generator, algorithm "uora-philox-qr-v1" (docs/design.md §2).
 //
 //   G_s[i, j] = normal #(i*r + j) of Philox stream s under `seed`  (n x r, n = max_in or max_out)
 //   Q_s       = thin Householder Q of G_s with diag(R) > 0          (float64, fixed order)

@@ -1,4 +1,4 @@
-// Vectorized UORA reinitialization (DESIGN §1) — torch-free, shared by the CPU and CUDA glue.
+// Vectorized UORA reinitialization (docs/design.md §1) — torch-free, shared by the CPU and CUDA glue.
 //
 //   below[l, i]  = |lambda_d[l, i]| < tau
 //   counts      += below

@@ -4,8 +4,10 @@
 2. Train one UORA adapter per style (pirate, French, JSON) with uora_rt's own training code on
    the runtime's model; cached (a few hundred KB each) after the first run.
 3. Serve every request in one mixed batch (each sequence its own adapter, or none), print each
-   request, its adapter and its output, and a latency/throughput table against the same batch
-   without adapters and against one batch per adapter (what a server that cannot mix must do).
+   request, its adapter and its output, and a timing table against the same batch without
+   adapters and against one batch per adapter (what a server that cannot mix must do). The
+   timed runs generate the same number of tokens per request (end-of-sequence ignored), so the
+   rows compare equal work.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import torch
 from tqdm import tqdm
 
 import uora_rt
+from uora_rt import Engine, SamplingParams
 from uora_rt.core import format as fmt
-from uora_rt.training import tasks
 from uora_rt.models.gguf_import import cache_root
+from uora_rt.training import tasks
 from uora_rt.training.trainer import train_chat_adapter
 
 RECIPE = dict(r=64, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -42,10 +45,15 @@ def adapter_for(rt, style: str, cache_dir) -> tuple[str, fmt.Adapter, bool]:
     return str(path), adapter, False
 
 
-def timed_generate(rt, prompts, names, max_new):
+def timed_batch(rt, prompts, names, tokens) -> float:
+    """Seconds to generate exactly `tokens` tokens for every prompt in one engine batch."""
+    engine = Engine(rt, kv_cache_tokens=len(prompts) * 256, max_num_seqs=len(prompts))
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     t = time.perf_counter()
-    out = rt.generate(prompts, adapters=names, max_new_tokens=max_new)
-    return out, time.perf_counter() - t
+    for p, n in zip(prompts, names):
+        engine.add_request(p, n, params)
+    engine.run_until_done()
+    return time.perf_counter() - t
 
 
 def run(args) -> int:
@@ -66,30 +74,39 @@ def run(args) -> int:
               f"{int(adapter.count.sum())} reinit events")
     requests = tasks.demo_requests()
     prompts, names = [p for p, _ in requests], [n for _, n in requests]
-    max_new = args.max_new_tokens
-    rt.generate(prompts[:2], adapters=names[:2], max_new_tokens=2)  # warm-up
-    mixed, t_mixed = timed_generate(rt, prompts, names, max_new)
-    print(f"\nONE mixed batch of {len(prompts)} requests, {len(set(names))} adapters (incl. none):\n")
+    trained = tasks.style_pairs("pirate")
+    print(f"\n  Each adapter was trained on {len(trained)} questions of two kinds "
+          f"(\"{trained[0][0]}\", \"{trained[-1][0]}\", ...);\n  the prompts below ask "
+          "about countries and things it never saw, or something else entirely.")
+    mixed = rt.generate(prompts, adapters=names, max_new_tokens=args.max_new_tokens)
+    print(f"\nONE mixed batch of {len(prompts)} requests, {len(set(names))} adapters "
+          "(incl. none):\n")
     for (prompt, name), g in zip(requests, mixed):
         print(f"  [{name or 'base':6}] {prompt}\n           -> {g.text.strip()}")
+    n = args.max_new_tokens
     groups = list(dict.fromkeys(names))
-    bar = tqdm(total=1 + len(groups), desc="timing baselines", leave=False)
-    _, t_base = timed_generate(rt, prompts, [None] * len(prompts), max_new)
-    bar.update()
-    t_split = 0.0
-    for name in groups:  # one batch per adapter, as a server that cannot mix
-        idx = [i for i, n in enumerate(names) if n == name]
-        _, dt = timed_generate(rt, [prompts[i] for i in idx], [name] * len(idx), max_new)
-        t_split += dt
-        bar.update()
-    bar.close()
-    tokens = sum(len(g.tokens) for g in mixed)
-    print(f"\n  {'setup':44} {'time':>8} {'tokens/s':>9}")
+    setups = {"mixed": [(prompts, names)], "base": [(prompts, [None] * len(prompts))],
+              "split": [([prompts[i] for i, x in enumerate(names) if x == g],  # one batch per
+                         [g] * names.count(g)) for g in groups]}               # adapter
+    timed_batch(rt, prompts, names, 2)  # warm-up
+    best = {k: float("inf") for k in setups}
+    rounds = 2  # round-robin, best of each: a busy machine slows whichever runs at that moment
+    with tqdm(total=rounds * len(setups), desc="timing", leave=False) as bar:
+        for _ in range(rounds):
+            for k, batches in setups.items():
+                best[k] = min(best[k], sum(timed_batch(rt, p, m, n) for p, m in batches))
+                bar.update()
+    t_mixed, t_base, t_split = best["mixed"], best["base"], best["split"]
+    tokens = n * len(prompts)
+    print(f"\n  {len(prompts)} requests x {n} generated tokens each ({tokens} tokens, greedy, "
+          f"float32, {torch.get_num_threads()} threads):")
+    print(f"  {'setup':44} {'time':>8} {'tokens/s':>9}")
     for label, dt in [("mixed batch, every sequence its adapter", t_mixed),
                       ("same batch, no adapters (base model)", t_base),
                       ("one batch per adapter (no mixing)", t_split)]:
         print(f"  {label:44} {dt:7.2f}s {tokens / dt:9.1f}")
-    print(f"\n  adapters cost {100 * (t_mixed / t_base - 1):+.1f}% over the base model; mixing is "
-          f"{t_split / t_mixed:.1f}x faster than one batch per adapter "
-          f"({tokens} generated tokens, greedy, float32, {torch.get_num_threads()} threads)")
+    print(f"\n  The adapters (r={RECIPE['r']} on all seven projections of every layer) cost "
+          f"{100 * (t_mixed / t_base - 1):+.1f}% over the base model for the same tokens;\n"
+          f"  mixing them in one batch is {t_split / t_mixed:.1f}x faster than one batch per "
+          "adapter (best of 2 rounds each).")
     return 0

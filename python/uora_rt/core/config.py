@@ -1,4 +1,4 @@
-"""UORAConfig: the hyper-parameters of a UORA adapter (DESIGN §1)."""
+"""UORAConfig: the hyper-parameters of a UORA adapter (docs/design.md §1)."""
 
 from __future__ import annotations
 

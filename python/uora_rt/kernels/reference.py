@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 # --------------------------------------------------------------------------------------------
-# Projections (DESIGN §2): Philox4x32-10 -> Box-Muller with deterministic log/sincos -> blocked
+# Projections (docs/design.md §2): Philox4x32-10 -> Box-Muller with deterministic log/sincos -> blocked
 # Householder QR (panel 32) in float64 -> float32.
 # --------------------------------------------------------------------------------------------
 
@@ -188,7 +188,7 @@ def projection_factor(seed: int, stream: int, n: int, r: int, transposed: bool) 
 
 
 # --------------------------------------------------------------------------------------------
-# Training-side math (DESIGN §1)
+# Training-side math (docs/design.md §1)
 # --------------------------------------------------------------------------------------------
 
 
@@ -232,7 +232,7 @@ def reinit_literal(lambda_ds, counters, a, b, qa, qb, tau, k, alpha):
 
 
 # --------------------------------------------------------------------------------------------
-# Serving: the multi-adapter group delta (DESIGN §4), per token, from the rebuilt A and B
+# Serving: the multi-adapter group delta (docs/design.md §4), per token, from the rebuilt A and B
 # --------------------------------------------------------------------------------------------
 
 
