@@ -11,9 +11,10 @@ preemption), kv_cache (block pool and allocator), metadata (the step's device re
 loop (a background thread and per-request streams, for servers).
 """
 
-from uora_rt.engine.engine import ContextLengthError, Engine
+from uora_rt.engine.engine import Engine
 from uora_rt.engine.loop import EngineLoop, RequestStream
 from uora_rt.engine.request import RequestOutput, SamplingParams
+from uora_rt.engine.rules import ContextLengthError
 
 __all__ = ["ContextLengthError", "Engine", "EngineLoop", "RequestOutput", "RequestStream",
            "SamplingParams"]

@@ -3,7 +3,7 @@
 A step's tokens are packed as [decode rows (one token per sequence) | prefill chunks]. For each
 layer the new keys/values are written into the KV pool at their slots first; then
 - decode rows: one call over the block tables with per-row lengths (`decode_fn`: the C++ op
-  uora::paged_attention_ on the CPU and the Triton kernel of kernels/triton_decode.py on CUDA, both
+  uora::paged_attention_ on the CPU, the Triton kernel of kernels/triton_decode.py on CUDA, both
   reading the pages in place; or `torch_paged_decode`, which gathers them, where neither runs);
 - prefill chunks: one call over all of them (`prefill_fn`: the same C++ op, or the Triton kernel
   of kernels/triton_prefill.py), or, on the gather path, SDPA per chunk over its own keys (no context)

@@ -14,6 +14,7 @@ from uora_rt.engine.detokenizer import Detokenizer
 from uora_rt.engine.kv_cache import BlockAllocator, KVPool, default_kv_tokens
 from uora_rt.engine.metadata import build_step
 from uora_rt.engine.request import Request, RequestOutput, SamplingParams, Status
+from uora_rt.engine.rules import Limits, Prompts, check_length, check_prompt
 from uora_rt.engine.runner import ModelRunner
 from uora_rt.engine.scheduler import Scheduler
 from uora_rt.kernels import triton_available
@@ -21,34 +22,29 @@ from uora_rt.kernels import triton_available
 log = logging.getLogger("uora_rt.engine")
 
 
-class ContextLengthError(ValueError):
-    """A request that cannot fit the model's context; field: what to shorten."""
-
-    def __init__(self, message: str, field: str):
-        super().__init__(message)
-        self.field = field
-
-
 class Engine:
-    """rt: a decoder Runtime (uora_rt.load). kv_cache_tokens: KV capacity in tokens (rounded up to whole
-    blocks); max_num_seqs: requests running at once; max_step_tokens: tokens computed per step
+    """rt: a decoder Runtime (uora_rt.load). kv_cache_tokens: KV capacity in tokens (rounded up
+    to whole blocks); max_num_seqs: requests running at once; max_step_tokens: tokens computed per step
     (decodes first, then prefill chunks). Defaults: what the device's free memory allows, 256
     sequences and 8,192 tokens on a GPU, 64 and 512 on the CPU (a CPU step of 512 prompt tokens
     already takes ~0.2 s on SmolLM2-135M; longer steps would stall the running decodes).
     attention: the decode attention path, "cpp" (the CPU op), "triton" (CUDA) or "torch" (None:
     the fastest the device has; the choice is logged). cuda_graphs: replay decode steps from
-    CUDA graphs (default: on CUDA with the Triton path)."""
+    CUDA graphs (default: on CUDA with the Triton path). detokenize: build text and match stop
+    strings here (False in an engine core process, whose front ends do it)."""
 
     def __init__(self, rt, kv_cache_tokens: int | None = None, max_num_seqs: int | None = None,
                  max_step_tokens: int | None = None, block_size: int = 16,
-                 attention: str | None = None, cuda_graphs: bool | None = None):
+                 attention: str | None = None, cuda_graphs: bool | None = None,
+                 detokenize: bool = True):
         model = rt.model
         if model.kind != "decoder":
             raise ValueError("the engine serves decoder models; this base is an encoder")
         # The engine's collaborators, taken from the runtime once: the model (through the
         # runner), the adapter manager, the tokenizer, and the tensor-parallel peers if any.
         self.adapters, self.codec, spec = rt.manager, rt.codec, model.spec
-        self.vocab = spec.vocab
+        # Off in an engine core process: its front ends detokenize and match stop strings.
+        self.detokenize = detokenize
         device, dtype = rt.device, rt.dtype
         cuda = device.type == "cuda"
         self.max_num_seqs = max_num_seqs or (256 if cuda else 64)
@@ -75,6 +71,8 @@ class Engine:
                                   cuda_graphs, self.max_num_seqs,
                                   -(-self.max_model_len // block_size), peers=rt.tp)
         self.eos = set(rt.eos_token_ids)
+        self.limits = Limits(spec.vocab, self.max_model_len, self.kv_capacity_tokens)
+        self.prompts = Prompts(self.codec, self.limits)
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
@@ -94,9 +92,8 @@ class Engine:
 
     @property
     def max_request_tokens(self) -> int:
-        """The most prompt + max_tokens one request may have: the model's positions, or the
-        whole KV cache plus one (the last generated token is never cached)."""
-        return min(self.max_model_len, self.kv_capacity_tokens + 1)
+        """The most prompt + max_tokens one request may have (rules.Limits)."""
+        return self.limits.max_request_tokens
 
     def add_request(self, prompt, adapter: str | None = None, params: SamplingParams | None = None,
                     request_id: str | None = None, on_output=None) -> str:
@@ -113,7 +110,8 @@ class Engine:
         use_lease = adapter is not None and self.adapters.merged is None
         lease = self.adapters.lease(adapter) if use_lease else None  # KeyError if unknown
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        req = Request("", ids, adapter, lease, params, seed, Detokenizer(self.codec, params.stop),
+        detok = Detokenizer(self.codec if self.detokenize else None, params.stop)
+        req = Request("", ids, adapter, lease, params, seed, detok,
                       set() if params.ignore_eos else self.eos, on_output)
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -127,67 +125,25 @@ class Engine:
             self.adapters.enter()
         return rid
 
-    # --- the rules a request must meet (servers ask these, never repeat them) -------------------
-    def _tokenizer(self):
-        if self.codec is None:
-            raise ValueError("text prompts need a tokenizer; this base has no tokenizer.json: "
-                             "send token ids")
-        return self.codec
-
+    # --- the rules a request must meet (engine/rules.py; servers ask these) -------------------
     def encode_prompt(self, text: str) -> list[int]:
-        """A prompt string as add_request takes it: through the chat template (as generate
-        does) when the tokenizer has one."""
-        return self.check_prompt(self._tokenizer().encode_prompt(text))
+        return self.prompts.encode_prompt(text)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Plain text -> token ids (the tokenizer's special tokens added or not)."""
-        return self._tokenizer().tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.prompts.encode(text, add_special_tokens)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Chat messages through the base's chat template -> token ids. ValueError when the
-        base has no template or the template refuses the messages."""
-        codec = self._tokenizer()
-        if codec.chat_template is None:
-            raise ValueError("this base has no chat template")
-        text = codec.render_chat(messages, add_generation_prompt=add_generation_prompt)
-        return codec.tok.encode(text, add_special_tokens=False).ids
-
-    def check_prompt(self, ids) -> list[int]:
-        """Token ids a request may carry: a non-empty list of ids in the vocabulary."""
-        ids = list(ids)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)
-               or not 0 <= t < self.vocab]
-        if bad:
-            raise ValueError(f"prompt: token ids must be integers in [0, {self.vocab}), got "
-                             f"{bad[:5]}")
-        if not ids:
-            raise ValueError("empty prompt")
-        return ids
+        return self.prompts.encode_chat(messages, add_generation_prompt)
 
     @property
     def has_chat_template(self) -> bool:
-        return self.codec is not None and self.codec.chat_template is not None
+        return self.prompts.has_chat_template
+
+    def check_prompt(self, ids) -> list[int]:
+        return check_prompt(ids, self.limits)
 
     def check_length(self, prompt_tokens: int, max_tokens: int, what: str = "prompt") -> None:
-        """A prompt of that many tokens plus max_tokens must fit the model's positions and the
-        KV cache (the last generated token is never cached, hence max_request_tokens); else
-        ContextLengthError, whose field names what to shorten (`what` or "max_tokens")."""
-        for limit, head in ((self.max_model_len,
-                             f"This model's maximum context length is {self.max_model_len} "
-                             "tokens."),
-                            (self.max_request_tokens,
-                             f"The KV cache holds {self.kv_capacity_tokens} tokens, so one "
-                             f"request can have at most {self.max_request_tokens} (the last "
-                             "output token is never cached).")):
-            if prompt_tokens >= limit:
-                raise ContextLengthError(
-                    f"{head} However, your {what} has {prompt_tokens} tokens (at most "
-                    f"{limit - 1}, to leave room for one output token).", what)
-            if prompt_tokens + max_tokens > limit:
-                raise ContextLengthError(
-                    f"{head} However, you requested {prompt_tokens + max_tokens} tokens "
-                    f"({prompt_tokens} in the {what}, {max_tokens} in the completion). Please "
-                    f"reduce the length of the {what} or completion.", "max_tokens")
+        check_length(prompt_tokens, max_tokens, self.limits, what)
 
     def abort(self, request_id: str) -> bool:
         """Ends a request at the next step (finish_reason "abort"). False if it is not live."""

@@ -1,0 +1,106 @@
+"""What the front ends and the engine core say to each other, as msgpack (msgspec): plain data,
+no pickle, one schema here.
+
+Front end -> core (over one DEALER socket per front end; the core's ROUTER knows each by its
+identity): Hello, Submit, Abort, AdapterOp, Shutdown. Core -> front end: Ready (the limits and the
+loaded adapters), Accepted / Reject (the answer to Submits: taken, or refused and why), Step
+(every output of one step that belongs to this front end, as columns: one message per step, no
+object per request), Reply (to an AdapterOp).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# finish codes of Step.finish: 0 = still running
+FINISH_REASONS = (None, "stop", "length", "abort")
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    pid: int
+
+
+class Submit(msgspec.Struct, tag="submit"):
+    request_id: str
+    prompt: list[int]
+    adapter: str | None
+    params: dict  # SamplingParams' fields; seed always set (the front end draws a missing one)
+
+
+class Abort(msgspec.Struct, tag="abort"):
+    request_ids: list[str]
+
+
+class AdapterOp(msgspec.Struct, tag="adapter"):
+    call_id: int
+    op: str                 # "load" | "unload"
+    name: str
+    path: str | None = None  # load: a .uora file or PEFT VeRA folder, already checked
+
+
+class Shutdown(msgspec.Struct, tag="shutdown"):
+    pass
+
+
+class AdapterCard(msgspec.Struct, array_like=True):
+    name: str
+    source: str | None
+    created: int
+
+
+class Stats(msgspec.Struct, array_like=True):
+    running: int
+    waiting: int
+    blocks_used: int
+    blocks_total: int
+
+
+class Ready(msgspec.Struct, tag="ready"):
+    vocab: int
+    max_model_len: int
+    kv_capacity_tokens: int
+    eos: list[int]
+    adapters: list[AdapterCard]
+    stats: Stats
+    folder: str | None      # the base's folder (the front end loads its tokenizer from it)
+    graphs: bool            # decode steps replay CUDA graphs
+
+
+class Step(msgspec.Struct, tag="step"):
+    """Rows of one step: request i produced tokens[i] (possibly none, when it only ended) and
+    finished with FINISH_REASONS[finish[i]]; stop_token[i] is the end-of-sequence id that ended
+    it (-1 otherwise); errors holds (row, message) for requests that failed in the engine."""
+
+    request_ids: list[str]
+    tokens: list[list[int]]
+    finish: list[int]
+    stop_token: list[int]
+    errors: list[tuple[int, str]]
+    stats: Stats
+
+
+class Reply(msgspec.Struct, tag="reply"):
+    call_id: int
+    status: int             # 200, or the HTTP status the failure maps to
+    error: str | None
+    adapters: list[AdapterCard]
+
+
+class Accepted(msgspec.Struct, tag="accepted"):
+    """The Submits of one batch of messages that the core took (their requests are queued)."""
+
+    request_ids: list[str]
+
+
+class Reject(msgspec.Struct, tag="reject"):
+    request_id: str
+    status: int             # 400 (a bad request) or 404 (an adapter gone meanwhile)
+    error: str
+
+
+ToCore = Hello | Submit | Abort | AdapterOp | Shutdown
+ToFrontEnd = Ready | Step | Reply | Accepted | Reject
+
+ENCODER = msgspec.msgpack.Encoder()
+TO_CORE = msgspec.msgpack.Decoder(ToCore)
+TO_FRONT_END = msgspec.msgpack.Decoder(ToFrontEnd)
