@@ -73,12 +73,13 @@ def build_engine(rt, opts: dict):
 
 def adapter_admin(rt):
     """(load, unload, cards) for the core: what /v1/load_lora_adapter and its twin do."""
+    from uora_rt.engine.messages import AdapterError
     from uora_rt.engine.messages import AdapterCard
     from uora_rt.server.adapters import read_adapter
 
     def load(name, path):
         if name in rt.manager:
-            raise ValueError(f"The lora adapter '{name}' has already been loaded.")
+            raise AdapterError(409, f"The lora adapter '{name}' has already been loaded.")
         rt.add_adapter(read_adapter(Path(path), rt.folder), name, source=path)
 
     def unload(name):

@@ -1,4 +1,14 @@
-"""`uora-rt serve`: its arguments, and building the runtime, engine and app they describe."""
+"""`uora-rt serve`: its arguments, and the processes they start.
+
+The server runs as two kinds of process: the engine core (commands/engine_core.py: the model,
+adapters, KV cache, scheduler and sampler) and one or more HTTP front ends (server/: the OpenAI
+routes, tokenization, detokenization, streams, metrics), which talk to it over a local ZeroMQ
+socket. This process checks the arguments, starts the core and waits until it is ready, then
+serves HTTP itself (--api-server-count 1) or through that many worker processes on one port.
+If the core dies, every request in flight ends with an error, /health answers 503, and the
+server exits with code 1; SIGTERM lets requests in flight finish (or aborts them after 5 s) and
+stops the core.
+"""
 
 from __future__ import annotations
 
@@ -48,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--disable-access-log", action="store_true")
+    p.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                   help="HTTP front-end processes sharing the port and the one engine core")
 
 
 def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
@@ -66,92 +78,72 @@ def parse_adapters(specs: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def _device_dtype(args):
-    import torch
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    return device, getattr(torch, dtype)
-
-
-def build(args):
-    """(app, state) for parsed arguments; ValueError/OSError for anything wrong in them."""
-    from uora_rt.models import checkpoint
+def served_names(args) -> list[str]:
     from uora_rt.models.bases import base_name
-    from uora_rt.runtime import Runtime, resolve_base
+
+    if args.served_model_name:
+        return args.served_model_name
+    if args.random_weights:
+        path = Path(args.base)
+        return [(path if path.is_dir() else path.parent).name]
+    return [base_name(args.base, args.base or "")]
+
+
+def check(args):
+    """(start-up adapters, ServerConfig) once every cheap check has passed; ValueError/OSError
+    naming the argument otherwise (nothing has started yet)."""
+    from uora_rt.server.adapters import AdapterDir, check_name
+    from uora_rt.server.errors import APIError
+    from uora_rt.server.state import ServerConfig
 
     adapters = parse_adapters(args.adapter)
     if args.adapter_dir and not args.allow_adapter_loading:
         raise ValueError("--adapter-dir only matters with --allow-adapter-loading")
-    device, dtype = _device_dtype(args)
+    if args.allow_adapter_loading and not args.adapter_dir:
+        raise ValueError("--allow-adapter-loading needs --adapter-dir (the only folder adapters "
+                         "may be loaded from)")
+    if args.adapter_dir:
+        AdapterDir(args.adapter_dir)
     if args.random_weights:
         if args.base is None:
             raise ValueError("--random-weights needs BASE: a config.json or a folder with one")
         if args.tensor_parallel != 1:
             raise ValueError("--random-weights does not combine with --tensor-parallel")
-        cfg_path = Path(args.base)
-        folder = cfg_path if cfg_path.is_dir() else cfg_path.parent
-        rt = Runtime.random(checkpoint.read_config(folder), device, dtype, slots=args.slots)
-        default_name = folder.name
-    else:
-        folder = resolve_base(args.base)
-        rt = Runtime.from_folder(folder, device, dtype, slots=args.slots,
-                                 tensor_parallel=args.tensor_parallel)
-        default_name = base_name(args.base, folder)
-    try:
-        return _serve_runtime(args, rt, adapters, default_name)
-    except BaseException:
-        rt.close()  # tensor-parallel workers must not outlive a failed start
-        raise
-
-
-def _serve_runtime(args, rt, adapters, default_name):
-    import uora_rt
-    from uora_rt.server.adapters import check_name, read_adapter
-    from uora_rt.server.app import build_app
-    from uora_rt.server.errors import APIError
-    from uora_rt.server.state import ServerConfig, ServerState
-
-    names = args.served_model_name or [default_name]
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count: expected >= 1, got {args.api_server_count}")
+    names = served_names(args)
     for name, path in adapters:
         try:
             check_name(name, names)
         except APIError as e:
             raise ValueError(f"--adapter {name}={path}: {e.message}") from None
-        try:
-            rt.add_adapter(read_adapter(path, rt.folder), name, source=Path(path).resolve())
-        except (ValueError, OSError) as e:
-            raise ValueError(f"--adapter {name}={path}: {e}") from None
-    engine = uora_rt.Engine(rt, kv_cache_tokens=args.kv_cache_tokens,
-                            max_num_seqs=args.max_num_seqs, max_step_tokens=args.max_step_tokens)
     config = ServerConfig(
         served_names=names, max_queued=args.max_queued_requests, retry_after_s=args.retry_after,
         allow_adapter_loading=args.allow_adapter_loading, adapter_dir=args.adapter_dir,
         api_key=args.api_key)
-    state = ServerState(rt, engine, config)
-    return build_app(state), state
+    if config.max_queued < 1:
+        raise ValueError(f"--max-queued-requests: expected >= 1, got {config.max_queued}")
+    return adapters, config
 
 
 def run(args) -> int:
-    import uvicorn
+    from uora_rt.commands.core_process import CoreProcess
+    from uora_rt.server.app import serve_front_ends
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        app, state = build(args)
-    except (ValueError, OSError, KeyError) as e:
+        adapters, config = check(args)
+    except (ValueError, OSError) as e:
         print(f"uora-rt serve: {e}", file=sys.stderr)
         return 2
-    logging.getLogger("uora_rt.server").info(
-        "serving %s (+ %d adapters) on http://%s:%d", state.base_name, len(state.rt.adapters),
-        args.host, args.port)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
-    finally:
-        state.rt.close()
-    return 0
+    with CoreProcess(args, adapters) as core:
+        code = core.wait_ready()
+        if code is not None:  # it said why on stderr
+            return code
+        logging.getLogger("uora_rt.server").info(
+            "serving %s on http://%s:%d (%d front end%s, engine core pid %d)",
+            config.served_names[0], args.host, args.port, args.api_server_count,
+            "s" * (args.api_server_count > 1), core.proc.pid)
+        serve_front_ends(core.address, core.proc.pid, config, args)
+        return 1 if core.died else 0

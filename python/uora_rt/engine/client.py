@@ -25,8 +25,8 @@ import zmq.asyncio
 from uora_rt.engine.core import process_alive
 from uora_rt.engine.detokenizer import Detokenizer
 from uora_rt.engine.messages import (
-    ENCODER, FINISH_REASONS, TO_FRONT_END, Abort, Accepted, AdapterOp, Hello, Ready, Reject,
-    Reply, Shutdown, Step, Submit)
+    ENCODER, FINISH_REASONS, TO_FRONT_END, Abort, Accepted, AdapterError, AdapterOp, Hello,
+    Ready, Reject, Reply, Shutdown, Step, Submit)
 from uora_rt.engine.request import RequestOutput, SamplingParams
 from uora_rt.engine.rules import Limits, Prompts
 
@@ -37,12 +37,6 @@ CORE_GONE = "the engine core stopped"
 
 class CoreGone(RuntimeError):
     """The engine core process is not running (any more)."""
-
-
-class AdapterError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 class Stream:
@@ -94,6 +88,7 @@ class CoreClient:
         self._seeds = random.Random()
         self._tasks: list[asyncio.Task] = []
         self._sock = None
+        self._since_stats = 0  # requests submitted since the core last sent its counts
 
     # --- lifetime ---------------------------------------------------------------------------
     async def connect(self, timeout: float = 60.0) -> "CoreClient":
@@ -122,6 +117,20 @@ class CoreClient:
         self.prompts = Prompts(codec, self.limits)
         self.healthy = True
         return self
+
+    async def start(self) -> None:
+        if self.ready is None:
+            await self.connect()
+
+    @property
+    def folder(self) -> str | None:
+        return self.ready.folder if self.ready is not None else None
+
+    @property
+    def waiting(self) -> int:
+        """Requests accepted and not running yet, as far as this front end can tell: the core's
+        last count plus what was submitted since (and what is being submitted)."""
+        return self.stats.waiting + self._since_stats + len(self._acks)
 
     def close(self, shutdown_core: bool = False) -> None:
         if shutdown_core and self._sock is not None and self.healthy:
@@ -156,6 +165,7 @@ class CoreClient:
         except BaseException:
             self._live.pop(request_id, None)
             raise
+        self._since_stats += 1
         return stream
 
     def abort(self, request_id: str) -> bool:
@@ -200,7 +210,7 @@ class CoreClient:
 
     def _dispatch(self, msg) -> None:
         if isinstance(msg, Step):
-            self.stats = msg.stats
+            self.stats, self._since_stats = msg.stats, 0
             self._step(msg)
         elif isinstance(msg, Accepted):
             for rid in msg.request_ids:

@@ -17,8 +17,8 @@ import time
 import zmq
 
 from uora_rt.engine.messages import (
-    ENCODER, TO_CORE, Abort, Accepted, AdapterOp, Hello, Ready, Reject, Reply, Shutdown, Stats,
-    Step, Submit)
+    ENCODER, TO_CORE, Abort, Accepted, AdapterError, AdapterOp, Hello, Ready, Reject, Reply,
+    Shutdown, Stats, Step, Submit)
 from uora_rt.engine.request import SamplingParams
 
 log = logging.getLogger("uora_rt.engine")
@@ -101,6 +101,8 @@ class EngineCore:
                 self.unload_adapter(msg.name)
             else:
                 status, error = 400, f"unknown adapter operation {msg.op!r}"
+        except AdapterError as err:
+            status, error = err.status, str(err)
         except KeyError as err:
             status, error = 404, str(err.args[0] if err.args else err)
         except (ValueError, OSError) as err:

@@ -16,6 +16,15 @@ import msgspec
 FINISH_REASONS = (None, "stop", "length", "abort")
 
 
+class AdapterError(Exception):
+    """An adapter operation refused: status 404 (no such adapter), 409 (the name is taken),
+    400 (a bad file), 500 (a failure of ours)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 class Hello(msgspec.Struct, tag="hello"):
     pid: int
 

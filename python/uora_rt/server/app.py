@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
+import json
+import os
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -45,7 +48,7 @@ class ApiKeyMiddleware:
 def build_app(state) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
-        state.start()
+        await state.start()
         try:
             yield
         finally:
@@ -71,9 +74,9 @@ def build_app(state) -> FastAPI:
 
     @app.get("/v1/models", response_model=P.ModelList, responses=_ERRORS)
     async def show_models():
-        root = str(state.rt.folder) if state.rt.folder else None
-        cards = [P.ModelCard(id=n, created=state.created, root=root,
-                             max_model_len=state.engine.max_model_len)
+        root = state.engine.folder
+        cards = [P.ModelCard(id=n, created=state.created, root=None if root is None else str(root),
+                             max_model_len=state.engine.limits.max_model_len)
                  for n in state.config.served_names]
         for name, path, created in state.adapter_cards():
             cards.append(P.ModelCard(id=name, created=created, root=path,
@@ -95,7 +98,7 @@ def build_app(state) -> FastAPI:
     @app.get("/health", response_class=Response, responses={503: {"model": P.ErrorResponse}})
     async def health():
         if not state.healthy:
-            return errors.error_response(503, "the engine loop has stopped")
+            return errors.error_response(503, "the engine is not running")
         return Response(status_code=200)
 
     @app.get("/version")
@@ -107,3 +110,39 @@ def build_app(state) -> FastAPI:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     return app
+
+
+# --- front ends over an engine core process (what `uora-rt serve` runs) -------------------------
+_FRONT_END_ENV = "UORA_RT_FRONT_END"
+
+
+def front_end_app(address: str, core_pid: int, config) -> FastAPI:
+    """The app of one front end: a CoreClient to the core at address, the routes over it."""
+    from uora_rt.engine.client import CoreClient
+    from uora_rt.server.state import ServerState
+
+    return build_app(ServerState(CoreClient(address, core_pid), config))
+
+
+def front_end_from_env() -> FastAPI:
+    """uvicorn's app factory in each worker of --api-server-count N."""
+    from uora_rt.server.state import ServerConfig
+
+    opts = json.loads(os.environ[_FRONT_END_ENV])
+    return front_end_app(opts["address"], opts["core_pid"], ServerConfig(**opts["config"]))
+
+
+def serve_front_ends(address: str, core_pid: int, config, args) -> None:
+    """Serves HTTP until shut down: in this process, or in args.api_server_count workers that
+    share the port (uvicorn restarts a worker that dies; the others keep serving)."""
+    import uvicorn
+
+    common = dict(host=args.host, port=args.port, log_level=args.log_level,
+                  access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
+    if args.api_server_count == 1:
+        uvicorn.run(front_end_app(address, core_pid, config), **common)
+        return
+    os.environ[_FRONT_END_ENV] = json.dumps({"address": address, "core_pid": core_pid,
+                                             "config": dataclasses.asdict(config)})
+    uvicorn.run("uora_rt.server.app:front_end_from_env", factory=True,
+                workers=args.api_server_count, **common)

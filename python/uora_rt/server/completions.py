@@ -20,7 +20,9 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from uora_rt.engine import ContextLengthError, SamplingParams
+from uora_rt.engine import SamplingParams
+from uora_rt.engine.client import CoreGone
+from uora_rt.engine.rules import ContextLengthError, check_length, check_prompt
 from uora_rt.server import protocol as P
 from uora_rt.server.errors import APIError, error_body
 
@@ -38,21 +40,27 @@ class Job:
         self.streams, self.trackers = [], []
         self.finals: list = [None] * len(prompts)
 
-    def submit(self) -> None:
-        st, aio = self.state, asyncio.get_running_loop()
+    async def submit(self) -> None:
+        st = self.state
         st.admit(len(self.prompts))
         try:
             for i, ids in enumerate(self.prompts):
                 tracker = st.metrics.tracker(self.model)
                 self.trackers.append(tracker)
-                self.streams.append(st.loop.submit(ids, self.adapter, self.params,
-                                                   f"{self.id}-{i}", asyncio_loop=aio))
+                self.streams.append(await st.engine.submit(ids, self.adapter, self.params,
+                                                           f"{self.id}-{i}"))
         except KeyError:  # unloaded between the name check and now
             self.close()
             raise APIError(404, f"The model `{self.model}` does not exist.", "model") from None
         except ValueError as e:
             self.close()
             raise APIError(400, str(e)) from None
+        except CoreGone as e:
+            self.close()
+            raise APIError(503, str(e)) from None
+        except BaseException:  # cancelled (the client left): nothing may keep running
+            self.close()
+            raise
 
     async def outputs(self):
         """(index, RequestOutput) as they come, over all prompts."""
@@ -90,7 +98,7 @@ class Job:
         """Aborts whatever has not finished (the client is gone, or a sibling failed)."""
         for i, (stream, tracker) in enumerate(zip(self.streams, self.trackers)):
             if self.finals[i] is None:
-                self.state.loop.abort(stream.request_id)
+                self.state.engine.abort(stream.request_id)
                 tracker.finish("abort")
         for tracker in self.trackers[len(self.streams):]:
             tracker.finish("abort")
@@ -134,19 +142,19 @@ def _check_supported(req) -> None:
 def _completion_prompts(state, req: P.CompletionRequest) -> list[list[int]]:
     p = req.prompt
     batch = p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
-    engine, out = state.engine, []
+    prompts, limits, out = state.engine.prompts, state.engine.limits, []
     try:
         for item in batch:
             if isinstance(item, str):
-                item = engine.encode(item, add_special_tokens=req.add_special_tokens is not False)
-            out.append(engine.check_prompt(item))
+                item = prompts.encode(item, add_special_tokens=req.add_special_tokens is not False)
+            out.append(check_prompt(item, limits))
     except ValueError as e:
         raise APIError(400, str(e), "prompt") from None
     return out
 
 
 def _chat_prompt(state, req: P.ChatCompletionRequest) -> list[int]:
-    if not state.engine.has_chat_template:
+    if not state.engine.prompts.has_chat_template:
         raise APIError(400, "this base has no chat template: use /v1/completions", "messages")
     messages = []
     for i, m in enumerate(req.messages):
@@ -161,7 +169,7 @@ def _chat_prompt(state, req: P.ChatCompletionRequest) -> list[int]:
             msg["name"] = m.name
         messages.append(msg)
     try:
-        return state.engine.encode_chat(messages, req.add_generation_prompt is not False)
+        return state.engine.prompts.encode_chat(messages, req.add_generation_prompt is not False)
     except (ValueError, TemplateError, TypeError) as e:
         why = str(e).removeprefix("chat template: ")
         raise APIError(400, f"the chat template refused these messages: {why}", "messages") \
@@ -169,11 +177,11 @@ def _chat_prompt(state, req: P.ChatCompletionRequest) -> list[int]:
 
 
 def _params(state, req, prompts, requested, default, what) -> SamplingParams:
-    engine, longest = state.engine, max(len(p) for p in prompts)
-    room = engine.max_request_tokens - longest
+    limits, longest = state.engine.limits, max(len(p) for p in prompts)
+    room = limits.max_request_tokens - longest
     max_tokens = requested if requested is not None else default(max(room, 1))
     try:
-        engine.check_length(longest, max_tokens, what)
+        check_length(longest, max_tokens, limits, what)
     except ContextLengthError as e:
         raise APIError(400, str(e), e.field) from None
     d = state.defaults
@@ -228,7 +236,7 @@ async def create_completion(state, req: P.CompletionRequest, request: Request) -
     prompts = await asyncio.to_thread(_completion_prompts, state, req)
     params = _params(state, req, prompts, req.max_tokens, lambda room: min(16, room), "prompt")
     job = Job(state, adapter, prompts, params, "cmpl")
-    job.submit()
+    await job.submit()
     if req.stream:
         return _sse(_stream_completion(job, req))
     if not await _until_done_or_gone(request, job):
@@ -253,7 +261,7 @@ async def create_chat_completion(state, req: P.ChatCompletionRequest, request: R
         else req.max_tokens
     params = _params(state, req, [prompt], requested, lambda room: room, "messages")
     job = Job(state, adapter, [prompt], params, "chatcmpl")
-    job.submit()
+    await job.submit()
     if req.stream:
         return _sse(_stream_chat(job, req))
     if not await _until_done_or_gone(request, job):

@@ -26,7 +26,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _EngineGauges:
-    """A custom collector: reads the engine when scraped, so gauges are never stale."""
+    """A custom collector: reads the engine's figures when scraped."""
 
     def __init__(self, metrics: Metrics):
         self.m = metrics
@@ -36,16 +36,16 @@ class _EngineGauges:
 
     def collect(self):
         e, m = self.m.engine, self.m
-        cap = e.allocator.capacity
-        used = e.blocks_used
-        rows = [("num_requests_running", "requests in the running batch", e.num_running),
-                ("num_requests_waiting", "requests accepted and waiting to run", e.num_waiting),
-                ("kv_blocks_used", "KV cache blocks held by requests", used),
-                ("kv_blocks_total", "KV cache blocks in the pool", cap),
-                ("kv_cache_usage_perc", "fraction of the KV cache in use", used / cap),
+        s = e.stats  # the engine core's latest: after its last step, or as it went idle
+        rows = [("num_requests_running", "requests in the running batch", s.running),
+                ("num_requests_waiting", "requests accepted and waiting to run", s.waiting),
+                ("kv_blocks_used", "KV cache blocks held by requests", s.blocks_used),
+                ("kv_blocks_total", "KV cache blocks in the pool", s.blocks_total),
+                ("kv_cache_usage_perc", "fraction of the KV cache in use",
+                 s.blocks_used / max(s.blocks_total, 1)),
                 ("generation_tokens_per_second", "output tokens per second, last 10 s",
                  m.tokens_per_second()),
-                ("num_adapters", "adapters loaded", len(e.adapters.names()))]
+                ("num_adapters", "adapters loaded", len(e.adapters))]
         for name, doc, value in rows:
             yield GaugeMetricFamily(P + name, doc, value=value)
         per_model = GaugeMetricFamily(P + "num_requests_in_flight", "requests being served, "
@@ -57,6 +57,7 @@ class _EngineGauges:
 
 class Metrics:
     def __init__(self, engine, window_s: float = 10.0):
+        """engine: the server's engine handle (engine.client.CoreClient or local.LocalEngine)."""
         self.engine, self.window_s = engine, window_s
         self.registry = CollectorRegistry()
         r = self.registry

@@ -1,5 +1,5 @@
-"""What every route shares: the runtime, its engine and background loop, the served names, the
-admission rule (a bounded queue), adapter loading and unloading, and the metrics."""
+"""What every route shares: the handle on the engine, the served names, the admission rule (a
+bounded queue), adapter loading and unloading, and the metrics."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from uora_rt.engine import EngineLoop
-from uora_rt.server.adapters import AdapterDir, check_name, read_adapter
+from uora_rt.engine.client import CoreGone
+from uora_rt.engine.messages import AdapterError
+from uora_rt.server.adapters import AdapterDir, check_name
 from uora_rt.server.errors import APIError
 from uora_rt.server.metrics import Metrics
 
@@ -32,48 +33,47 @@ class ServerConfig:
 
 
 class ServerState:
-    def __init__(self, rt, engine, config: ServerConfig):
+    """engine: the server's handle on the engine: an engine core in its own process
+    (engine.client.CoreClient, what `uora-rt serve` runs) or in this one (local.LocalEngine).
+    Routes ask it, and never the runtime, what a request may be."""
+
+    def __init__(self, engine, config: ServerConfig):
         if not config.served_names:
             raise ValueError("served_names: give at least one name for the base model")
         if config.max_queued < 1:
             raise ValueError(f"max_queued: expected >= 1, got {config.max_queued}")
-        clash = sorted(set(config.served_names) & set(rt.adapters))
-        if clash:
-            raise ValueError(f"adapter names {clash} are also served names of the base model")
         if config.allow_adapter_loading and not config.adapter_dir:
             raise ValueError("--allow-adapter-loading needs --adapter-dir (the only folder "
                              "adapters may be loaded from)")
-        self.rt, self.engine, self.config = rt, engine, config
+        self.engine, self.config = engine, config
         self.base_name = config.served_names[0]
-        self.loop = EngineLoop(engine)
         self.metrics = Metrics(engine)
         self.adapter_dir = AdapterDir(config.adapter_dir) if config.adapter_dir else None
         self.created = int(time.time())
-        self.defaults = generation_defaults(rt.folder)
+        self.defaults: dict = {}
         self._admin: asyncio.Lock | None = None
 
     # --- lifetime ---------------------------------------------------------------------------
-    def start(self) -> None:
-        if self.engine.runner.graphs is not None:  # captures before traffic, not during it
-            per_family = {e.family: name for name, e in self.rt.manager.entries.items()}
-            seconds = self.engine.warmup(adapters=(None, *per_family.values()))
-            log.info("captured %d decode graphs in %.1f s", self.engine.runner.graphs.captures,
-                     seconds)
-        self.loop.start()
+    async def start(self) -> None:
+        await self.engine.start()
+        clash = sorted(set(self.config.served_names) & self.engine.adapter_names())
+        if clash:
+            raise ValueError(f"adapter names {clash} are also served names of the base model")
+        self.defaults = generation_defaults(self.engine.folder)
 
     def stop(self) -> None:
-        self.loop.stop()
+        self.engine.close()
 
     @property
     def healthy(self) -> bool:
-        return self.loop.alive
+        return self.engine.healthy
 
     # --- requests ---------------------------------------------------------------------------
     def adapter_for(self, model: str | None) -> str | None:
         """The adapter a request's `model` names (None: the base); 404 if it names nothing."""
         if model is None or model in self.config.served_names:
             return None
-        if model in self.rt.manager:
+        if model in self.engine.adapter_names():
             return model
         raise APIError(404, f"The model `{model}` does not exist.", "model")
 
@@ -82,10 +82,12 @@ class ServerState:
 
     def admit(self, n: int) -> None:
         """Call right before submitting n requests, with no await in between."""
+        if not self.engine.healthy:
+            raise APIError(503, "the engine is not running")
         if n > self.config.max_queued:  # would never be admitted: not a retryable 503
             raise APIError(400, f"{n} prompts in one request exceed the queue limit "
                                 f"({self.config.max_queued})", "prompt")
-        waiting = self.engine.num_waiting
+        waiting = self.engine.waiting
         if waiting + n > self.config.max_queued:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(503, f"the server is at capacity ({waiting} requests waiting, limit "
@@ -93,9 +95,8 @@ class ServerState:
                            headers={"Retry-After": str(self.config.retry_after_s)})
 
     def adapter_cards(self) -> list[tuple[str, str | None, int]]:
-        """(name, source, created) of every loaded adapter, as the registry knows them."""
-        entries = sorted(self.rt.manager.entries.items())
-        return [(n, e.source, int(e.created)) for n, e in entries]
+        """(name, source, created) of every loaded adapter, as the engine knows them."""
+        return [(c.name, c.source, c.created) for c in self.engine.adapters]
 
     # --- adapters ---------------------------------------------------------------------------
     def _check_loading(self) -> None:
@@ -115,26 +116,30 @@ class ServerState:
                            "lora_name" if not name else "lora_path")
         check_name(name, self.config.served_names)
         async with self._lock():
-            if name in self.rt.manager:
-                raise APIError(400, f"The lora adapter '{name}' has already been loaded.",
-                               "lora_name")
             path = self.adapter_dir.resolve(lora_path)
-            try:  # parsing, validation and (for PEFT folders) conversion: off the event loop
-                adapter = await asyncio.to_thread(read_adapter, path, self.rt.folder)
-                await asyncio.to_thread(self.rt.add_adapter, adapter, name, path)
-            except (ValueError, OSError) as e:
-                raise APIError(400, f"cannot load adapter '{name}': {e}", "lora_path") from None
+            try:  # reading, validation and (for PEFT folders) conversion: in the engine
+                await self.engine.adapter_op("load", name, str(path))
+            except AdapterError as e:
+                if e.status == 409:  # the name is taken (vLLM answers 400)
+                    raise APIError(400, str(e), "lora_name") from None
+                raise APIError(e.status, f"cannot load adapter '{name}': {e}",
+                               "lora_path") from None
+            except CoreGone as e:
+                raise APIError(503, str(e)) from None
         log.info("loaded adapter %r from %s", name, path)
 
     async def unload_adapter(self, name: str) -> None:
         self._check_loading()
         async with self._lock():
-            if name not in self.rt.manager:
-                raise APIError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
             try:
-                self.rt.remove_adapter(name)  # requests holding it finish with it
-            except (KeyError, ValueError) as e:
-                raise APIError(400, f"cannot unload adapter '{name}': {e}", "lora_name") from None
+                await self.engine.adapter_op("unload", name)
+            except AdapterError as e:
+                if e.status == 404:
+                    raise APIError(404, str(e), "lora_name") from None
+                raise APIError(e.status, f"cannot unload adapter '{name}': {e}",
+                               "lora_name") from None
+            except CoreGone as e:
+                raise APIError(503, str(e)) from None
         log.info("unloaded adapter %r", name)
 
 
