@@ -1,8 +1,8 @@
 """The engine core process as `uora-rt serve` runs it: started, waited for, watched, stopped.
 
 A core that exits while the server runs is a fault: the front ends end their requests with an
-error within a fraction of a second (they watch it too), and one second later this process
-sends itself SIGTERM, so the HTTP server shuts down and `uora-rt serve` exits with code 1 (no
+error within a fraction of a second (they watch it too), and one second later the HTTP server
+shuts down and `uora-rt serve` exits with code 1 (no
 restart: requests in flight on the dead core cannot be resumed, and a supervisor restarting the
 whole server is safer than a half-restarted one). No process outlives the server: the core
 watches its parent, its tensor-parallel workers watch the core.
@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ class CoreProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "uora_rt.commands.engine_core",
                                       str(config)], stdin=subprocess.DEVNULL)
         self.died = False
+        self.on_death = None  # shuts the front ends down (set once they run)
         self._stopping = threading.Event()
 
     def wait_ready(self) -> int | None:
@@ -80,7 +80,8 @@ class CoreProcess:
                 log.error("the engine core exited with code %s; stopping the server",
                           self.proc.returncode)
                 time.sleep(1.0)  # the front ends end their streams with an error first
-                os.kill(os.getpid(), signal.SIGTERM)
+                if self.on_death is not None:
+                    self.on_death()
                 return
 
     def stop(self, timeout_s: float = 10.0) -> None:

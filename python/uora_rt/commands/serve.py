@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -145,5 +146,9 @@ def run(args) -> int:
             "serving %s on http://%s:%d (%d front end%s, engine core pid %d)",
             config.served_names[0], args.host, args.port, args.api_server_count,
             "s" * (args.api_server_count > 1), core.proc.pid)
-        serve_front_ends(core.address, core.proc.pid, config, args)
+        # uvicorn drains on SIGTERM, then raises it again under the handler it found: this one,
+        # so that the core is stopped cleanly below and the exit code says how it ended.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        serve_front_ends(core.address, core.proc.pid, config, args,
+                         on_stop=lambda stop: setattr(core, "on_death", stop))
         return 1 if core.died else 0

@@ -132,17 +132,27 @@ def front_end_from_env() -> FastAPI:
     return front_end_app(opts["address"], opts["core_pid"], ServerConfig(**opts["config"]))
 
 
-def serve_front_ends(address: str, core_pid: int, config, args) -> None:
+def serve_front_ends(address: str, core_pid: int, config, args, on_stop=None) -> None:
     """Serves HTTP until shut down: in this process, or in args.api_server_count workers that
-    share the port (uvicorn restarts a worker that dies; the others keep serving)."""
+    share the port (uvicorn restarts a worker that dies; the others keep serving).
+    on_stop(stop) receives a callable that shuts the front ends down from another thread."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     common = dict(host=args.host, port=args.port, log_level=args.log_level,
                   access_log=not args.disable_access_log, timeout_graceful_shutdown=5)
     if args.api_server_count == 1:
-        uvicorn.run(front_end_app(address, core_pid, config), **common)
+        server = uvicorn.Server(uvicorn.Config(front_end_app(address, core_pid, config),
+                                               **common))
+        if on_stop is not None:
+            on_stop(lambda: setattr(server, "should_exit", True))
+        server.run()
         return
     os.environ[_FRONT_END_ENV] = json.dumps({"address": address, "core_pid": core_pid,
                                              "config": dataclasses.asdict(config)})
-    uvicorn.run("uora_rt.server.app:front_end_from_env", factory=True,
-                workers=args.api_server_count, **common)
+    cfg = uvicorn.Config("uora_rt.server.app:front_end_from_env", factory=True,
+                         workers=args.api_server_count, **common)
+    supervisor = Multiprocess(cfg, sockets=[cfg.bind_socket()])
+    if on_stop is not None:
+        on_stop(supervisor.should_exit.set)
+    supervisor.run()
