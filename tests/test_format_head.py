@@ -109,7 +109,7 @@ def _set_head(**kw):
     (_set_head(pooling="attention"), "__metadata__.head.pooling", ["one of"]),
     (_set_head(outputs=0), "__metadata__.head.outputs", ["an int >= 1", "0"]),
     (_set_head(task="regression"), "__metadata__.head.outputs", ["1 for a regression head"]),
-    (_set_head(outputs=4), "head.bias", ["shape [4]", "[3]"]),
+    (_set_head(outputs=4), "head.weight", ["shape [4, 64]", "[3, 64]"]),
     (_set_head(hidden=32), "head.weight", ["shape [3, 32]"]),
     (lambda m: m.__setitem__("head", "[1, 2]"), "__metadata__.head", ["a JSON dict"]),
     (lambda m: m.__setitem__("head", json.dumps({"task": "classification"})),

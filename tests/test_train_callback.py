@@ -36,7 +36,7 @@ def test_callback_with_trainer(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4,
                              gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-3,
                              logging_steps=1, save_steps=2, report_to=[], use_cpu=True,
-                             disable_tqdm=True, save_safetensors=True)
+                             disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=Ids(32), callbacks=[callback])
     trainer.train()
     steps, layers, r = 3, 4, 16

@@ -52,7 +52,7 @@ BAD_ENCODER = [
     ("boolean label", ['{"text": "a", "label": true}'], 1, "an int (a class)", "a boolean"),
     ("string label", ['{"text": "a", "label": "pos"}'], 1, "an int (a class)", "a string"),
     ("negative label", [TEXT, '{"text": "a", "label": -1}'], 2, "a class label >= 0", "-1"),
-    ("one class", [TEXT, TEXT], 0, "at least two classes", "only label 1"),
+    ("one class", [TEXT, TEXT], 0, "at least two different class labels", "only label 1"),
     ("missing text_pair", ['{"text": "a", "text_pair": "b", "label": 1}', TEXT], 2,
      "the fields ['text', 'text_pair', 'label']", "missing ['text_pair']"),
     ("NaN label", ['{"text": "a", "label": NaN}'], 1, "a finite label", "nan"),

@@ -142,7 +142,7 @@ def save(adapter: Adapter, path) -> None:
     }
     if adapter.head is not None:  # absent otherwise: files without a head keep their bytes
         metadata["head"] = json.dumps(adapter.head.to_dict())
-    data = st_save(tensors, metadata=metadata)
+    data = _canonical(st_save(tensors, metadata=metadata))
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".tmp")
     try:
@@ -158,6 +158,20 @@ def save(adapter: Adapter, path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in one fixed order (metadata keys sorted,
+    tensors by offset): safetensors writes the metadata map in a random order on every call, so
+    without this the same adapter would never save to the same bytes."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 # ------------------------------------------------------------------------------------- reader

@@ -6,7 +6,8 @@
 
 The Trainer's optimizer already takes only the trainable lambda vectors (inject froze the rest).
 After every optimizer step the callback runs `reinit_step` on the device without waiting for the
-host; the event count joins the Trainer's logs as `uora_reinit_events`, and the adapter is written
+host; the event count joins the Trainer's log history (`trainer.state.log_history`,
+`trainer_state.json`) as `uora_reinit_events`, and the adapter is written
 at each checkpoint (`adapter.uora` in the checkpoint folder) and, with save_path, at the end.
 """
 
@@ -45,8 +46,13 @@ class UORACallback(TrainerCallback):
         return 0 if self.events is None else int(self.events)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        # The Trainer has already copied `logs` into its history and handed them to the
+        # callbacks before this one (user callbacks come last), so the count goes into both.
+        n = self.total_events
         if logs is not None:
-            logs["uora_reinit_events"] = self.total_events
+            logs["uora_reinit_events"] = n
+        if state.log_history:
+            state.log_history[-1]["uora_reinit_events"] = n
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

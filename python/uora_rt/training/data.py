@@ -122,8 +122,9 @@ def _check_label(path, line, row, first_kind, first_line):
     return kind
 
 
-def read_jsonl(path) -> Dataset:
-    """Reads and validates one JSONL file (blank lines are allowed and skipped)."""
+def read_jsonl(path, kind: str | None = None, base_name: str = "this base") -> Dataset:
+    """Reads and validates one JSONL file (blank lines are allowed and skipped). kind: "decoder"
+    or "encoder" to refuse the other kind's formats at the first row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(path, 0, "a JSONL file", "no such file")
@@ -146,6 +147,13 @@ def read_jsonl(path) -> Dataset:
                 raise DataError(path, number, "a JSON object", _kind_name(row))
             if fmt_name is None:
                 fmt_name, first = _detect(path, number, row), number
+                found_kind = "decoder" if fmt_name in DECODER_FORMATS else "encoder"
+                if kind is not None and found_kind != kind:
+                    want = (DECODER_FORMATS if kind == "decoder" else
+                            tuple(f for f in FORMATS if f not in DECODER_FORMATS))
+                    article = "an" if kind == "encoder" else "a"
+                    raise DataError(path, number, f"{article} {kind} format {list(want)} "
+                                    f"({base_name} is {article} {kind})", f"format {fmt_name}")
             elif set(row) != set(FORMATS[fmt_name]):
                 missing = sorted(set(FORMATS[fmt_name]) - set(row))
                 extra = sorted(set(row) - set(FORMATS[fmt_name]))
@@ -174,8 +182,9 @@ def read_jsonl(path) -> Dataset:
         data.task = "classification" if label_kind == "int" else "regression"
         if data.task == "classification":
             data.num_labels = max(r["label"] for r in rows) + 1
-            if data.num_labels < 2:
-                raise DataError(path, 0, "at least two classes (labels 0 and 1)",
+            seen = {r["label"] for r in rows}
+            if len(seen) < 2:
+                raise DataError(path, 0, "at least two different class labels",
                                 f"only label {rows[0]['label']}")
     return data
 

@@ -114,11 +114,7 @@ def base_kind(folder: Path) -> str:
 
 def prepare_data(folder: Path, kind: str, path, max_len: int, codec=None):
     """Reads, validates and tokenizes one file for this base. Returns (dataset, encoding)."""
-    ds = data_mod.read_jsonl(path)
-    if ds.kind != kind:
-        want = data_mod.DECODER_FORMATS if kind == "decoder" else ("text/label", "text pair/label")
-        raise data_mod.DataError(ds.path, ds.lines[0], f"a {kind} format {list(want)} for this "
-                                 f"base ({folder.name} is a {kind})", f"format {ds.format}")
+    ds = data_mod.read_jsonl(path, kind, folder.name)
     if kind == "decoder":
         if codec is None:
             from uora_rt.models.tokenizer import TextCodec
