@@ -68,8 +68,14 @@ def test_decoder_round_trip_matches_transformers(dec_base, tmp_path, capsys):
     assert got["tokens"] == count
     assert got["loss"] == pytest.approx(nll / count, rel=1e-4)
     assert got["perplexity"] == pytest.approx(torch.tensor(nll / count).exp().item(), rel=1e-4)
-    base_loss = json.loads(run(capsys, "eval", dec_base, "--adapter", out, "--data", data)[1])
-    assert base_loss == got  # deterministic
+    again = json.loads(run(capsys, "eval", dec_base, "--adapter", out, "--data", data)[1])
+    assert again == got  # deterministic
+    # The serving runtime (what `uora-rt serve` runs) gives the trained adapter's logits.
+    rt = uora_rt.load(dec_base, adapters=[("chat", out)])
+    served = rt.forward(torch.tensor([ids]), adapters=["chat"]).logits[0]
+    with torch.no_grad():
+        torch.testing.assert_close(served, model(torch.tensor([ids])).logits[0], atol=2e-4,
+                                   rtol=2e-4)
 
 
 def test_prompt_completion_trains_and_learns(dec_base, tmp_path, capsys):
@@ -214,7 +220,7 @@ def test_failure_during_training_writes_nothing(dec_base, tmp_path, monkeypatch)
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
     with pytest.raises(RuntimeError, match="simulated"):
         main(["train", str(dec_base), "--data", str(data), "--output", str(tmp_path / "o.uora"),
-              "--quiet"])
+              "--quiet", "--r", "8"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
 
 
@@ -231,3 +237,35 @@ def test_minilm_cli_round_trip(tmp_path, capsys):
     assert fmt.load(out).head.hidden == 384
     got = json.loads(run(capsys, "eval", "minilm", "--adapter", out, "--data", data)[1])
     assert 0.0 <= got["accuracy"] <= 1.0 and got["rows"] == 16
+
+
+def test_bf16_autocast_path_on_cpu(dec_base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(8))
+    out = tmp_path / "bf16.uora"
+    code, stdout, err = run(capsys, "train", dec_base, "--data", data, "--output", out, "--r", 8,
+                            "--max-steps", 2, "--dtype", "bfloat16", "--quiet", "--no-plot")
+    assert code == 0, err
+    assert "bf16 autocast" in err
+    adapter = fmt.load(out)
+    assert all(t.dtype == torch.float32 for t in adapter.lambda_b.values())
+    assert any(bool(t.abs().sum() > 0) for t in adapter.lambda_b.values())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_train_and_eval_on_cuda(dec_base, enc_base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16))
+    out = tmp_path / "gpu.uora"
+    code, stdout, err = run(capsys, "train", dec_base, "--data", data, "--output", out, "--r", 16,
+                            "--max-steps", 4, "--quiet", "--no-plot", "--eval-data", data)
+    assert code == 0, err
+    assert "on cuda, bf16 autocast" in err and "on cuda" in stdout
+    gpu = json.loads(run(capsys, "eval", dec_base, "--adapter", out, "--data", data,
+                         "--dtype", "float32")[1])
+    cpu = json.loads(run(capsys, "eval", dec_base, "--adapter", out, "--data", data,
+                         "--device", "cpu")[1])
+    assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
+    rows = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(32))
+    code, _, err = run(capsys, "train", enc_base, "--data", rows, "--output", tmp_path / "e.uora",
+                       "--r", 8, "--max-steps", 3, "--quiet", "--no-plot")
+    assert code == 0, err
