@@ -85,30 +85,37 @@ def best_settings(root: Path, runs: list[dict]) -> dict:
     return {k: v[1] for k, v in best.items()}
 
 
+# (task, method) pairs that --only filtered out of the pilot have no learning rate: they are
+# filtered out of the later stages too.
 def main_runs(args, lrs):
     return [spec("main", t, m, B.MAIN_R[m], seed, *lrs[(t, m)], args)
             for t in tasks(args) for m in ("uora", "vera", "lora", "full", "head")
-            for seed in B.SEEDS]
+            if (t, m) in lrs for seed in B.SEEDS]
 
 
 def rank_runs(args, lrs):
     return [spec("rank", t, m, r, seed, *lrs[(t, m)], args)
-            for t in B.RANK_TASKS for m, ranks in B.RANK_SWEEP.items() for r in ranks
-            if r != B.MAIN_R[m] for seed in B.SEEDS]
+            for t in B.RANK_TASKS for m, ranks in B.RANK_SWEEP.items() if (t, m) in lrs
+            for r in ranks if r != B.MAIN_R[m] for seed in B.SEEDS]
 
 
 def ablation_runs(args, lrs):
     return [spec("ablation", t, "uora_noreinit", B.MAIN_R["uora"], seed, *lrs[(t, "uora")], args)
-            for t in tasks(args) for seed in B.SEEDS]
+            for t in tasks(args) if (t, "uora") in lrs for seed in B.SEEDS]
 
 
 def e2e_runs(args, lrs):
     runs = [spec("e2e", "e2e", m, B.E2E_R[m], seed, lrs[("e2e", m)][0], 0.0, args)
-            for m in B.E2E_METHODS for seed in B.SEEDS]
+            for m in B.E2E_METHODS if ("e2e", m) in lrs for seed in B.SEEDS]
     return runs + [spec("e2e", "e2e", "base", 0, 0, 0.0, 0.0, args)]
 
 
 class Pending(dict):
+    """Learning rates before the pilot has run (--dry-run): 0 for every pair."""
+
+    def __contains__(self, key):
+        return True
+
     def __missing__(self, key):
         return (0.0, 0.0)
 
@@ -201,7 +208,8 @@ def main():
         elif stage == "plots":
             import report
 
-            report.main(root, args.budget)
+            if not args.dry_run:
+                report.main(root, args.budget)
         else:
             pilot = [s for s in (e2e_pilot_runs(args) if stage == "e2e" else pilot_runs(args))
                      if selected(s, args.only, skip=("seed", "r"))]

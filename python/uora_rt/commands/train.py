@@ -17,10 +17,11 @@ def add_arguments(p) -> None:
     p.add_argument("--r", type=int, default=256, help="the shared rank (default 256)")
     p.add_argument("--target-modules", help="comma-separated module names (default: the "
                                             "attention query and value projections)")
-    p.add_argument("--epochs", type=int, help="passes over the data (default 3, more for very "
-                                              "small files: at least 60 steps for decoders)")
+    p.add_argument("--epochs", type=int, help="passes over the data (default 3; for decoders "
+                                              "more on small files, to reach 40 steps)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
-    p.add_argument("--lr", type=float, help="learning rate of the adapter vectors (default 2e-2)")
+    p.add_argument("--lr", type=float, help="learning rate of the adapter vectors (default 1e-1 "
+                                            "for decoders, 3e-2 for encoders)")
     p.add_argument("--head-lr", type=float, default=1e-3,
                    help="learning rate of an encoder's task head (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=8)
