@@ -47,7 +47,10 @@ def mean_sd(values):
 def summarize(runs, stage):
     rows = []
     for (task, method, r), rs in sorted(groups(runs, stage).items()):
-        scores = [100 * x["score"] if x["metric"] != "neg_loss" else x["score"] for x in rs]
+        # GLUE metrics are fractions (shown x100); BLEU is already 0-100; the E2E pilot's score is
+        # a negative loss.
+        scores = [x["score"] if x["metric"] in ("neg_loss", "bleu") else 100 * x["score"]
+                  for x in rs]
         m, sd = mean_sd(scores)
         rows.append({
             "task": task, "method": method, "r": r, "seeds": sorted(x["spec"]["seed"] for x in rs),
