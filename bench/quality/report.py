@@ -102,6 +102,7 @@ def plot_all(runs, budget, tasks):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     rows = summarize(runs, "main") + summarize(runs, "rank")
     written = []
@@ -119,6 +120,7 @@ def plot_all(runs, budget, tasks):
             if ref:
                 ax.axhline(ref[0]["mean"], ls=style, color="gray", label=LABEL[method])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labels overlapped
         ax.set_xlabel("trainable adapter parameters (head excluded)")
         ax.set_title(TASK_NAME[task], fontsize=10)
         ax.grid(alpha=0.3)
