@@ -43,7 +43,8 @@ def test_head_round_trip_exact(with_head):
     head = TaskHead.from_record(got.head)
     hidden, valid = torch.randn(2, 5, 64), torch.tensor([[1, 1, 1, 0, 0], [1] * 5]).bool()
     pooled = torch.stack([hidden[0, :3].mean(0), hidden[1].mean(0)])
-    torch.testing.assert_close(head(hidden, valid), pooled @ adapter.head.weight.T + adapter.head.bias)
+    torch.testing.assert_close(head(hidden, valid),
+                               pooled @ adapter.head.weight.T + adapter.head.bias)
 
 
 def test_file_without_head_is_unchanged_when_resaved(tmp_path):

@@ -62,7 +62,8 @@ BAD_ENCODER = [
 
 def _check(base, tmp_path, capsys, lines, line, expected, found):
     path = tmp_path / "bad.jsonl"
-    path.write_bytes(("\n".join(lines) + "\n").encode("latin-1" if "\xff" in lines[-1] else "utf-8"))
+    encoding = "latin-1" if "\xff" in lines[-1] else "utf-8"
+    path.write_bytes(("\n".join(lines) + "\n").encode(encoding))
     out = tmp_path / "out.uora"
     code = main(["train", str(base), "--data", str(path), "--output", str(out), "--r", "8",
                  "--quiet"])

@@ -44,10 +44,10 @@ def main():
         r = json.loads(p.read_text())
         s = r["spec"]
         if r.get("seconds_per_step"):
-            key = (s["task"], s["method"], s["r"], r["spec"].get("budget"))
-            speed.setdefault((s["task"], s["method"]), []).append(
-                r["seconds_per_step"] * 32 / B.BUDGETS[args.measured][s["task"]]["batch"]
-                if s["task"] != "e2e" else r["seconds_per_step"] * 16 / B.BUDGETS[args.measured]["e2e"]["batch"])
+            # scaled to the target budget's batch (CPU steps grow about linearly with it)
+            scale = (B.BUDGETS[args.budget][s["task"]]["batch"]
+                     / B.BUDGETS[args.measured][s["task"]]["batch"])
+            speed.setdefault((s["task"], s["method"]), []).append(r["seconds_per_step"] * scale)
             overhead.setdefault(s["task"], []).append(r["wall_seconds"] - r["train_seconds"])
     print(f"| task | method | steps ({args.budget}) | s/step measured, scaled to the batch | "
           f"training, measured machine | at {args.gpu_speedup:g}x | load + eval (measured) |")
@@ -55,7 +55,8 @@ def main():
     for (task, method), vals in sorted(speed.items()):
         budget = B.BUDGETS[args.budget][task]
         rows = train_rows(task, budget, args.data)
-        steps = budget.get("max_steps") or budget.get("epochs", 1) * math.ceil(rows / budget["batch"])
+        steps = (budget.get("max_steps")
+                 or budget.get("epochs", 1) * math.ceil(rows / budget["batch"]))
         sps = statistics.median(vals)
         print(f"| {task} | {method} | {steps:,} | {sps:.3f} | {steps * sps / 60:.1f} min | "
               f"{steps * sps / args.gpu_speedup / 60:.1f} min | "

@@ -40,7 +40,8 @@ def _sst2(d: Path, split):
 
 def _cola(d: Path, split):
     names = ["train.tsv", "val.tsv"] if split == "train" else ["dev.tsv"]  # GLUE train = both
-    return [{"text": r[3], "label": int(r[1])} for n in names for r in _tsv(d / "glue/CoLA" / n, False)]
+    return [{"text": r[3], "label": int(r[1])}
+            for n in names for r in _tsv(d / "glue/CoLA" / n, False)]
 
 
 def _rte(d: Path, split):

@@ -71,4 +71,5 @@ def load_decoder(device):
     from uora_rt.runtime import resolve_base
 
     folder = resolve_base("smollm2")
-    return LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).to(device), folder
+    model = LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    return model.to(device), folder

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
@@ -90,10 +89,11 @@ def glue_table(main_rows, ablation_rows, tasks) -> str:
         avg = f"{statistics.fmean(means):.1f}" if len(means) == len(tasks) else "–"
         any_cell = next(c for c in cells if c)
         sst = by.get(("sst2", method, r))
+        step = f"{sst['seconds_per_step']:.3f}" if sst and sst["seconds_per_step"] else "–"
+        memory = f"{any_cell['peak_memory_mb']:.0f}" if any_cell["peak_memory_mb"] else "–"
         lines.append(f"| {LABEL[method]} | {r or '–'} | {any_cell['adapter_params']:,} | "
                      f"{any_cell['head_params']:,} | " + " | ".join(fmt_cell(c) for c in cells) +
-                     f" | {avg} | {sst['seconds_per_step']:.3f} |" if sst else " | – |")
-        lines[-1] += f" {any_cell['peak_memory_mb']:.0f} |" if any_cell["peak_memory_mb"] else " – |"
+                     f" | {avg} | {step} | {memory} |")
     return "\n".join(lines)
 
 
@@ -185,7 +185,8 @@ def _save(fig, name):
 
 
 def e2e_table(rows) -> str:
-    lines = ["| method | r | adapter params | BLEU | ROUGE-L | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| method | r | adapter params | BLEU | ROUGE-L | seeds |",
+             "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: ["lora", "vera", "uora", "base"].index(r["method"])):
         bleu = mean_sd([x for x in r["per_seed"]])
         rouge = r["metrics"].get("rouge_l")

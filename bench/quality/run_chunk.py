@@ -88,7 +88,8 @@ def run_glue(spec) -> dict:
     head = TaskHead(kind, "mean", model.config.hidden_size, outputs, seed=spec["seed"]).to(device)
 
     def encode(ids, valid, types):
-        return model(input_ids=ids, attention_mask=valid.long(), token_type_ids=types).last_hidden_state
+        out = model(input_ids=ids, attention_mask=valid.long(), token_type_ids=types)
+        return out.last_hidden_state
 
     objective = EncoderObjective(encode, head, device, pad_id=0, modules=built.train_modules)
     cfg = fit_config(spec, budget, len(train.examples))
@@ -133,9 +134,10 @@ def run_e2e(spec) -> dict:
     if spec["stage"] == "pilot":  # teacher-forced loss on the held-out dev MRs' references
         rows = [glue.chat_row(mr, ref) for mr, refs in eval_mrs for ref in refs]
         evald = data_mod.encode_decoder(dataset(rows, "e2e-val", "messages"), codec, 256)
-        objective = DecoderObjective(
-            lambda ids, valid, select: model(input_ids=ids, attention_mask=valid.long()).logits[select],
-            codec.pad_id, device)
+        def logits_of(ids, valid, select):
+            return model(input_ids=ids, attention_mask=valid.long()).logits[select]
+
+        objective = DecoderObjective(logits_of, codec.pad_id, device)
         with torch.no_grad():
             scores = objective.evaluate(evald.examples, 16)
         out.update(metric="neg_loss", score=-scores["loss"], metrics=scores)

@@ -135,7 +135,8 @@ def read_jsonl(path, kind: str | None = None, base_name: str = "this base") -> D
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(path, number, "UTF-8 text", f"undecodable bytes ({e.reason})") from None
+                raise DataError(path, number, "UTF-8 text",
+                                f"undecodable bytes ({e.reason})") from None
             if not text.strip():
                 continue
             try:

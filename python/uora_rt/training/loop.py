@@ -99,8 +99,10 @@ def fit(objective, train_examples: list, params: list, cfg: FitConfig, eval_exam
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     total, per_epoch = cfg.total_steps(len(train_examples))
     warm = int(cfg.warmup * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / (warm + 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1)))
+    def factor(s):
+        return (s + 1) / (warm + 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     every = 25 if device.type == "cuda" else 1   # how often the host reads the device's numbers
@@ -142,7 +144,8 @@ def fit(objective, train_examples: list, params: list, cfg: FitConfig, eval_exam
         order = torch.randperm(len(train_examples), generator=gen).tolist()
         t0 = time.perf_counter()
         for start in range(0, len(order), cfg.batch_size):
-            batch = objective.batch([train_examples[i] for i in order[start:start + cfg.batch_size]])
+            picked = order[start:start + cfg.batch_size]
+            batch = objective.batch([train_examples[i] for i in picked])
             with autocast_context(cfg.device, cfg.autocast):
                 loss = objective.loss(batch)
             opt.zero_grad(set_to_none=True)
