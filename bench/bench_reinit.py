@@ -1,4 +1,4 @@
-"""Reinitialization cost per training step vs the step itself (issue goal: <= 1%).
+"""Reinitialization cost per training step vs the step itself (goal: <= 1%).
 
 Model: all-MiniLM-L6-v2 (real weights), UORA r=256 on query/value (12 layers), batch 32 of the
 topic task. Times the full step (forward, backward, AdamW) and reinit_step alone, with no event

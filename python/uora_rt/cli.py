@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from uora_rt.commands import convert as convert_cmd
+from uora_rt.commands import eval as eval_cmd
 from uora_rt.commands import inspect as inspect_cmd
+from uora_rt.commands import train as train_cmd
 
 
 def main(argv=None) -> int:
@@ -26,6 +28,10 @@ def _dispatch(argv) -> int:
     convert_cmd.add_arguments(sub.add_parser(
         "convert", help="convert adapters: PEFT VeRA -> .uora, .uora -> PEFT VeRA or LoRA"))
     inspect_cmd.add_arguments(sub.add_parser("inspect", help="describe a .uora adapter file"))
+    train_cmd.add_arguments(sub.add_parser(
+        "train", help="train a UORA adapter (and an encoder's task head) from a JSONL file"))
+    eval_cmd.add_arguments(sub.add_parser(
+        "eval", help="evaluate an adapter on a JSONL file; prints one JSON object"))
     from uora_rt.commands import serve as serve_cmd  # argparse only: fastapi loads on `serve`
 
     serve_cmd.add_arguments(sub.add_parser(
@@ -39,6 +45,10 @@ def _dispatch(argv) -> int:
         return convert_cmd.run(args)
     if args.command == "inspect":
         return inspect_cmd.run(args)
+    if args.command == "train":
+        return train_cmd.run(args)
+    if args.command == "eval":
+        return eval_cmd.run(args)
     if args.command == "serve":
         return serve_cmd.run(args)
     return 2

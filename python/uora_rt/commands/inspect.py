@@ -43,6 +43,10 @@ def describe(path) -> dict:
         "base": {"architecture": adapter.base.get("architecture"),
                  "fingerprint": fmt.fingerprint(modules), "modules": len(modules)},
         "training": adapter.training,
+        "head": None if adapter.head is None else {
+            **adapter.head.to_dict(), "parameters": adapter.head.num_parameters(),
+            "tensors": {"head.weight": list(adapter.head.weight.shape),
+                        "head.bias": list(adapter.head.bias.shape)}},
     }
 
 
@@ -65,6 +69,14 @@ def _print(d: dict) -> None:
     else:
         print(f"P            all 1 (no reinitialization, {p['events']} events)")
     print(f"training     {json.dumps(d['training'], sort_keys=True)}")
+    head = d["head"]
+    if head is None:
+        print("head         none")
+    else:
+        print(f"head         {head['task']}, {head['pooling']} pooling, {head['outputs']} "
+              f"output(s) from {head['hidden']} features, {head['parameters']:,} parameters")
+        for name, shape in head["tensors"].items():
+            print(f"  {name:<12}  {shape}")
     print(f"targets      {len(d['targets'])}")
     width = max(len(t) for t in d["targets"])
     for t, (out_f, in_f) in d["targets"].items():

@@ -7,6 +7,8 @@ A safetensors file. `__metadata__` (all strings, JSON where structured):
     targets         ["<module>", ...]          adapted modules, in layer order
     base            {"architecture", "modules": {"<module>": [out, in]}}
     training        {"alpha", "tau", "k", "d_initial", "dropout"}   informational
+    head            optional: {"task", "pooling", "hidden", "outputs"} (a task head trained with
+                    the adapter: pooling, then a linear layer; absent in adapters without one)
 Tensors:
     <module>.lambda_b   float32 [out]
     <module>.lambda_d   float32 [r]
@@ -14,6 +16,8 @@ Tensors:
     reinit.count        int32   [r]   reinit events per index
     projection.A        float32 [r, max_in]    only for algorithm "explicit"
     projection.B        float32 [max_out, r]   only for algorithm "explicit"
+    head.weight         float32 [outputs, hidden]   only with a head
+    head.bias           float32 [outputs]           only with a head
 """
 
 from __future__ import annotations
@@ -40,7 +44,37 @@ PEFT_VERA_ALGORITHM = "peft-vera-kaiming-mt19937"
 EXPLICIT_ALGORITHM = "explicit"
 ALGORITHMS = (UORA_ALGORITHM, PEFT_VERA_ALGORITHM, EXPLICIT_ALGORITHM)
 _METADATA_KEYS = ("format", "format_version", "projection", "targets", "base", "training")
+_OPTIONAL_KEYS = ("head",)
+HEAD_TASKS = ("classification", "regression")
+HEAD_POOLINGS = ("mean", "cls", "max")
+_HEAD_FIELDS = ("task", "pooling", "hidden", "outputs")
 _MAX_HEADER = 100_000_000
+
+
+@dataclass
+class Head:
+    """A task head stored beside the adapter: pool the encoder's hidden states, then a linear
+    layer. task: "classification" (outputs = classes) or "regression" (outputs = 1)."""
+
+    task: str
+    pooling: str
+    weight: torch.Tensor  # [outputs, hidden]
+    bias: torch.Tensor    # [outputs]
+
+    @property
+    def outputs(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.weight.shape[1]
+
+    def num_parameters(self) -> int:
+        return self.weight.numel() + self.bias.numel()
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "pooling": self.pooling, "hidden": self.hidden,
+                "outputs": self.outputs}
 
 
 @dataclass
@@ -57,6 +91,7 @@ class Adapter:
     training: dict = field(default_factory=dict)
     explicit: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, B) for EXPLICIT_ALGORITHM
     path: str | None = None
+    head: Head | None = None
 
     @property
     def r(self) -> int:
@@ -94,6 +129,9 @@ def save(adapter: Adapter, path) -> None:
     if adapter.explicit is not None:
         tensors["projection.A"] = adapter.explicit[0].detach().float().cpu().contiguous()
         tensors["projection.B"] = adapter.explicit[1].detach().float().cpu().contiguous()
+    if adapter.head is not None:
+        tensors["head.weight"] = adapter.head.weight.detach().float().cpu().contiguous()
+        tensors["head.bias"] = adapter.head.bias.detach().float().cpu().contiguous()
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -102,7 +140,9 @@ def save(adapter: Adapter, path) -> None:
         "base": json.dumps(adapter.base),
         "training": json.dumps(adapter.training),
     }
-    data = st_save(tensors, metadata=metadata)
+    if adapter.head is not None:  # absent otherwise: files without a head keep their bytes
+        metadata["head"] = json.dumps(adapter.head.to_dict())
+    data = _canonical(st_save(tensors, metadata=metadata))
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".tmp")
     try:
@@ -118,6 +158,20 @@ def save(adapter: Adapter, path) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _canonical(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header in one fixed order (metadata keys sorted,
+    tensors by offset): safetensors writes the metadata map in a random order on every call, so
+    without this the same adapter would never save to the same bytes."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+    ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes with spaces
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 # ------------------------------------------------------------------------------------- reader
@@ -194,10 +248,10 @@ def _check_metadata(path: str, meta: dict) -> None:
     for key in _METADATA_KEYS:
         if key not in meta:
             raise AdapterFormatError(path, f"__metadata__.{key}", "present", "missing")
-    extra = sorted(set(meta) - set(_METADATA_KEYS))
+    extra = sorted(set(meta) - set(_METADATA_KEYS) - set(_OPTIONAL_KEYS))
     if extra:
-        raise AdapterFormatError(path, f"__metadata__.{extra[0]}", f"only {list(_METADATA_KEYS)}",
-                                 "an unknown key")
+        raise AdapterFormatError(path, f"__metadata__.{extra[0]}",
+                                 f"only {list(_METADATA_KEYS + _OPTIONAL_KEYS)}", "an unknown key")
 
 
 def _projection(path: str, meta: dict) -> ProjectionSpec:
@@ -219,6 +273,32 @@ def _projection(path: str, meta: dict) -> ProjectionSpec:
         raise AdapterFormatError(path, "__metadata__.projection.r", "r <= min(max_in, max_out)",
                                  f"r={proj['r']}, max_in={proj['max_in']}, max_out={proj['max_out']}")
     return ProjectionSpec(**proj)
+
+
+def _head_spec(path: str, meta: dict) -> dict | None:
+    if "head" not in meta:
+        return None
+    head = _json_field(path, meta, "head", dict)
+    if set(head) != set(_HEAD_FIELDS):
+        raise AdapterFormatError(path, "__metadata__.head", f"exactly the fields {_HEAD_FIELDS}",
+                                 sorted(head))
+    if head["task"] not in HEAD_TASKS:
+        raise AdapterFormatError(path, "__metadata__.head.task", f"one of {HEAD_TASKS}",
+                                 repr(head["task"]))
+    if head["pooling"] not in HEAD_POOLINGS:
+        raise AdapterFormatError(path, "__metadata__.head.pooling", f"one of {HEAD_POOLINGS}",
+                                 repr(head["pooling"]))
+    for key in ("hidden", "outputs"):
+        v = head[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise AdapterFormatError(path, f"__metadata__.head.{key}", "an int >= 1", repr(v))
+    if head["task"] == "regression" and head["outputs"] != 1:
+        raise AdapterFormatError(path, "__metadata__.head.outputs", "1 for a regression head",
+                                 head["outputs"])
+    if head["task"] == "classification" and head["outputs"] < 2:
+        raise AdapterFormatError(path, "__metadata__.head.outputs",
+                                 ">= 2 classes for a classification head", head["outputs"])
+    return head
 
 
 def _build(path: str, meta: dict, tensors: dict) -> Adapter:
@@ -252,11 +332,18 @@ def _build(path: str, meta: dict, tensors: dict) -> Adapter:
     if spec.algorithm == EXPLICIT_ALGORITHM:
         shapes["projection.A"] = ((r, spec.max_in), torch.float32)
         shapes["projection.B"] = ((spec.max_out, r), torch.float32)
+    head = _head_spec(path, meta)
+    if head is not None:
+        shapes["head.weight"] = ((head["outputs"], head["hidden"]), torch.float32)
+        shapes["head.bias"] = ((head["outputs"],), torch.float32)
     for key in sorted(shapes):
         if key not in tensors:
             raise AdapterFormatError(path, key, f"a tensor {list(shapes[key][0])}", "missing")
     for key in sorted(tensors):
         if key not in shapes:
+            if key.startswith("head.") and head is None:
+                raise AdapterFormatError(path, key, "a head described in __metadata__.head",
+                                         "head tensors without that description")
             raise AdapterFormatError(path, key, f"only the keys of {len(targets)} targets",
                                      "an unexpected tensor")
     for key, (shape, dtype) in shapes.items():
@@ -288,4 +375,6 @@ def _build(path: str, meta: dict, tensors: dict) -> Adapter:
         projection=spec, targets=list(targets),
         lambda_b={t: tensors[f"{t}.lambda_b"] for t in targets},
         lambda_d={t: tensors[f"{t}.lambda_d"] for t in targets},
-        p=p, count=count, base=base, training=training, explicit=explicit, path=path)
+        p=p, count=count, base=base, training=training, explicit=explicit, path=path,
+        head=None if head is None else Head(head["task"], head["pooling"],
+                                            tensors["head.weight"], tensors["head.bias"]))

@@ -80,7 +80,8 @@ class BertLayer(nn.Module):
 
 
 class BertModel(nn.Module):
-    """forward(ids [B, L], valid [B, L], hook) -> (hidden [B, L, H], pooled [B, H])."""
+    """forward(ids [B, L], valid [B, L], hook, types [B, L] | None) -> (hidden [B, L, H],
+    pooled [B, H]). types: token type ids (the segment of a sentence pair); None = all 0."""
 
     kind = "encoder"
     _NAMES = {"qkv": None, "attn_out": "attention.output.dense",
@@ -150,14 +151,15 @@ class BertModel(nn.Module):
             if self.pooler is not None:
                 ln(self.pooler, "pooler.dense")
 
-    def forward(self, ids, valid, hook=None):
+    def forward(self, ids, valid, hook=None, types=None):
         s = self.spec
         b, n = ids.shape
         if s.position_offset:
             positions = torch.cumsum(valid.long(), 1) * valid.long() + s.pad_id
         else:
             positions = torch.arange(n, device=ids.device)[None].expand(b, n)
-        x = self.word(ids) + self.position(positions) + self.token_type(torch.zeros_like(ids))
+        types = torch.zeros_like(ids) if types is None else types
+        x = self.word(ids) + self.position(positions) + self.token_type(types)
         x = self.emb_norm(x)                                                 # [B, L, H]
         mask = valid[:, None, None, :]                                       # keys only
         hd = s.hidden // s.heads

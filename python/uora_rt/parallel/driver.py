@@ -3,7 +3,7 @@ every step, and runs its own shard of each forward through the same code as one 
 engine's ModelRunner, engine.runner.padded_forward); the engine and the sampler run here only.
 
 Backend: gloo on the CPU (tested: 2 processes), nccl on CUDA (written for one GPU per rank,
-cuda:k on rank k, but NOT run: the two-GPU machine was not available). Failure is an error,
+cuda:k on rank k; not yet run on GPUs: tested with gloo on the CPU). Failure is an error,
 never a hang: start-up polls the workers while it waits for them (a worker that dies or does
 not report within UORA_RT_TP_START_TIMEOUT seconds, default 600, fails the load with its log),
 every step first checks that the workers are alive, and every collective after a message's

@@ -155,8 +155,21 @@ def to_adapter(model: nn.Module, architecture: str | None = None) -> fmt.Adapter
     )
 
 
-def save_adapter(model: nn.Module, path) -> None:
-    fmt.save(to_adapter(model), path)
+def save_adapter(adapter, path) -> None:
+    """Writes a `.uora` file (atomically) from any training path's result: a model with UORA
+    injected (`inject`), an in-memory adapter (`train_chat_adapter`, `format.load`), or what
+    `uora_rt.training.pipeline.train` returns (adapter and task head)."""
+    if isinstance(adapter, fmt.Adapter):
+        record = adapter
+    elif isinstance(getattr(adapter, "adapter", None), fmt.Adapter):
+        record = adapter.adapter
+    elif isinstance(adapter, nn.Module):
+        record = to_adapter(adapter)
+    else:
+        raise TypeError(f"save_adapter: expected a model with UORA injected, a "
+                        f"uora_rt.format.Adapter or a training result, got "
+                        f"{type(adapter).__name__}")
+    fmt.save(record, path)
 
 
 @torch.no_grad()
