@@ -244,7 +244,8 @@ class Engine:
     def prefix_cache_stats(self) -> dict:
         """Prompt tokens looked up in the prefix cache and found there (counted once per
         request, when it first runs), in total and per adapter name (None: the base)."""
-        q, h = self.scheduler.cache_queries, self.scheduler.cache_hits
+        # copies (atomic): a metrics scrape reads this while the stepping thread counts
+        q, h = dict(self.scheduler.cache_queries), dict(self.scheduler.cache_hits)
         return {"queries": sum(q.values()), "hits": sum(h.values()),
                 "per_adapter": {name: (q[name], h.get(name, 0)) for name in q},
                 "cached_blocks": self.allocator.num_cached, "evicted": self.allocator.evicted}
