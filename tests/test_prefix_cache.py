@@ -177,7 +177,7 @@ def test_a_different_file_under_the_same_name_never_reads_the_old_blocks(tmp_pat
 
 
 def test_merging_changes_the_weights_and_so_the_keys(tmp_path):
-    fn, base, ads = build(tmp_path)
+    _, base, ads = build(tmp_path)
     rt = load(base, ads)
     engine = Engine(rt, kv_cache_tokens=1024, block_size=BS)
     prompt = random_prompts(1, seed=61, lo=30, hi=30)[0]
@@ -194,7 +194,7 @@ def test_merging_changes_the_weights_and_so_the_keys(tmp_path):
 
 
 def test_caching_off_keys_nothing_and_bad_flag_is_refused(tmp_path):
-    fn, base, ads = build(tmp_path, n_adapters=1)
+    _, base, ads = build(tmp_path, n_adapters=1)
     rt = load(base, ads)
     engine = Engine(rt, kv_cache_tokens=512, block_size=BS, enable_prefix_caching=False)
     prompt = random_prompts(1, seed=71, lo=30, hi=30)[0]
@@ -208,7 +208,7 @@ def test_caching_off_keys_nothing_and_bad_flag_is_refused(tmp_path):
 
 
 def test_stats_count_prompt_tokens_per_adapter(tmp_path):
-    fn, base, ads = build(tmp_path, n_adapters=1)
+    _, base, ads = build(tmp_path, n_adapters=1)
     rt = load(base, ads)
     engine = Engine(rt, kv_cache_tokens=512, block_size=BS)
     prompt = random_prompts(1, seed=81, lo=20, hi=20)[0]

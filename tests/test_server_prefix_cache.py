@@ -37,7 +37,7 @@ def _cached(usage) -> int:
 
 def test_cached_tokens_in_usage_metrics_and_reloads(files):
     base, adapters = files
-    app, state = _server(base, {"a0": adapters["a0"], "a1": adapters["a1"]})
+    app, _ = _server(base, {"a0": adapters["a0"], "a1": adapters["a1"]})
     with in_process_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         first = client.completions.create(model="a0", prompt=PROMPT, max_tokens=4,
@@ -59,7 +59,9 @@ def test_cached_tokens_in_usage_metrics_and_reloads(files):
         assert _cached(client.completions.create(model="a1", prompt=PROMPT, max_tokens=4,
                                                  temperature=0).usage) == 0
         # a different file under a0's name: nothing of the old a0 is read
-        post = lambda path, body: httpx.post(url + path, json=body, timeout=30)  # noqa: E731
+        def post(path, body):
+            return httpx.post(url + path, json=body, timeout=30)
+
         assert post("/v1/unload_lora_adapter", {"lora_name": "a0"}).status_code == 200
         assert post("/v1/load_lora_adapter", {"lora_name": "a0",
                                               "lora_path": "a2.uora"}).status_code == 200
@@ -76,6 +78,7 @@ def test_cached_tokens_in_usage_metrics_and_reloads(files):
         assert m['uora_rt:prefix_cache_queries_total{model="a1"}'] == first.usage.prompt_tokens
         assert m['uora_rt:prefix_cache_hits_total{model="a1"}'] == 0
         assert 'uora_rt:prefix_cache_queries_total{model="base"}' not in m
+        assert m["uora_rt:kv_blocks_cached"] >= full // 16
 
 
 def test_no_enable_prefix_caching(files):

@@ -49,6 +49,8 @@ class _EngineGauges:
                 ("kv_blocks_used", "KV cache blocks held by requests", used),
                 ("kv_blocks_total", "KV cache blocks in the pool", cap),
                 ("kv_cache_usage_perc", "fraction of the KV cache in use", used / cap),
+                ("kv_blocks_cached", "KV cache blocks holding a reusable prefix (held or "
+                 "free)", e.allocator.num_cached),
                 ("generation_tokens_per_second", "output tokens per second, last 10 s",
                  m.tokens_per_second()),
                 ("num_adapters", "adapters loaded", len(e.adapters.names()))]
