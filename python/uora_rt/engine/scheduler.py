@@ -91,7 +91,7 @@ class Scheduler:
         # skipped: waiting for an adapter slot or for a block another request is computing;
         # later requests may still enter
         skipped = []
-        computing = self._computing()
+        computing = None  # keys running requests are computing; built when first needed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()  # holds no blocks: req.computed == 0
             if req.lease is not None and not req.pinned:
@@ -100,10 +100,13 @@ class Scheduler:
                     continue
                 req.pinned = True
             hit, usable = self._lookup(req)
-            if len(hit) < usable and req.keys[len(hit)] in computing:
-                self._unpin(req)
-                skipped.append(req)
-                continue
+            if len(hit) < usable:
+                if computing is None:
+                    computing = self._computing()
+                if req.keys[len(hit)] in computing:
+                    self._unpin(req)
+                    skipped.append(req)
+                    continue
             start = len(hit) * self.block_size
             n = min(req.num_tokens - start, budget)
             need = self.blocks_for(start + n) - len(hit)
@@ -117,7 +120,7 @@ class Scheduler:
             req.computed, req.cached_blocks = start, len(hit)
             if req.cached_tokens is None:
                 self._count(req, start)
-            if self.cache_root is not None:
+            if computing is not None:
                 computing.update(req.keys[len(hit):])
             req.status = Status.RUNNING
             self.running.append(req)
@@ -139,10 +142,10 @@ class Scheduler:
         return self.alloc.lookup(self._keys(req)[:usable]), usable
 
     def _computing(self) -> set[bytes]:
-        """Keys of the full blocks running requests have yet to compute."""
-        if self.cache_root is None:
-            return set()
-        return {k for r in self.running for k in r.keys[r.computed // self.block_size:]}
+        """Keys of the full blocks that running requests still prefilling have yet to
+        compute (a decoding request completes at most one block per step: not worth it)."""
+        return {k for r in self.running if r.num_tokens - r.computed > 1
+                for k in r.keys[r.computed // self.block_size:]}
 
     def _count(self, req: Request, cached: int) -> None:
         req.cached_tokens = min(cached, req.prompt_len)
