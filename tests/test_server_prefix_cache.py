@@ -94,3 +94,26 @@ def test_no_enable_prefix_caching(files):
         m = parse_metrics(httpx.get(url + "/metrics").text)
         assert m['uora_rt:prefix_cache_hits_total{model="base"}'] == 0
         assert m['uora_rt:prefix_cache_queries_total{model="base"}'] == 2 * r.usage.prompt_tokens
+
+
+def test_prefix_cache_series_stay_bounded():
+    """The first PREFIX_CACHE_LABELS adapter names the engine saw get their own series; later
+    names add to model="other"."""
+    from types import SimpleNamespace
+
+    from uora_rt.server.metrics import PREFIX_CACHE_LABELS, Metrics
+
+    n = PREFIX_CACHE_LABELS + 10
+    per = {None: (7, 3), **{f"x{i}": (10, i % 2) for i in range(n)}}
+    engine = SimpleNamespace(
+        allocator=SimpleNamespace(capacity=10, num_cached=2), blocks_used=1, num_running=0,
+        num_waiting=0, adapters=SimpleNamespace(names=lambda: []),
+        prefix_cache_stats={"per_adapter": per})
+    m = parse_metrics(Metrics(engine, base_name="smol").render().decode())
+    queries = {k: v for k, v in m.items() if k.startswith("uora_rt:prefix_cache_queries_total")}
+    assert len(queries) == PREFIX_CACHE_LABELS + 1  # the base's series is one of the first
+    assert queries['uora_rt:prefix_cache_queries_total{model="smol"}'] == 7
+    assert m['uora_rt:prefix_cache_hits_total{model="smol"}'] == 3
+    labeled = PREFIX_CACHE_LABELS - 1
+    assert queries['uora_rt:prefix_cache_queries_total{model="other"}'] == 10 * (n - labeled)
+    assert sum(queries.values()) == 7 + 10 * n
