@@ -84,6 +84,26 @@ def test_engine_greedy_equals_tp1(pair, attention):
     assert runs[1] == runs[0]
 
 
+def test_prefix_caching_under_tp_equals_tp1_without(pair):
+    """The driver decides what is cached; the workers read the same blocks through the page
+    tables each step carries."""
+    _, _, rt1, rt2 = pair
+    system = random_prompts(1, seed=4, lo=35, hi=35)[0]
+    prompts = [system + p for p in random_prompts(4, seed=5, hi=9)]
+    names = ["a1", None, "a1", None]
+    arrivals = {2 * i: [(p, n, 5)] for i, (p, n) in enumerate(zip(prompts, names))}
+    runs = []
+    for rt, caching in ((rt1, False), (rt2, True)):
+        engine = Engine(rt, kv_cache_tokens=1024, block_size=8, max_step_tokens=16,
+                        enable_prefix_caching=caching)
+        runs.append(_trace(engine, arrivals))
+        if caching:
+            assert engine.prefix_cache_stats["hits"] == 2 * 32  # the later two read 4 blocks
+        assert_idle(engine)
+        engine.close()
+    assert runs[1] == runs[0]
+
+
 def test_generate_equals_tp1(pair):
     _, _, rt1, rt2 = pair
     prompts = random_prompts(3, seed=6)

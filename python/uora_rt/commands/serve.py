@@ -39,6 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache size (default: from memory)")
     p.add_argument("--max-num-seqs", type=int, help="requests running at once")
     p.add_argument("--max-step-tokens", type=int, help="tokens per engine step (chunked prefill)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="keep computed KV blocks and reuse them for later prompts that start "
+                        "the same way under the same adapter (default: on; "
+                        "--no-enable-prefix-caching turns it off)")
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting to run beyond which new ones get 503 + Retry-After")
     p.add_argument("--retry-after", type=int, default=1, help="seconds, in 503 answers")
@@ -127,7 +132,8 @@ def _serve_runtime(args, rt, adapters, default_name):
         except (ValueError, OSError) as e:
             raise ValueError(f"--adapter {name}={path}: {e}") from None
     engine = uora_rt.Engine(rt, kv_cache_tokens=args.kv_cache_tokens,
-                            max_num_seqs=args.max_num_seqs, max_step_tokens=args.max_step_tokens)
+                            max_num_seqs=args.max_num_seqs, max_step_tokens=args.max_step_tokens,
+                            enable_prefix_caching=args.enable_prefix_caching)
     config = ServerConfig(
         served_names=names, max_queued=args.max_queued_requests, retry_after_s=args.retry_after,
         allow_adapter_loading=args.allow_adapter_loading, adapter_dir=args.adapter_dir,

@@ -4,6 +4,7 @@ while one thread runs step()."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import random
@@ -37,11 +38,14 @@ class Engine:
     already takes ~0.2 s on SmolLM2-135M; longer steps would stall the running decodes).
     attention: the decode attention path, "cpp" (the CPU op), "triton" (CUDA) or "torch" (None:
     the fastest the device has; the choice is logged). cuda_graphs: replay decode steps from
-    CUDA graphs (default: on CUDA with the Triton path)."""
+    CUDA graphs (default: on CUDA with the Triton path). enable_prefix_caching: keep full KV
+    blocks after their requests end and let later requests with the same prefix, under the same
+    adapter bytes (or none), read them instead of computing them (docs/prefix-caching.md)."""
 
     def __init__(self, rt, kv_cache_tokens: int | None = None, max_num_seqs: int | None = None,
                  max_step_tokens: int | None = None, block_size: int = 16,
-                 attention: str | None = None, cuda_graphs: bool | None = None):
+                 attention: str | None = None, cuda_graphs: bool | None = None,
+                 enable_prefix_caching: bool = True):
         model = rt.model
         if model.kind != "decoder":
             raise ValueError("the engine serves decoder models; this base is an encoder")
@@ -65,9 +69,15 @@ class Engine:
         self.block_size = block_size
         num_blocks = -(-kv_cache_tokens // block_size) + 1  # + the reserved block 0
         self.kv = KVPool(spec, num_blocks, block_size, dtype, device)
-        self.allocator = BlockAllocator(num_blocks)
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"Engine: enable_prefix_caching must be True or False, got "
+                             f"{enable_prefix_caching!r}")
+        self.prefix_caching = enable_prefix_caching
+        self._model = model
+        self.allocator = BlockAllocator(num_blocks, caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, block_size, self.max_num_seqs,
-                                   self.max_step_tokens, self.adapters)
+                                   self.max_step_tokens, self.adapters,
+                                   self._cache_root if enable_prefix_caching else None)
         if cuda_graphs is None:  # graphs replay the Triton attention path, one device only
             cuda_graphs = (cuda and attention in (None, "triton") and triton_available()
                            and rt.tp is None)
@@ -83,9 +93,10 @@ class Engine:
         self._seeds = random.Random()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "step_s": 0.0,
                       "forward_s": 0.0, "peak_blocks": 0}
-        log.info("engine: %d KV blocks of %d tokens (%.2f GB), %d sequences, %d tokens per step",
-                 num_blocks - 1, block_size, self.kv.nbytes() / 1e9, self.max_num_seqs,
-                 self.max_step_tokens)
+        log.info("engine: %d KV blocks of %d tokens (%.2f GB), %d sequences, %d tokens per step, "
+                 "prefix caching %s", num_blocks - 1, block_size, self.kv.nbytes() / 1e9,
+                 self.max_num_seqs, self.max_step_tokens,
+                 "on" if enable_prefix_caching else "off")
 
     # --- requests ---------------------------------------------------------------------------
     @property
@@ -213,6 +224,32 @@ class Engine:
     def blocks_used(self) -> int:
         return self.allocator.capacity - self.allocator.num_free
 
+    # --- prefix caching ---------------------------------------------------------------------
+    def _cache_root(self, req: Request) -> bytes:
+        """What a request's KV blocks are keyed by: the model's weights version (merge changes
+        the weights in place) and the identity of its adapter: the digest of its tensors
+        (never its name, which a different file can take), the merged adapter's, or the base
+        model's. Asked when the request first enters, in the stepping thread: the request is
+        in flight then, so neither the weights nor its adapter can change under it."""
+        if req.lease is not None:
+            identity = b"adapter:" + req.lease.kv_identity
+        elif self.adapters.merged is not None:
+            identity = b"merged:" + self.adapters.entries[self.adapters.merged].kv_identity
+        else:
+            identity = b"base"
+        version = self._model.weights_version.to_bytes(8, "little")
+        return hashlib.sha256(b"uora-kv-root-v1\0" + version + identity).digest()
+
+    @property
+    def prefix_cache_stats(self) -> dict:
+        """Prompt tokens looked up in the prefix cache and found there (counted once per
+        request, when it first runs), in total and per adapter name (None: the base)."""
+        # copies (atomic): a metrics scrape reads this while the stepping thread counts
+        q, h = dict(self.scheduler.cache_queries), dict(self.scheduler.cache_hits)
+        return {"queries": sum(q.values()), "hits": sum(h.values()),
+                "per_adapter": {name: (q[name], h.get(name, 0)) for name in q},
+                "cached_blocks": self.allocator.num_cached, "evicted": self.allocator.evicted}
+
     # --- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduler iteration: one output per request that produced a token or ended."""
@@ -239,8 +276,9 @@ class Engine:
                               for s in scheduled]
         for s in scheduled:
             s.req.computed += s.count
-            key = "decode_tokens" if s.count == 1 else "prefill_tokens"
-            self.stats[key] += s.count
+            self.scheduler.register(s.req)
+            decode = s.count == 1 and s.start >= s.req.prompt_len
+            self.stats["decode_tokens" if decode else "prefill_tokens"] += s.count
         for s, tok in zip(meta.sampled, tokens):
             outputs.append(self._append(s.req, tok))
         self.stats["steps"] += 1
@@ -276,7 +314,8 @@ class Engine:
         done = req.status is Status.FINISHED
         out = RequestOutput(req.request_id, req.adapter, req.output_ids, req.detok.text, done,
                             req.finish_reason, req.prompt_len, new, req.detok.take_new(done),
-                            req.seed, req.error, req.stop_reason)
+                            req.seed, req.error, req.stop_reason,
+                            cached_tokens=req.cached_tokens or 0)
         if req.on_output is not None:
             try:
                 req.on_output(out)

@@ -65,6 +65,7 @@ class RequestOutput:
     error: str | None = None   # set when the request failed inside the engine (finish "abort")
     stop_reason: str | int | None = None  # the stop string, or the end-of-sequence token id,
                                           # that ended it ("stop"); None otherwise
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
 
 
 class Status(enum.Enum):
@@ -85,6 +86,13 @@ class Request:
         self.prompt_len = len(prompt_ids)
         self.computed = 0
         self.blocks: list[int] = []
+        # prefix caching (engine/scheduler.py): the identity the KV is keyed by, the keys of the
+        # full blocks so far, how many of `blocks` are findable, prompt tokens found cached
+        # when it first entered (None until then)
+        self.cache_root: bytes | None = None
+        self.keys: list[bytes] = []
+        self.cached_blocks = 0
+        self.cached_tokens: int | None = None
         self.status = Status.WAITING
         self.pinned = False
         self.detok, self.eos, self.on_output = detok, eos, on_output

@@ -104,8 +104,10 @@ class Job:
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         done = sum(completion_tokens(o, self.params) for o in self.finals if o is not None)
+        cached = sum(o.cached_tokens for o in self.finals if o is not None)
         return {"prompt_tokens": prompt, "completion_tokens": done,
-                "total_tokens": prompt + done}
+                "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def completion_tokens(out, params) -> int:
@@ -286,7 +288,9 @@ def _event(obj) -> str:
 def _usage_so_far(job) -> dict:
     prompt = sum(len(p) for p in job.prompts)
     done = sum(t.tokens for t in job.trackers)
-    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+    cached = sum(t.cached_tokens for t in job.trackers)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _stream(job, req, chunk_choice, object_name, first_chunks=()):

@@ -122,10 +122,15 @@ def unsupported_field(req: BaseModel) -> tuple[str, Any] | None:
 
 
 # --- responses ------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens read from the prefix cache")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionChoice(BaseModel):

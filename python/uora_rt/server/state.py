@@ -46,7 +46,7 @@ class ServerState:
         self.rt, self.engine, self.config = rt, engine, config
         self.base_name = config.served_names[0]
         self.loop = EngineLoop(engine)
-        self.metrics = Metrics(engine)
+        self.metrics = Metrics(engine, base_name=self.base_name)
         self.adapter_dir = AdapterDir(config.adapter_dir) if config.adapter_dir else None
         self.created = int(time.time())
         self.defaults = generation_defaults(rt.folder)
