@@ -15,7 +15,7 @@ import torch
 from uora_rt.engine.detokenizer import Detokenizer
 from uora_rt.engine.kv_cache import BlockAllocator, KVPool, default_kv_tokens
 from uora_rt.engine.metadata import build_step
-from uora_rt.engine.processors import unpack
+from uora_rt.engine.processors import hand_out
 from uora_rt.engine.request import Request, RequestOutput, SamplingParams, Status
 from uora_rt.engine.runner import ModelRunner
 from uora_rt.engine.scheduler import Scheduler
@@ -231,7 +231,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting + len(self._inbox)
+        return self.scheduler.num_waiting + sum(len(g) for g in self._inbox)
 
     @property
     def blocks_used(self) -> int:
@@ -264,13 +264,13 @@ class Engine:
             log.exception("engine step failed; failing its %d requests", len(scheduled))
             return outputs + [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
                               for s in scheduled if s.req.status is not Status.FINISHED]
+        entries = hand_out(meta.extras, table, tokens) if table is not None else {}
         for s in scheduled:
             s.req.computed += s.count
             key = "decode_tokens" if s.count == 1 else "prefill_tokens"
             self.stats[key] += s.count
             if s.req.forks and s.req.computed >= s.req.prompt_len - 1:
                 self._fork(s.req)
-        entries = self._logprobs(meta.extras, table, tokens) if table is not None else {}
         for i, (s, tok) in enumerate(zip(meta.sampled, tokens)):
             outputs.append(self._append(s.req, tok, entries.get(i)))
         self.stats["steps"] += 1
@@ -302,6 +302,8 @@ class Engine:
         free blocks prefills its own prompt instead (counted in stats["fork_prefills"])."""
         kids = [k for k in parent.forks if k.status is not Status.FINISHED]
         parent.forks = []
+        for kid in kids:  # one prompt, one list of prompt logprobs
+            kid.prompt_logprobs = parent.prompt_logprobs
         keep = parent.prompt_len - 1
         nb = self.scheduler.blocks_for(keep)
         src, dst, forked = parent.blocks[:nb], [], []
@@ -321,20 +323,6 @@ class Engine:
                 cache[:, index_dst] = cache[:, index_src]
             self.scheduler.waiting.extendleft(reversed(forked))  # next in line: they hold blocks
             self.stats["forks"] += len(forked)
-
-    def _logprobs(self, ex, table, tokens) -> dict:
-        """Hands a step's logprob rows out: prompt entries to their requests, and returns the
-        sampled rows' entries by row."""
-        entries = {}
-        for row, (i, req) in zip(table, zip(ex.lp_index, ex.lp_owners)):
-            entries[i] = unpack(row, tokens[i], req.params.logprobs or 0)
-        pos = len(ex.lp_index)
-        for req, count in ex.prompt_owners:
-            done, k = len(req.prompt_logprobs), req.params.prompt_logprobs
-            req.prompt_logprobs.extend(unpack(table[pos + q], req.tokens[done + q], k)
-                                       for q in range(count))
-            pos += count
-        return entries
 
     def _append(self, req: Request, tok: int, entry=None) -> RequestOutput:
         if req.first_token_time is None:

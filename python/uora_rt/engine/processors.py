@@ -246,3 +246,18 @@ def unpack(row: list[float], token_id: int, k: int):
     width = (len(row) - 2) // 2
     top = [(int(row[2 + width + j]), row[2 + j]) for j in range(min(k, width))]
     return TokenLogprob(token_id, row[0], int(row[1]), top)
+
+
+def hand_out(ex: StepExtras, table: list[list[float]], tokens: list[int]) -> dict:
+    """A step's logprob rows (as lists): prompt entries are appended to their requests; the
+    sampled rows' entries are returned by sampled row."""
+    entries = {}
+    for row, i, req in zip(table, ex.lp_index, ex.lp_owners):
+        entries[i] = unpack(row, tokens[i], req.params.logprobs or 0)
+    pos = len(ex.lp_index)
+    for req, count in ex.prompt_owners:
+        done, k = len(req.prompt_logprobs), req.params.prompt_logprobs
+        req.prompt_logprobs.extend(unpack(table[pos + q], req.tokens[done + q], k)
+                                   for q in range(count))
+        pos += count
+    return entries

@@ -145,8 +145,8 @@ class RequestOutput:
     / new_text: what this step added (for streaming). index: which of the request's n (or
     best_of) sequences this is. logprobs: one entry per generated token (with the ending stop
     token's last, when one ended it), when SamplingParams.logprobs is set or best_of > n;
-    prompt_logprobs: None for the first prompt token, then one per prompt token (sequence 0
-    only, once its prompt is computed)."""
+    prompt_logprobs: None for the first prompt token, then one per prompt token (once the
+    prompt is computed)."""
 
     request_id: str
     adapter: str | None
@@ -213,7 +213,7 @@ class Request:
         self.want_logprobs = params.logprobs is not None or params.sequences > params.n
         self.logprobs: list[TokenLogprob] = []
         self.cumulative_logprob = 0.0
-        want_prompt = params.prompt_logprobs is not None and index == 0
+        want_prompt = params.prompt_logprobs is not None
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if want_prompt else None
         self.forks: list[Request] = []         # siblings waiting to copy this one's prompt KV
 
