@@ -219,8 +219,9 @@ def sample_step(sampler, st: ProcessorState, logits: Tensor, meta):
     if ex is None:
         return sampler(samp, meta.sampling, meta.any_sampled, meta.any_top_p), None
     raws, targets = [], []
-    if ex.lp_rows is not None:
-        raws.append(samp.index_select(0, ex.lp_rows))  # raw: before processing
+    if ex.lp_rows is not None:  # raw: before processing (a copy only when something processes)
+        every = ex.proc_rows is None and ex.lp_rows.numel() == r
+        raws.append(samp if every else samp.index_select(0, ex.lp_rows))
     if r:
         apply(samp, ex, st)
         tokens = sampler(samp, meta.sampling, meta.any_sampled, meta.any_top_p)
