@@ -5,7 +5,6 @@ alone with seed + i; stop_token_ids end a sequence; every test ends with the eng
 
 import pytest
 import torch
-
 from conftest import MODEL_TOL
 from engine_helpers import assert_idle, build, load, random_prompts, reference_greedy
 from peft_ref import peft_vera_model
@@ -100,7 +99,7 @@ def test_repetition_penalty_logit_bias_and_min_tokens_equal_transformers(tmp_pat
 
 
 def test_min_tokens_suppresses_eos_and_stop_token_ids_exactly_that_long(tmp_path):
-    fn, base, ads = build(tmp_path)
+    _, base, ads = build(tmp_path)
     engine = Engine(load(base, ads), kv_cache_tokens=2048)
     for m in (0, 1, 5, 9):
         for stop_ids in ([], [50, 51]):
@@ -125,8 +124,11 @@ def ref_penalized(logits, prompt, outputs, rep, freq, pres, bias, eos, min_token
     """OpenAI's documented formula (frequency/presence over output tokens) after transformers'
     RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor and
     MinNewTokensLengthLogitsProcessor, in float64."""
-    from transformers import (MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
-                              SequenceBiasLogitsProcessor)
+    from transformers import (
+        MinNewTokensLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+    )
 
     x = logits.double()[None].clone()
     ids = torch.tensor([prompt + outputs])
@@ -186,7 +188,7 @@ def test_processors_on_the_same_logits_equal_transformers_and_openai_formula():
 
 
 def test_n_sequences_reproduce_alone_with_seed_plus_i_and_share_the_prefill(tmp_path):
-    fn, base, ads = build(tmp_path)
+    _, base, ads = build(tmp_path)
     rt = load(base, ads)
     engine = Engine(rt, kv_cache_tokens=4096, max_step_tokens=32)
     prompt = random_prompts(1, seed=8, lo=45, hi=45)[0]
@@ -215,7 +217,7 @@ def test_n_sequences_reproduce_alone_with_seed_plus_i_and_share_the_prefill(tmp_
 
 
 def test_abort_and_tiny_kv_with_n_leave_nothing_behind(tmp_path):
-    fn, base, ads = build(tmp_path)
+    _, base, ads = build(tmp_path)
     rt = load(base, ads)
     engine = Engine(rt, kv_cache_tokens=96, block_size=8, max_step_tokens=64)
     prompt = random_prompts(1, seed=9, lo=30, hi=30)[0]

@@ -8,7 +8,6 @@ import httpx
 import openai
 import pytest
 import torch
-
 from conftest import MODEL_TOL
 from peft_ref import peft_vera_model
 from server_helpers import CHARS, tiny_fn, tiny_world

@@ -9,7 +9,6 @@ import socket
 
 import httpx
 import pytest
-
 import uora_rt
 from server_helpers import in_process_server, parse_metrics, tiny_world
 from uora_rt.server import ServerConfig, ServerState, build_app

@@ -10,9 +10,8 @@ import random
 import threading
 import time
 
-import torch
-
 from uora_rt.engine.detokenizer import Detokenizer
+from uora_rt.engine.forks import fork
 from uora_rt.engine.kv_cache import BlockAllocator, KVPool, default_kv_tokens
 from uora_rt.engine.metadata import build_step
 from uora_rt.engine.processors import hand_out
@@ -270,7 +269,7 @@ class Engine:
             key = "decode_tokens" if s.count == 1 else "prefill_tokens"
             self.stats[key] += s.count
             if s.req.forks and s.req.computed >= s.req.prompt_len - 1:
-                self._fork(s.req)
+                fork(s.req, self.scheduler, self.allocator, self.kv, self.stats)
         for i, (s, tok) in enumerate(zip(meta.sampled, tokens)):
             outputs.append(self._append(s.req, tok, entries.get(i)))
         self.stats["steps"] += 1
@@ -295,34 +294,6 @@ class Engine:
             self.stats["fork_prefills"] += len(rest)
         else:
             first.forks = rest
-
-    def _fork(self, parent: Request) -> None:
-        """Copies the KV blocks of parent's prompt but its last token to each waiting sibling,
-        which then computes only that last token (its first draw). A sibling that finds too few
-        free blocks prefills its own prompt instead (counted in stats["fork_prefills"])."""
-        kids = [k for k in parent.forks if k.status is not Status.FINISHED]
-        parent.forks = []
-        for kid in kids:  # one prompt, one list of prompt logprobs
-            kid.prompt_logprobs = parent.prompt_logprobs
-        keep = parent.prompt_len - 1
-        nb = self.scheduler.blocks_for(keep)
-        src, dst, forked = parent.blocks[:nb], [], []
-        for kid in kids:
-            if 0 < nb <= self.allocator.num_free:
-                kid.blocks = self.allocator.allocate(nb)
-                kid.computed = keep
-                dst += kid.blocks
-                forked.append(kid)
-            else:
-                self.scheduler.add(kid)
-                self.stats["fork_prefills"] += 1
-        if forked:
-            index_src = torch.tensor(src * len(forked), device=self.kv.k.device)
-            index_dst = torch.tensor(dst, device=self.kv.k.device)
-            for cache in (self.kv.k, self.kv.v):
-                cache[:, index_dst] = cache[:, index_src]
-            self.scheduler.waiting.extendleft(reversed(forked))  # next in line: they hold blocks
-            self.stats["forks"] += len(forked)
 
     def _append(self, req: Request, tok: int, entry=None) -> RequestOutput:
         if req.first_token_time is None:

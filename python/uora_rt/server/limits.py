@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 
-def APIError(*args):  # noqa: N802 - the CLI reads FLAGS here without importing the web stack
+def APIError(*args):
     from uora_rt.server.errors import APIError as error
 
     return error(*args)
