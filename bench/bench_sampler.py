@@ -126,9 +126,7 @@ def _requests(b, v, state, fields: bool, logprobs: int | None):
                             proc_slot=None, want_logprobs=logprobs is not None,
                             prompt_logprobs=None)
         if params.processed:
-            r.proc_slot = state.open(tokens[:400], params, {2} | set(params.stop_token_ids))
-            state.count_outputs(r.proc_slot, tokens[400:])
-            state.hist[r.proc_slot, :HISTORY] = torch.tensor(tokens, dtype=torch.int32)
+            r.proc_slot = state.open(tokens, 400, params, {2} | set(params.stop_token_ids))
         reqs.append(r)
     return reqs
 

@@ -163,10 +163,7 @@ def test_processors_on_the_same_logits_equal_transformers_and_openai_formula():
                               want_logprobs=False, num_tokens=len(prompt) + len(outputs),
                               proc_slot=None)
         if p.processed:
-            req.proc_slot = st.open(prompt, p, eos)
-            st.count_outputs(req.proc_slot, outputs)
-            st.hist[req.proc_slot, :req.num_tokens] = torch.tensor(req.tokens,
-                                                                   dtype=torch.int32)
+            req.proc_slot = st.open(req.tokens, len(prompt), p, eos)
         rows.append((req, prompt, outputs, eos))
     logits = torch.randn(len(rows), v) * 3
     ex = build_extras([r for r, *_ in rows], [], "cpu")
@@ -178,13 +175,23 @@ def test_processors_on_the_same_logits_equal_transformers_and_openai_formula():
                              p.frequency_penalty, p.presence_penalty, p.logit_bias, list(eos),
                              p.min_tokens)
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
-    # a draw is appended to each processed row's history and counts on the device
-    tokens = torch.arange(len(rows)) + 100
+    # a draw is appended to each processed row's history and output counts on the device:
+    # the next step's processing sees it
+    tokens = torch.tensor([r[2][0] if r[2] else 7 for r in rows])  # repeats an output token
     record(ex, st, tokens)
-    for req, *_ in rows:
-        if req.proc_slot is not None:
-            assert st.hist[req.proc_slot, req.num_tokens] == 100 + rows.index(
-                next(r for r in rows if r[0] is req))
+    for (req, _, outputs, _), t in zip(rows, tokens.tolist()):
+        outputs.append(t)
+        req.tokens.append(t)
+        req.num_tokens += 1
+    ex = build_extras([r for r, *_ in rows], [], "cpu")
+    got = logits.clone()
+    apply(got, ex, st)
+    for i, (req, prompt, outputs, eos) in enumerate(rows):
+        p = req.params
+        want = ref_penalized(logits[i], prompt, outputs, p.repetition_penalty,
+                             p.frequency_penalty, p.presence_penalty, p.logit_bias, list(eos),
+                             p.min_tokens)
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
 
 
 def test_n_sequences_reproduce_alone_with_seed_plus_i_and_share_the_prefill(tmp_path):

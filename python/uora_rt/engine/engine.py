@@ -282,7 +282,8 @@ class Engine:
         where each prefills its own prompt."""
         for req in group:
             if req.params.processed:
-                req.proc_slot = self.runner.processors.open(req.tokens, req.params, req.eos)
+                req.proc_slot = self.runner.processors.open(req.tokens, req.prompt_len,
+                                                                req.params, req.eos)
         first, *rest = group
         self.scheduler.add(first)
         if rest and self.runner.peers is not None:

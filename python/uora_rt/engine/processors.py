@@ -3,16 +3,21 @@
 What a request asks for lives in device tables, one row per request that changes its logits
 (written once, when the request enters the engine): its penalties, its logit_bias entries, the
 tokens min_tokens holds back, and its token history (prompt, then each drawn token, appended on
-the device right after the draw) with per-token output counts. A step then needs one integer
-per processed row (its table row), gathered in the loop that already builds the step's sampling
-columns: no per-request Python runs per step, and no host sync.
+the device right after the draw). A step then needs one integer per processed row (its table
+row), gathered in the loop that already builds the step's sampling columns: no per-request
+Python runs per step, and no host sync. Beside each history entry the tables keep what
+frequency and presence penalties subtract for its token (frequency * its count among the output
+tokens + presence, updated with each draw by one comparison over the history), so nothing of
+vocabulary size is kept or read per request. History rows are padded with their first token,
+so entries past a row's end duplicate a live one.
 
 Order (vLLM's): min_tokens sets EOS and stop_token_ids to -inf while fewer than min_tokens
 tokens exist; logit_bias adds; repetition_penalty divides positive logits (multiplies negative
 ones) of tokens seen in the prompt or output; frequency_penalty * count and presence_penalty *
 [count > 0] of output tokens are subtracted; then the sampler (temperature, top-k, top-p).
-All of it touches only the listed tokens (O(history) per row, never O(vocabulary)): gathered
-values are changed and scattered back; a token listed twice writes the same value twice.
+All of it touches only the listed tokens (O(history) per row, never O(vocabulary)): values are
+taken from the flat logits, changed and put back; a token listed twice writes the same value
+twice. (take/put_ rather than advanced indexing: on the CPU the latter is 10-100x slower here.)
 
 Logprobs are log_softmax of the raw logits (before any of the above, vLLM's default): the
 chosen token's logprob and rank (1 + tokens with a larger logit), and the k largest.
@@ -21,6 +26,7 @@ chosen token's logprob and rank (1 + tokens with a larger logit), and the k larg
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +35,9 @@ from torch import Tensor
 
 class ProcessorState:
     """The device tables (grown by doubling, never shrunk): per row, scalars [rep, freq, pres],
-    min_tokens, the stop ids min_tokens suppresses, logit_bias (token, value) pairs, the token
-    history [rows, max_len] and output counts [rows, vocab]."""
+    min_tokens, the prompt's length, the stop ids min_tokens suppresses, logit_bias (token,
+    value) pairs, the token history [rows, max_len] and, per entry, what frequency and presence
+    penalties subtract for its token."""
 
     def __init__(self, vocab: int, max_len: int, device):
         self.vocab, self.max_len, self.device = vocab, max_len, torch.device(device)
@@ -42,12 +49,13 @@ class ProcessorState:
         dev, old = self.device, getattr(self, "scal", None)
         new = {"scal": torch.tensor([1.0, 0.0, 0.0], device=dev).repeat(rows, 1),
                "min_tokens": torch.zeros(rows, dtype=torch.int64, device=dev),
+               "prompt_len": torch.zeros(rows, dtype=torch.int64, device=dev),
                "stop_n": torch.zeros(rows, dtype=torch.int64, device=dev),
                "stops": torch.zeros(rows, ks, dtype=torch.int64, device=dev),
                "bias_tok": torch.zeros(rows, kb, dtype=torch.int64, device=dev),
                "bias_val": torch.zeros(rows, kb, dtype=torch.float32, device=dev),
-               "hist": torch.zeros(rows, self.max_len, dtype=torch.int32, device=dev),
-               "counts": torch.zeros(rows, self.vocab, dtype=torch.int32, device=dev)}
+               "hist": torch.zeros(rows, self.max_len, dtype=torch.int64, device=dev),
+               "pen": torch.zeros(rows, self.max_len, dtype=torch.float32, device=dev)}
         if old is not None:
             for name, t in new.items():
                 src = getattr(self, name)
@@ -59,8 +67,8 @@ class ProcessorState:
         self.free.extend(range(rows - 1, self.rows - 1, -1))
         self.rows = rows
 
-    def open(self, tokens: list[int], params, stop_ids: set[int]) -> int:
-        """A row for a request (its prompt and any tokens it already has); returns it."""
+    def open(self, tokens: list[int], prompt_len: int, params, stop_ids: set[int]) -> int:
+        """A row for a request: its tokens (the prompt, then any output it already has)."""
         bias = sorted(params.logit_bias.items())
         stops = sorted(stop_ids) if params.min_tokens > 0 else []
         if not self.free or len(stops) > self.stops.shape[1] or len(bias) > \
@@ -73,6 +81,7 @@ class ProcessorState:
         self.scal[row] = torch.tensor([params.repetition_penalty, params.frequency_penalty,
                                        params.presence_penalty], device=dev)
         self.min_tokens[row] = params.min_tokens
+        self.prompt_len[row] = prompt_len
         # Padding repeats the first entry (so a scatter writes it twice with the same value),
         # or, with none, points at token 0 with nothing to do.
         ks, kb = self.stops.shape[1], self.bias_tok.shape[1]
@@ -83,16 +92,14 @@ class ProcessorState:
                                           device=dev)
         self.bias_val[row] = torch.tensor([float(v) for _, v in bias] + [0.0] * (kb - len(bias)),
                                           device=dev)
-        self.hist[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.int32, device=dev)
-        self.counts[row].zero_()
+        self.hist[row] = tokens[0]
+        self.hist[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.int64, device=dev)
+        counts = Counter(tokens[prompt_len:])
+        pen = [params.frequency_penalty * counts[t] + params.presence_penalty * (counts[t] > 0)
+               for t in tokens]
+        self.pen[row] = pen[0]
+        self.pen[row, :len(tokens)] = torch.tensor(pen, dtype=torch.float32, device=dev)
         return row
-
-    def count_outputs(self, row: int, outputs: list[int]) -> None:
-        """Output tokens a request had before it got its row (a fork's copied prefix has none)."""
-        if outputs:
-            ids = torch.tensor(outputs, dtype=torch.int64, device=self.device)
-            self.counts[row].index_put_((ids,), torch.ones_like(ids, dtype=torch.int32),
-                                        accumulate=True)
 
     def close(self, row: int) -> None:
         self.free.append(row)
@@ -107,7 +114,9 @@ class StepExtras:
     proc_slots: Tensor | None   # [P] int64 their ProcessorState rows
     proc_len: Tensor | None     # [P] int64 tokens so far (= where the drawn token goes)
     proc_pos: Tensor | None     # [P] int64 output tokens so far (min_tokens)
-    any_penalty: bool
+    any_penalty: bool           # some row has a penalty (needs the history)
+    any_rep: bool               # some row has repetition_penalty != 1
+    any_count: bool             # some row has frequency or presence penalty
     any_bias: bool
     any_min: bool
     hist_width: int             # longest history among the processed rows
@@ -124,6 +133,7 @@ def build_extras(sampled_reqs, prompt_runs, device) -> StepExtras | None:
     prompt-logprob rows that follow them, in order."""
     proc, lp, k = [], [], 0
     flags = [False, False, False]
+    rep = count = False
     width = 0
     for i, r in enumerate(sampled_reqs):
         if r.proc_slot is not None:
@@ -133,6 +143,8 @@ def build_extras(sampled_reqs, prompt_runs, device) -> StepExtras | None:
             if p.penalized:
                 flags[0] = True
                 width = max(width, n)
+                rep = rep or p.repetition_penalty != 1
+                count = count or p.frequency_penalty != 0 or p.presence_penalty != 0
             flags[1] = flags[1] or bool(p.logit_bias)
             flags[2] = flags[2] or (p.min_tokens > n - r.prompt_len)
         if r.want_logprobs:
@@ -151,7 +163,8 @@ def build_extras(sampled_reqs, prompt_runs, device) -> StepExtras | None:
     some = (lambda t: t if t.numel() else None)
     return StepExtras(
         proc_rows=some(parts[0]), proc_slots=some(parts[1]), proc_len=some(parts[2]),
-        proc_pos=some(parts[3]), any_penalty=flags[0], any_bias=flags[1], any_min=flags[2],
+        proc_pos=some(parts[3]), any_penalty=flags[0], any_rep=rep, any_count=count,
+        any_bias=flags[1], any_min=flags[2],
         hist_width=width, lp_rows=some(parts[4]), lp_k=k, prompt_targets=some(parts[5]),
         lp_index=lp, lp_owners=[sampled_reqs[i] for i in lp],
         prompt_owners=[(r, len(ts)) for r, ts in prompt_runs])
@@ -166,34 +179,46 @@ def apply(logits: Tensor, ex: StepExtras, st: ProcessorState) -> None:
     slots = ex.proc_slots
     base = (ex.proc_rows * v)[:, None]
     if ex.any_min:
-        idx = base + st.stops[slots]
+        idx = base + st.stops.index_select(0, slots)
         on = (st.stop_n[slots] > 0) & (ex.proc_pos < st.min_tokens[slots])
-        flat[idx] = torch.where(on[:, None], -math.inf, flat[idx])
+        flat.put_(idx, torch.where(on[:, None], -math.inf, flat.take(idx)))
     if ex.any_bias:
-        idx = base + st.bias_tok[slots]
-        flat.index_put_((idx.flatten(),), st.bias_val[slots].flatten(), accumulate=True)
+        flat.put_(base + st.bias_tok.index_select(0, slots), st.bias_val.index_select(0, slots),
+                  accumulate=True)
     if ex.any_penalty:
         w = ex.hist_width
-        h = st.hist[slots, :w].long()
-        live = torch.arange(w, device=h.device)[None, :] < ex.proc_len[:, None]
-        h = torch.where(live, h, h[:, :1])  # past the end: repeat the first token
-        idx = base + h
-        x = flat[idx]
-        scal = st.scal[slots]
-        rep, freq, pres = scal[:, 0:1], scal[:, 1:2], scal[:, 2:3]
-        x = torch.where(x > 0, x / rep, x * rep)
-        c = st.counts[slots[:, None], h].to(torch.float32)
-        flat[idx] = x - freq * c - pres * (c > 0).to(torch.float32)
+        idx = st.hist[:, :w].index_select(0, slots).add_(base)
+        x = flat.take(idx)
+        if ex.any_rep:
+            rep = st.scal.index_select(0, slots)[:, 0:1]
+            x = torch.where(x > 0, x / rep, x * rep)
+        if ex.any_count:  # entries past a row's end take its first entry's (current) value
+            pen = st.pen[:, :w].index_select(0, slots)
+            live = torch.arange(w, device=pen.device)[None, :] < ex.proc_len[:, None]
+            x = x - torch.where(live, pen, pen[:, :1])
+        flat.put_(idx, x)
 
 
 def record(ex: StepExtras | None, st: ProcessorState, tokens: Tensor) -> None:
-    """Appends each processed row's drawn token to its history and output counts."""
+    """Appends each processed row's drawn token to its history; for rows with frequency or
+    presence penalties, every entry of that token gets its new penalty."""
     if ex is None or ex.proc_rows is None:
         return
     tok = tokens.index_select(0, ex.proc_rows)
-    st.hist[ex.proc_slots, ex.proc_len] = tok.to(torch.int32)
-    st.counts.index_put_((ex.proc_slots, tok), torch.ones_like(tok, dtype=torch.int32),
-                         accumulate=True)
+    slots, end = ex.proc_slots, ex.proc_len
+    st.hist[slots, end] = tok
+    if not ex.any_count:
+        return
+    w = min(ex.hist_width + 1, st.max_len)  # rows past it have no penalty
+    h = st.hist[:, :w].index_select(0, slots)
+    col = torch.arange(w, device=h.device)[None, :]
+    same = h == tok[:, None]
+    n = (same & (col >= st.prompt_len[slots][:, None]) & (col <= end[:, None])).sum(
+        1, keepdim=True)  # >= 1: the new token itself
+    scal = st.scal.index_select(0, slots)
+    p = st.pen[:, :w]
+    p.index_copy_(0, slots, torch.where(same, scal[:, 1:2] * n + scal[:, 2:3],
+                                        p.index_select(0, slots)))
 
 
 def logprob_table(raw: Tensor, targets: Tensor, k: int) -> Tensor:
