@@ -35,7 +35,7 @@ from torch import Tensor
 
 class ProcessorState:
     """The device tables (grown by doubling, never shrunk): per row, scalars [rep, freq, pres],
-    min_tokens, the prompt's length, the stop ids min_tokens suppresses, logit_bias (token,
+    min_tokens (0 when nothing is held back), the stop ids it holds back, logit_bias (token,
     value) pairs, the token history [rows, max_len] and, per entry, what frequency and presence
     penalties subtract for its token."""
 
@@ -49,8 +49,6 @@ class ProcessorState:
         dev, old = self.device, getattr(self, "scal", None)
         new = {"scal": torch.tensor([1.0, 0.0, 0.0], device=dev).repeat(rows, 1),
                "min_tokens": torch.zeros(rows, dtype=torch.int64, device=dev),
-               "prompt_len": torch.zeros(rows, dtype=torch.int64, device=dev),
-               "stop_n": torch.zeros(rows, dtype=torch.int64, device=dev),
                "stops": torch.zeros(rows, ks, dtype=torch.int64, device=dev),
                "bias_tok": torch.zeros(rows, kb, dtype=torch.int64, device=dev),
                "bias_val": torch.zeros(rows, kb, dtype=torch.float32, device=dev),
@@ -80,12 +78,10 @@ class ProcessorState:
         dev = self.device
         self.scal[row] = torch.tensor([params.repetition_penalty, params.frequency_penalty,
                                        params.presence_penalty], device=dev)
-        self.min_tokens[row] = params.min_tokens
-        self.prompt_len[row] = prompt_len
+        self.min_tokens[row] = params.min_tokens if stops else 0
         # Padding repeats the first entry (so a scatter writes it twice with the same value),
         # or, with none, points at token 0 with nothing to do.
         ks, kb = self.stops.shape[1], self.bias_tok.shape[1]
-        self.stop_n[row] = len(stops)
         self.stops[row] = torch.tensor((stops + stops[:1] * ks)[:ks] if stops else [0] * ks,
                                        device=dev)
         self.bias_tok[row] = torch.tensor([t for t, _ in bias] + [0] * (kb - len(bias)),
@@ -180,7 +176,7 @@ def apply(logits: Tensor, ex: StepExtras, st: ProcessorState) -> None:
     base = (ex.proc_rows * v)[:, None]
     if ex.any_min:
         idx = base + st.stops.index_select(0, slots)
-        on = (st.stop_n[slots] > 0) & (ex.proc_pos < st.min_tokens[slots])
+        on = ex.proc_pos < st.min_tokens.index_select(0, slots)
         flat.put_(idx, torch.where(on[:, None], -math.inf, flat.take(idx)))
     if ex.any_bias:
         flat.put_(base + st.bias_tok.index_select(0, slots), st.bias_val.index_select(0, slots),
@@ -213,8 +209,8 @@ def record(ex: StepExtras | None, st: ProcessorState, tokens: Tensor) -> None:
     h = st.hist[:, :w].index_select(0, slots)
     col = torch.arange(w, device=h.device)[None, :]
     same = h == tok[:, None]
-    n = (same & (col >= st.prompt_len[slots][:, None]) & (col <= end[:, None])).sum(
-        1, keepdim=True)  # >= 1: the new token itself
+    prompt = (end - ex.proc_pos)[:, None]
+    n = (same & (col >= prompt) & (col <= end[:, None])).sum(1, keepdim=True)  # >= 1: itself
     scal = st.scal.index_select(0, slots)
     p = st.pen[:, :w]
     p.index_copy_(0, slots, torch.where(same, scal[:, 1:2] * n + scal[:, 2:3],
