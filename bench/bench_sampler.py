@@ -13,7 +13,19 @@ Logits: SmolLM2-135M-Instruct's next-token logits at every position of a short E
 --device cuda times the CUDA path instead (synchronized; eager, plus the mixed rows replayed
 from a CUDA graph; results in sampler_cuda.json).
 
+The OpenAI fields (engine/processors.py), per batch, for greedy, temperature 0.7 and top-k 50
+rows, each as a ratio to the sampler alone on the same rows in the same run: "step, no fields"
+(the engine's step path when no request uses them: must cost the same), "+ fields" (every row
+with repetition/frequency/presence penalties, 8 logit_bias entries, min_tokens holding back EOS
+and 2 stop_token_ids, and a 512-token history: goal <= 1.10x), "+ logprobs 5" and "+ fields +
+logprobs 5" (log_softmax over the vocabulary, a rank and a top-5: a full extra pass over the
+logits, reported as measured). Penalties act in place on the same logits call after call, so
+the logits drift; the setups timed here (greedy, temperature-only, top-k) cost the same
+whatever the values. "host: extras of 64 plain rows" is the step-building cost added for
+requests without fields.
+
 python bench/bench_sampler.py [--repeats 21] [--threads N] [--synthetic | --logits FILE]
+    [--fields-only]
 """
 
 import argparse
@@ -24,6 +36,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import torch  # noqa: E402
 
+from types import SimpleNamespace  # noqa: E402
+
+from uora_rt.engine.processors import ProcessorState, build_extras, sample_step  # noqa: E402
+from uora_rt.engine.request import SamplingParams  # noqa: E402
 from uora_rt.engine.sampler import Sampler, SamplingTensors  # noqa: E402
 
 V, BATCHES = 49152, (1, 16, 64)
@@ -91,6 +107,64 @@ def captured(fn):
     return graph.replay
 
 
+FIELD_SETUPS = {"greedy": (0.0, 0, 1.0), "temperature 0.7": (0.7, 0, 1.0),
+                "top_k 50": (0.7, 50, 1.0)}
+HISTORY = 512
+
+
+def _requests(b, v, state, fields: bool, logprobs: int | None):
+    """b fake engine requests (what build_extras reads) with tables opened for processed ones."""
+    g = torch.Generator().manual_seed(1)
+    reqs = []
+    for i in range(b):
+        params = SamplingParams(max_tokens=400, logprobs=logprobs, **(dict(
+            repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.2,
+            logit_bias={(97 * j + i) % v: -0.1 for j in range(8)}, min_tokens=300,
+            stop_token_ids=[5, 6]) if fields else {}))
+        tokens = torch.randint(0, v, (HISTORY,), generator=g).tolist()
+        r = SimpleNamespace(params=params, tokens=tokens, prompt_len=400, num_tokens=HISTORY,
+                            proc_slot=None, want_logprobs=logprobs is not None,
+                            prompt_logprobs=None)
+        if params.processed:
+            r.proc_slot = state.open(tokens, 400, params, {2} | set(params.stop_token_ids))
+        reqs.append(r)
+    return reqs
+
+
+def field_runs(logits, dev, sync, repeats, records, where, source):
+    """The OpenAI fields against the sampler alone, per batch and sampling setup."""
+    b, v = logits.shape
+    sampler = Sampler(dev)
+    state = ProcessorState(v, 1024, dev)
+    for label, (t, k, p) in FIELD_SETUPS.items():
+        st = SamplingTensors.from_lists([t] * b, [k] * b, [p] * b, range(7, 7 + b), [112] * b,
+                                        dev)
+        sampled = t > 0
+        metas = {}
+        for name, fields, lp in (("step, no fields", False, None), ("+ fields", True, None),
+                                 ("+ logprobs 5", False, 5), ("+ fields + logprobs 5", True, 5)):
+            reqs = _requests(b, v, state, fields, lp)
+            metas[name] = SimpleNamespace(sampled=reqs, sampling=st, any_sampled=sampled,
+                                          any_top_p=False,
+                                          extras=build_extras(reqs, [], dev))
+        runs = {"sampler alone": lambda: sampler(logits, st, sampled, False)}
+        for name, meta in metas.items():
+            runs[name] = lambda meta=meta: sample_step(sampler, state, logits, meta)
+        runs = {n: (lambda fn=fn: (fn(), sync())) for n, fn in runs.items()}
+        times = common.interleaved_medians(runs, repeats=repeats, warmup=2)
+        base = times["sampler alone"]
+        for name, sec in times.items():
+            records.append({"batch": b, "vocab": v, "setup": f"{label}: {name}", "seconds": sec,
+                            "vs_sampler": sec / base, "logits": source, "device": where})
+            print(f"{b:5d}  {label + ': ' + name:40} {sec * 1e3:8.3f} {sec / base:9.2f}x")
+    plain = _requests(64, v, state, False, None)
+    host = common.interleaved_medians({"x": lambda: build_extras(plain, [], dev)},
+                                      repeats=repeats, warmup=2)["x"]
+    records.append({"batch": 64, "vocab": v, "setup": "host: extras of 64 plain rows",
+                    "seconds": host, "logits": source, "device": where})
+    print(f"   64  {'host: extras of 64 plain rows':40} {host * 1e6:8.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=21)
@@ -99,6 +173,8 @@ def main():
     ap.add_argument("--save-logits", help="save the logits used here to this file")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--fields-only", action="store_true",
+                    help="only the OpenAI-field setups (results in sampler_fields_DEVICE.json)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +195,14 @@ def main():
     where = f"{cpu_model()}, {torch.get_num_threads()} threads" if dev.type == "cpu" else \
         torch.cuda.get_device_name()
     print(f"sampler, {where}, V={all_logits.shape[1]}, logits: {source}")
+    if args.fields_only:
+        records = []
+        print(f"{'batch':>5}  {'setup':40} {'ms':>8} {'vs sampler alone':>10}")
+        for b in BATCHES:
+            field_runs(all_logits[:b].contiguous(), dev, sync, args.repeats, records, where,
+                       source)
+        common.write(f"sampler_fields_{dev.type}", records)
+        return
     print(f"{'batch':>5}  {'setup':24} {'ms':>8} {'vs argmax':>10}")
     for b in BATCHES:
         logits = all_logits[:b].contiguous()

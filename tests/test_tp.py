@@ -112,6 +112,35 @@ def test_generate_equals_tp1(pair):
     assert rt2.generate(prompts, adapters=names, max_new_tokens=6) == want
 
 
+def test_openai_fields_under_tp_equal_tp1(pair):
+    """n (each sequence prefills its prompt: the KV cache is on the workers too), logprobs,
+    prompt logprobs, penalties and logit_bias: the same under TP=2 as alone."""
+    _, _, rt1, rt2 = pair
+    prompt = random_prompts(1, seed=11, lo=20, hi=20)[0]
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, n=3, logprobs=2,
+                            prompt_logprobs=1, repetition_penalty=1.3, presence_penalty=0.5,
+                            logit_bias={7: 2.0}, ignore_eos=True)
+    runs = []
+    for rt in (rt1, rt2):
+        engine = Engine(rt, kv_cache_tokens=512)
+        seen = []
+        engine.add_request(prompt, "a1", params, on_output=seen.append)
+        engine.run_until_done()
+        finals = sorted((o for o in seen if o.finished), key=lambda o: o.index)
+        runs.append((finals, dict(engine.stats)))
+        assert_idle(engine)
+        engine.close()
+    (one, s1), (two, s2) = runs
+    assert s1["forks"] == 2 and s2["forks"] == 0 and s2["fork_prefills"] == 2
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    for a, b in zip(one, two):
+        assert [e.top[0][0] for e in a.logprobs] == [e.top[0][0] for e in b.logprobs]
+        torch.testing.assert_close(torch.tensor([e.logprob for e in b.logprobs]),
+                                   torch.tensor([e.logprob for e in a.logprobs]),
+                                   atol=2e-4, rtol=2e-4)
+        assert len(b.prompt_logprobs) == len(prompt)
+
+
 def test_adapter_add_remove_under_tp(pair, tmp_path):
     fn, _, rt1, rt2 = pair
     extra = make_adapter(fn, tmp_path / "extra.uora", targets=("v_proj", "o_proj", "up_proj"),

@@ -47,6 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting to run beyond which new ones get 503 + Retry-After")
     p.add_argument("--retry-after", type=int, default=1, help="seconds, in 503 answers")
+    from uora_rt.server.limits import FLAGS, Limits
+
+    defaults = Limits()
+    for name, (flag, text) in FLAGS.items():
+        default = getattr(defaults, name)
+        p.add_argument(flag, dest=name, type=int, default=default, metavar="N",
+                       help=text + ("" if default is None else f" (default: {default})"))
     p.add_argument("--random-weights", action="store_true",
                    help="BASE is a config.json (or a folder with one): random weights, for "
                         "benchmarks (no tokenizer: token-id prompts only)")
@@ -119,6 +126,7 @@ def _serve_runtime(args, rt, adapters, default_name):
     from uora_rt.server.adapters import check_name, read_adapter
     from uora_rt.server.app import build_app
     from uora_rt.server.errors import APIError
+    from uora_rt.server.limits import FLAGS, Limits
     from uora_rt.server.state import ServerConfig, ServerState
 
     names = args.served_model_name or [default_name]
@@ -137,9 +145,17 @@ def _serve_runtime(args, rt, adapters, default_name):
     config = ServerConfig(
         served_names=names, max_queued=args.max_queued_requests, retry_after_s=args.retry_after,
         allow_adapter_loading=args.allow_adapter_loading, adapter_dir=args.adapter_dir,
-        api_key=args.api_key)
+        api_key=args.api_key, limits=_limits(args, FLAGS, Limits))
     state = ServerState(rt, engine, config)
     return build_app(state), state
+
+
+def _limits(args, flags, limits_cls):
+    try:
+        return limits_cls(**{name: getattr(args, name) for name in flags})
+    except ValueError as e:
+        name = str(e).split(":", 1)[0]
+        raise ValueError(f"{flags[name][0]}: {str(e).split(': ', 1)[1]}") from None
 
 
 def run(args) -> int:

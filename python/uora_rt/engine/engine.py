@@ -12,8 +12,10 @@ import threading
 import time
 
 from uora_rt.engine.detokenizer import Detokenizer
+from uora_rt.engine.forks import fork
 from uora_rt.engine.kv_cache import BlockAllocator, KVPool, default_kv_tokens
 from uora_rt.engine.metadata import build_step
+from uora_rt.engine.processors import hand_out
 from uora_rt.engine.request import Request, RequestOutput, SamplingParams, Status
 from uora_rt.engine.runner import ModelRunner
 from uora_rt.engine.scheduler import Scheduler
@@ -88,11 +90,13 @@ class Engine:
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
         self._aborts: set[str] = set()
-        self._live: dict[str, Request] = {}
+        self._live: dict[str, list[Request]] = {}  # request id -> its unfinished sequences
         self._ids = itertools.count()
         self._seeds = random.Random()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "step_s": 0.0,
-                      "forward_s": 0.0, "peak_blocks": 0}
+                      "forward_s": 0.0, "peak_blocks": 0,
+                      "forks": 0, "fork_prefills": 0}  # n > 1: sequences that copied / prefilled
+        self._said_tp_forks = False
         log.info("engine: %d KV blocks of %d tokens (%.2f GB), %d sequences, %d tokens per step, "
                  "prefix caching %s", num_blocks - 1, block_size, self.kv.nbytes() / 1e9,
                  self.max_num_seqs, self.max_step_tokens,
@@ -113,29 +117,47 @@ class Engine:
                     request_id: str | None = None, on_output=None) -> str:
         """prompt: a string (through the chat template, as generate does) or token ids.
         on_output(RequestOutput), if given, is called from the stepping thread with each output
-        of this request. Raises KeyError (unknown adapter) or ValueError (bad prompt or
-        parameters, a request that can never fit) before anything in the engine changes."""
+        of this request (of each of its params.sequences sequences, told apart by .index).
+        Raises KeyError (unknown adapter) or ValueError (bad prompt or parameters, a request
+        that can never fit) before anything in the engine changes."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else self.check_prompt(prompt)
         self.check_length(len(ids), params.max_tokens)
+        for name, toks in (("stop_token_ids", params.stop_token_ids),
+                           ("logit_bias", list(params.logit_bias))):
+            bad = [t for t in toks if t >= self.vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids must be integers in [0, {self.vocab}), got "
+                                 f"{bad[:5]}")
         self.adapters.check_merged([adapter])
         use_lease = adapter is not None and self.adapters.merged is None
-        lease = self.adapters.lease(adapter) if use_lease else None  # KeyError if unknown
+        leases = []
+        try:
+            for _ in range(params.sequences):
+                leases.append(self.adapters.lease(adapter) if use_lease else None)  # KeyError
+        except KeyError:
+            for lease in leases:
+                self.adapters.release(lease)
+            raise
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        req = Request("", ids, adapter, lease, params, seed, Detokenizer(self.codec, params.stop),
-                      set() if params.ignore_eos else self.eos, on_output)
+        eos = (set() if params.ignore_eos else self.eos) | set(params.stop_token_ids)
+        group = [Request("", ids, adapter, lease, params, (seed + i) % 2**63,
+                         Detokenizer(self.codec, params.stop), eos, on_output, index=i)
+                 for i, lease in enumerate(leases)]
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._live:
-                if lease is not None:
-                    self.adapters.release(lease)
+                for lease in leases:
+                    if lease is not None:
+                        self.adapters.release(lease)
                 raise ValueError(f"request id {rid!r} is already in use")
-            req.request_id = rid
-            self._live[rid] = req
-            self._inbox.append(req)
-            self.adapters.enter()
+            for req in group:
+                req.request_id = rid
+                self.adapters.enter()
+            self._live[rid] = list(group)
+            self._inbox.append(group)
         return rid
 
     # --- the rules a request must meet (servers ask these, never repeat them) -------------------
@@ -201,7 +223,8 @@ class Engine:
                     f"reduce the length of the {what} or completion.", "max_tokens")
 
     def abort(self, request_id: str) -> bool:
-        """Ends a request at the next step (finish_reason "abort"). False if it is not live."""
+        """Ends a request (all its sequences) at the next step (finish_reason "abort"). False if
+        it is not live."""
         with self._lock:
             if request_id not in self._live:
                 return False
@@ -218,7 +241,7 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting + len(self._inbox)
+        return self.scheduler.num_waiting + sum(len(g) for g in self._inbox)
 
     @property
     def blocks_used(self) -> int:
@@ -252,14 +275,15 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduler iteration: one output per request that produced a token or ended."""
+        """One scheduler iteration: one output per sequence that produced a token or ended."""
         t0 = time.perf_counter()
         with self._lock:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
-        for req in new:
-            self.scheduler.add(req)
-        outputs = [self._finish(self._live[rid], "abort") for rid in aborts if rid in self._live]
+        for group in new:
+            self._enter(group)
+        outputs = [self._finish(req, "abort") for rid in aborts
+                   for req in list(self._live.get(rid, ())) if req.status is not Status.FINISHED]
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return outputs
@@ -268,53 +292,101 @@ class Engine:
             meta = build_step(scheduled, self.block_size, self.runner.device,
                               self.adapters.merged is None, self.runner.gather_prefill)
             t1 = time.perf_counter()
-            tokens = self.runner.run(meta).tolist()
+            tokens, table = self.runner.run(meta)
+            tokens = tokens.tolist()
+            table = table.tolist() if table is not None else None
             self.stats["forward_s"] += time.perf_counter() - t1
         except Exception as e:  # fail the step's requests, keep serving the others
             log.exception("engine step failed; failing its %d requests", len(scheduled))
             return outputs + [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
-                              for s in scheduled]
+                              for s in scheduled if s.req.status is not Status.FINISHED]
+        entries = hand_out(meta.extras, table, tokens) if table is not None else {}
         for s in scheduled:
             s.req.computed += s.count
             self.scheduler.register(s.req)
             decode = s.count == 1 and s.start >= s.req.prompt_len
             self.stats["decode_tokens" if decode else "prefill_tokens"] += s.count
-        for s, tok in zip(meta.sampled, tokens):
-            outputs.append(self._append(s.req, tok))
+            if s.req.forks and s.req.computed >= s.req.prompt_len - 1:
+                fork(s.req, self.scheduler, self.allocator, self.kv, self.stats)
+        for i, (s, tok) in enumerate(zip(meta.sampled, tokens)):
+            outputs.append(self._append(s.req, tok, entries.get(i)))
         self.stats["steps"] += 1
         self.stats["step_s"] += time.perf_counter() - t0
         return outputs
 
-    def _append(self, req: Request, tok: int) -> RequestOutput:
+    def _enter(self, group: list[Request]) -> None:
+        """A new request's sequences: the first is scheduled; the others wait for its prompt's
+        KV cache (_fork), except under tensor parallelism (the cache lives on the workers too),
+        where each prefills its own prompt."""
+        for req in group:
+            if req.params.processed:
+                req.proc_slot = self.runner.processors.open(req.tokens, req.prompt_len,
+                                                                req.params, req.eos)
+        first, *rest = group
+        self.scheduler.add(first)
+        if rest and self.runner.peers is not None:
+            if not self._said_tp_forks:
+                log.info("n > 1 under tensor parallelism: each sequence prefills its prompt")
+                self._said_tp_forks = True
+            for req in rest:
+                self.scheduler.add(req)
+            self.stats["fork_prefills"] += len(rest)
+        else:
+            first.forks = rest
+
+    def _append(self, req: Request, tok: int, entry=None) -> RequestOutput:
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
+        new_lp = []
+        if entry is not None:
+            req.logprobs.append(entry)
+            req.cumulative_logprob += entry.logprob
+            new_lp = [entry]
         if tok in req.eos:
             req.stop_reason = tok
-            return self._finish(req, "stop")
+            return self._finish(req, "stop", new_lp=new_lp)
         req.tokens.append(tok)
         if req.detok.push(tok):
             req.stop_reason = req.detok.matched
-            return self._finish(req, "stop", new=[tok])
+            return self._finish(req, "stop", new=[tok], new_lp=new_lp)
         if req.num_tokens - req.prompt_len >= req.params.max_tokens:
-            return self._finish(req, "length", new=[tok])
-        return self._emit(req, [tok])
+            return self._finish(req, "length", new=[tok], new_lp=new_lp)
+        return self._emit(req, [tok], new_lp)
 
     def _finish(self, req: Request, reason: str, error: str | None = None,
-                new: list[int] | None = None) -> RequestOutput:
+                new: list[int] | None = None, new_lp=None) -> RequestOutput:
         self.scheduler.finish(req)
         if req.lease is not None:
             self.adapters.release(req.lease)
+        if req.proc_slot is not None:
+            self.runner.processors.close(req.proc_slot)
+            req.proc_slot = None
         req.finish_reason, req.error = reason, error
         with self._lock:
-            self._live.pop(req.request_id, None)
+            seqs = self._live.get(req.request_id)
+            if seqs is not None and req in seqs:
+                seqs.remove(req)
+                if not seqs:
+                    del self._live[req.request_id]
         self.adapters.exit()
-        return self._emit(req, new or [])
+        out = self._emit(req, new or [], new_lp)
+        for kid in req.forks:  # siblings still waiting for this one's prompt fail with it
+            if kid.status is not Status.FINISHED:
+                self._finish(kid, reason, error)
+        req.forks = []
+        return out
 
-    def _emit(self, req: Request, new: list[int]) -> RequestOutput:
+    def _emit(self, req: Request, new: list[int], new_lp=None) -> RequestOutput:
         done = req.status is Status.FINISHED
+        lp = req.want_logprobs
+        prompt_lp = req.prompt_logprobs
         out = RequestOutput(req.request_id, req.adapter, req.output_ids, req.detok.text, done,
                             req.finish_reason, req.prompt_len, new, req.detok.take_new(done),
-                            req.seed, req.error, req.stop_reason,
+                            req.seed, req.error, req.stop_reason, req.index,
+                            list(req.logprobs) if lp else None, (new_lp or []) if lp else None,
+                            list(prompt_lp) if prompt_lp is not None and
+                            len(prompt_lp) == req.prompt_len else None,
+                            req.cumulative_logprob if lp else None,
                             cached_tokens=req.cached_tokens or 0)
         if req.on_output is not None:
             try:

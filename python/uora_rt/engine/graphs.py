@@ -59,7 +59,8 @@ class DecodeGraphs:
         return buf
 
     def run(self, meta) -> torch.Tensor | None:
-        """Token ids [B] of a decode-only step, or None when this step is not one a graph runs."""
+        """Token ids [B] of a decode-only step (its logits [B, V] when the step has extras), or
+        None when this step is not one a graph runs."""
         b = meta.num_decode
         bucket = bucket_for(b)
         if meta.prefills or b == 0 or bucket is None or bucket > self.max_bucket:
@@ -71,11 +72,13 @@ class DecodeGraphs:
         fams = list(meta.adapter_slots)  # family ids
         manager = self.runner.adapters
         sig = tuple((f, manager.family_of(f).version, meta.adapter_with_q[f]) for f in fams)
-        key = (bucket, meta.any_sampled, sig)
+        # With logit processing or logprobs the graph ends at the logits; the rest runs eagerly.
+        mode = "logits" if meta.extras is not None else meta.any_sampled
+        key = (bucket, mode, sig)
         self._load(meta, b, bucket, fams)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(bucket, fams, meta.adapter_with_q, meta.any_sampled)
+            entry = self._capture(bucket, fams, meta.adapter_with_q, mode)
             self.graphs[key] = entry
             while len(self.graphs) > self.keep:
                 self.graphs.popitem(last=False)
@@ -100,7 +103,7 @@ class DecodeGraphs:
             getattr(self.sampling, name)[:b].copy_(getattr(st, name))
         self.sampling.temperature[b:bucket].zero_()
 
-    def _capture(self, bucket, fams, with_q, sampled):
+    def _capture(self, bucket, fams, with_q, mode):
         static = SimpleNamespace(
             slot_mapping=self.slots[:bucket], num_decode=bucket, prefills=[],
             decode_block_tables=self.tables[:bucket], decode_seq_lens=self.lens[:bucket],
@@ -116,7 +119,9 @@ class DecodeGraphs:
             attention = PagedAttention(static, r.kv, r.decode_fn)
             logits = r.model(self.ids[:bucket], self.pos[:bucket], attention, hook,
                              routes=routes).float()
-            return r.sampler(logits, st, sampled, sampled)
+            if mode == "logits":
+                return logits
+            return r.sampler(logits, st, mode, mode)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -93,12 +93,23 @@ class Scheduler:
         skipped = []
         computing = None  # keys running requests are computing; built when first needed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting.popleft()  # holds no blocks: req.computed == 0
+            req = self.waiting.popleft()
             if req.lease is not None and not req.pinned:
                 if not self.adapters.pin(req.lease):
                     skipped.append(req)
                     continue
                 req.pinned = True
+            if req.blocks:  # a forked sequence: holds a copy of its prompt's KV
+                n = min(req.num_tokens - req.computed, budget)
+                need = self.blocks_for(req.computed + n) - len(req.blocks)
+                if need > self.alloc.num_free:
+                    self._unpin(req)
+                    self.waiting.appendleft(req)
+                    break
+                req.blocks += self.alloc.allocate(need)
+                self._start(req, req.computed, n, out)
+                budget -= n
+                continue
             hit, usable = self._lookup(req)
             if len(hit) < usable:
                 if computing is None:
@@ -122,11 +133,14 @@ class Scheduler:
                 self._count(req, start)
             if computing is not None:
                 computing.update(req.keys[len(hit):])
-            req.status = Status.RUNNING
-            self.running.append(req)
-            out.append(ScheduledSeq(req, start, n, start + n == req.num_tokens))
+            self._start(req, start, n, out)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _start(self, req: Request, start: int, n: int, out: list[ScheduledSeq]) -> None:
+        req.status = Status.RUNNING
+        self.running.append(req)
+        out.append(ScheduledSeq(req, start, n, start + n == req.num_tokens))
 
     # --- prefix caching ---------------------------------------------------------------------
     def _keys(self, req: Request) -> list[bytes]:

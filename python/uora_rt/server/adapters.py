@@ -17,7 +17,7 @@ from pathlib import Path, PurePath
 from uora_rt.core import format as fmt
 from uora_rt.server.errors import APIError
 
-_NAME = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")
+_NAME = re.compile(r"^[^\s\x00-\x1f\x7f\ud800-\udfff]{1,256}$")  # no lone surrogates either
 
 
 def check_name(name: str, reserved: list[str]) -> None:

@@ -7,12 +7,13 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from uora_rt.engine import EngineLoop
 from uora_rt.server.adapters import AdapterDir, check_name, read_adapter
 from uora_rt.server.errors import APIError
+from uora_rt.server.limits import Limits
 from uora_rt.server.metrics import Metrics
 
 log = logging.getLogger("uora_rt.server")
@@ -21,7 +22,8 @@ log = logging.getLogger("uora_rt.server")
 @dataclass
 class ServerConfig:
     """served_names: what `model` may say for the base (the first is reported). max_queued:
-    requests accepted but not running yet beyond which new ones get 503 + Retry-After."""
+    sequences accepted but not running yet beyond which new requests get 503 + Retry-After.
+    limits: what one request may ask for (limits.py)."""
 
     served_names: list[str]
     max_queued: int = 1024
@@ -29,6 +31,7 @@ class ServerConfig:
     allow_adapter_loading: bool = False
     adapter_dir: str | None = None
     api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
 
 
 class ServerState:
@@ -51,6 +54,16 @@ class ServerState:
         self.created = int(time.time())
         self.defaults = generation_defaults(rt.folder)
         self._admin: asyncio.Lock | None = None
+        self._token_texts = None
+
+    @property
+    def token_texts(self):
+        """Token id -> (text, bytes) for logprobs (server.logprobs.TokenTexts), made once."""
+        if self._token_texts is None:
+            from uora_rt.server.logprobs import TokenTexts
+
+            self._token_texts = TokenTexts(self.engine.codec)
+        return self._token_texts
 
     # --- lifetime ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -75,6 +88,7 @@ class ServerState:
             return None
         if model in self.rt.manager:
             return model
+        self.metrics.rejected.labels("unknown_model").inc()  # one label for every unknown name
         raise APIError(404, f"The model `{model}` does not exist.", "model")
 
     def model_name(self, adapter: str | None) -> str:
@@ -83,8 +97,8 @@ class ServerState:
     def admit(self, n: int) -> None:
         """Call right before submitting n requests, with no await in between."""
         if n > self.config.max_queued:  # would never be admitted: not a retryable 503
-            raise APIError(400, f"{n} prompts in one request exceed the queue limit "
-                                f"({self.config.max_queued})", "prompt")
+            raise APIError(400, f"{n} sequences (prompts x n) in one request exceed the queue "
+                                f"limit ({self.config.max_queued})", "prompt")
         waiting = self.engine.num_waiting
         if waiting + n > self.config.max_queued:
             self.metrics.rejected.labels("queue_full").inc()
@@ -121,10 +135,24 @@ class ServerState:
             path = self.adapter_dir.resolve(lora_path)
             try:  # parsing, validation and (for PEFT folders) conversion: off the event loop
                 adapter = await asyncio.to_thread(read_adapter, path, self.rt.folder)
-                await asyncio.to_thread(self.rt.add_adapter, adapter, name, path)
             except (ValueError, OSError) as e:
                 raise APIError(400, f"cannot load adapter '{name}': {e}", "lora_path") from None
+            try:
+                await asyncio.to_thread(self.rt.add_adapter, adapter, name, path)
+            except (ValueError, OSError) as e:
+                self._forget(name)
+                raise APIError(400, f"cannot load adapter '{name}': {e}", "lora_path") from None
+            except BaseException:  # a failed load registers nothing
+                self._forget(name)
+                raise
         log.info("loaded adapter %r from %s", name, path)
+
+    def _forget(self, name: str) -> None:
+        if name in self.rt.manager:
+            try:
+                self.rt.remove_adapter(name)
+            except Exception:
+                log.exception("could not remove the half-loaded adapter %r", name)
 
     async def unload_adapter(self, name: str) -> None:
         self._check_loading()
@@ -141,7 +169,8 @@ class ServerState:
 def generation_defaults(folder) -> dict:
     """Sampling defaults: OpenAI's, overridden by the base's generation_config.json (as vLLM's
     default --generation-config auto does) for the fields the engine implements."""
-    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    base = dict(defaults)
     path = Path(folder) / "generation_config.json" if folder else None
     if path is None or not path.is_file():
         return defaults
@@ -150,14 +179,14 @@ def generation_defaults(folder) -> dict:
     except (OSError, ValueError) as e:
         log.warning("ignoring %s: %s", path, e)
         return defaults
-    for key, kind in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int)):
+    for key, kind in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int),
+                      ("repetition_penalty", (int, float))):
         v = cfg.get(key)
         if isinstance(v, kind) and not isinstance(v, bool):
             defaults[key] = v
-    other = [k for k, off in (("repetition_penalty", 1), ("min_p", 0))
-             if cfg.get(k) is not None and cfg.get(k) != off]
+    other = [k for k, off in (("min_p", 0),) if cfg.get(k) is not None and cfg.get(k) != off]
     if other:
         log.warning("%s sets %s, which this server does not implement", path, other)
-    if defaults != {"temperature": 1.0, "top_p": 1.0, "top_k": 0}:
+    if defaults != base:
         log.info("sampling defaults from %s: %s", path, defaults)
     return defaults
