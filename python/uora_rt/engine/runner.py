@@ -114,12 +114,15 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, meta) -> torch.Tensor:
-        """Token ids [R] drawn for the step's sampled rows (on the device)."""
+        """Token ids [R] drawn for the step's sampled rows, on the host: Sampler.finish makes
+        the step's one device-to-host copy and re-draws the rows the window could not."""
         if self.graphs is not None and meta.sampled:
-            tokens = self.graphs.run(meta)
-            if tokens is not None:
-                return tokens
+            out = self.graphs.run(meta)
+            if out is not None:
+                return self.sampler.finish(*out, meta.sampling)  # out: (logits, drawn)
         logits = self.forward(meta, meta.logits_rows)
         if not meta.sampled:
-            return torch.empty(0, dtype=torch.long, device=logits.device)
-        return self.sampler(logits.float(), meta.sampling, meta.any_sampled, meta.any_top_p)
+            return torch.empty(0, dtype=torch.long)
+        logits = logits.float()
+        drawn = self.sampler.draw(logits, meta.sampling, meta.any_sampled, meta.any_top_p)
+        return self.sampler.finish(logits, drawn, meta.sampling)
