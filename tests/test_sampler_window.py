@@ -14,6 +14,7 @@ from conftest import requires_cuda
 from test_sampler import assert_tokens, chi2_critical, reference, sweep, tensors
 from uora_rt.kernels import reference as ref
 from uora_rt.engine import sampler as sampler_mod
+from uora_rt.engine import sampler_ops
 from uora_rt.engine.sampler import REDO, WINDOWS, Sampler
 
 DEVICE, FULL = Sampler("cpu", path="device"), Sampler("cpu", path="full_sort")
@@ -109,6 +110,31 @@ def test_ties_cut_by_the_window_edge_fall_back_exactly_when_drawn():
     assert all(r == t or a for r, t, a in zip(redo, on_tie, ambiguous))
     assert 10 <= sum(redo) <= n // 2, sum(redo)
     assert_tokens(DEVICE.finish(logits, drawn, st), want, ambiguous, "ties at the edge")
+
+
+def test_any_choice_among_ties_by_topk_gives_the_same_tokens(monkeypatch):
+    """torch.topk may return any of the tokens tied at the window's smallest value, in any
+    order (on CUDA it does): with a topk that takes the highest ids among ties and shuffles
+    its output, the tokens stay exact."""
+    gen = torch.Generator().manual_seed(26)
+    topk = torch.Tensor.topk
+
+    def adversarial(x, k, dim=-1, largest=True, sorted=True):
+        v = x.shape[-1]
+        ids = torch.arange(v).expand_as(x)
+        keys = sampler_ops.order_keys(x.contiguous(), (v - 1) - ids, v)  # ties: highest id first
+        idx = topk(keys, k, dim=-1).indices
+        idx = idx.gather(1, torch.rand(idx.shape, generator=gen).argsort(-1))
+        return torch.return_types.topk((x.gather(1, idx), idx))
+
+    monkeypatch.setattr(torch.Tensor, "topk", adversarial)
+    n, v = 120, 20011
+    logits = tie_at_edge(n, v, gen)
+    rows = [(1.0, 1023, [1.0, 0.97, 0.5][i % 3], 7000 + i, i) for i in range(n)]
+    want, ambiguous = reference(logits, rows)
+    assert_tokens(DEVICE(logits, tensors(rows)), want, ambiguous, "adversarial topk")
+    rows, logits, want, ambiguous = sweep(v, "ties")
+    assert_tokens(DEVICE(logits, tensors(rows)), want, ambiguous, "adversarial topk, sweep")
 
 
 # (2) -------------------------------------------------------------------------------------
