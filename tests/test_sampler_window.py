@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import requires_cuda
 from test_sampler import assert_tokens, chi2_critical, reference, sweep, tensors
-from uora_rt.kernels import reference as ref
 from uora_rt.engine import sampler as sampler_mod
 from uora_rt.engine import sampler_ops
 from uora_rt.engine.sampler import REDO, WINDOWS, Sampler
+from uora_rt.kernels import reference as ref
 
 DEVICE, FULL = Sampler("cpu", path="device"), Sampler("cpu", path="full_sort")
 
@@ -268,7 +268,7 @@ def test_runner_redraws_flagged_rows(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sampler_mod, "WINDOWS", (8, 16))
     monkeypatch.setattr(sampler_mod, "TOP_P_WINDOW", 8)
-    fn, base, ads = build(tmp_path)
+    _, base, ads = build(tmp_path)
     prompts = random_prompts(6, seed=31)
     params = [SamplingParams(max_tokens=6, temperature=1.0, top_p=0.9, seed=1),
               SamplingParams(max_tokens=6, temperature=0.8, top_k=12, seed=2),

@@ -38,7 +38,7 @@ of -inf logits, which carry no probability):
   block sums (which also gives top-p rows their normalizer); only a step with a top-k or top-p
   row fetches a window of W candidates per row (torch.topk, W from WINDOWS, chosen on the host
   from the step's parameters; Sampler.window), ordered by (value descending, id ascending) with
-  one sort of W int64 keys. A row whose draw needs more than its window (top-k >= W, a top-p
+  one sort of W int64 keys. A row whose draw needs more than its window (top-k > W, a top-p
   prefix that ends past the window: a nearly flat distribution, or u landing among tokens that
   tie with the window's smallest value, some of which may lie outside it) comes back as -1
   (sampler_ops.REDO), unless every token past the window has probability exactly 0;

@@ -81,7 +81,7 @@ def exp_scan(x: Tensor, scale: Tensor, u: Tensor | None, chunk_rows: int, ws=Non
 
 
 def _block_sums(e: Tensor) -> Tensor:
-    r, v = e.shape
+    v = e.shape[1]
     nb = v // _BLOCK
     parts = [e[:, :nb * _BLOCK].unflatten(1, (nb, _BLOCK)).sum(-1)] if nb else []
     if v % _BLOCK:
