@@ -1,8 +1,7 @@
 """The engine's sampler against reference.sample_row: the seeded uniform's bits, tokens row by row
 over temperature / top-k / top-p / greedy mixes (with ties and masked logits), batch invariance,
-goodness of fit, CUDA, and bad input, on each path (the CPU's host windows, the device path's
-top-k window with its exact fallback, and the full sort), all of them runnable on CPU tensors.
-test_sampler_window.py tests the device window's fallback in detail."""
+goodness of fit, CUDA, bad input, on each path (CPU windows, the device path's top-k window with
+its fallback, the full sort), all runnable on CPU tensors; test_sampler_window.py has more."""
 
 import math
 
