@@ -44,6 +44,32 @@ def test_graph_steps_equal_eager_steps(tmp_path, sampled):
     assert got[True] == got[False]
 
 
+def test_graph_steps_with_window_fallback_equal_eager_steps(tmp_path, monkeypatch):
+    """Sampler windows smaller than the tiny vocabulary: rows whose top-k / top-p prefix does
+    not fit are re-drawn by the full sort after the replay (from the graph's logits buffer);
+    the tokens equal the eager steps'."""
+    from uora_rt.engine import sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "WINDOWS", (8, 16))
+    monkeypatch.setattr(sampler_mod, "TOP_P_WINDOW", 8)
+    _, base, ads = build(tmp_path)
+    prompts = random_prompts(8, seed=16)
+    names = ["a0", None, "a1", "a2", None, "a0", "a1", None]
+    got = {}
+    for params in (SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=9),
+                   SamplingParams(max_tokens=16, temperature=0.9, top_k=40, seed=10)):
+        for graphs in (False, True):
+            engine = Engine(load(base, ads, device="cuda"), kv_cache_tokens=4096,
+                            cuda_graphs=graphs)
+            got[graphs] = trace(engine, prompts, names, params)
+            assert_idle(engine)
+            assert engine.runner.sampler.fallback_rows > 0
+            if graphs:  # top-p asks for TOP_P_WINDOW; top-k 40 for 41, so the largest
+                window = 8 if params.top_p < 1 else 16
+                assert window in {key[3] for key in engine.runner.graphs.graphs}
+        assert got[True] == got[False]
+
+
 def test_graphs_survive_adapter_changes_and_drop_on_merge(tmp_path):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads, device="cuda", slots=4)

@@ -232,33 +232,37 @@ def logprob_table(raw: Tensor, targets: Tensor, k: int) -> Tensor:
 
 
 def sample_step(sampler, st: ProcessorState, logits: Tensor, meta):
-    """The step's draw: (tokens [R] on the device, logprob table or None). logits: [R + Q, V]
+    """The step's draw: (tokens [R] on the host, logprob table or None). logits: [R + Q, V]
     float32, the sampled rows then the prompt-logprob rows."""
     r = len(meta.sampled)
     ex = meta.extras
     samp = logits[:r]
     if ex is None:
-        return sampler(samp, meta.sampling, meta.any_sampled, meta.any_top_p), None
+        drawn = sampler.draw(samp, meta.sampling, meta.any_sampled, meta.any_top_p)
+        return sampler.finish(samp, drawn, meta.sampling), None
     raws, targets = [], []
     if ex.lp_rows is not None:  # raw: before processing (a copy only when something processes)
         every = ex.proc_rows is None and ex.lp_rows.numel() == r
         raws.append(samp if every else samp.index_select(0, ex.lp_rows))
     if r:
         apply(samp, ex, st)
-        tokens = sampler(samp, meta.sampling, meta.any_sampled, meta.any_top_p)
+        drawn = sampler.draw(samp, meta.sampling, meta.any_sampled, meta.any_top_p)
+        host = sampler.finish(samp, drawn, meta.sampling)
+        tokens = host.to(logits.device)  # the exact draw: histories and targets read it
         record(ex, st, tokens)
     else:
-        tokens = torch.empty(0, dtype=torch.long, device=logits.device)
+        host = torch.empty(0, dtype=torch.long)
+        tokens = host.to(logits.device)
     if ex.lp_rows is not None:
         targets.append(tokens.index_select(0, ex.lp_rows))
     if ex.prompt_targets is not None:
         raws.append(logits[r:])
         targets.append(ex.prompt_targets)
     if not raws:
-        return tokens, None
+        return host, None
     raw = raws[0] if len(raws) == 1 else torch.cat(raws)
     tgt = targets[0] if len(targets) == 1 else torch.cat(targets)
-    return tokens, logprob_table(raw, tgt, ex.lp_k)
+    return host, logprob_table(raw, tgt, ex.lp_k)
 
 
 def unpack(row: list[float], token_id: int, k: int):

@@ -124,17 +124,18 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, meta):
-        """(token ids [R] drawn for the step's sampled rows, logprob table [L, 2 + 2k] float64
-        or None), on the device (processors.sample_step)."""
+        """(token ids [R] drawn for the step's sampled rows, on the host; logprob table
+        [L, 2 + 2k] float64 or None). Sampler.finish makes the step's one device-to-host copy
+        of the tokens and re-draws the rows the window could not (processors.sample_step)."""
         logits = None
         if self.graphs is not None and meta.sampled:
-            out = self.graphs.run(meta)  # tokens; or, with extras, the logits of every decode
+            out = self.graphs.run(meta)  # (logits of every decode, drawn or None with extras)
             if out is not None:
                 if meta.extras is None:
-                    return out, None
-                logits = out.index_select(0, meta.logits_rows)
+                    return self.sampler.finish(*out, meta.sampling), None
+                logits = out[0].index_select(0, meta.logits_rows)
         if logits is None:
             logits = self.forward(meta, meta.logits_rows)
         if not meta.sampled and meta.extras is None:
-            return torch.empty(0, dtype=torch.long, device=logits.device), None
+            return torch.empty(0, dtype=torch.long), None
         return sample_step(self.sampler, self.processors, logits.float().contiguous(), meta)
