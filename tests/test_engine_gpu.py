@@ -44,6 +44,32 @@ def test_graph_steps_equal_eager_steps(tmp_path, sampled):
     assert got[True] == got[False]
 
 
+def test_graph_steps_with_window_fallback_equal_eager_steps(tmp_path, monkeypatch):
+    """Sampler windows smaller than the tiny vocabulary: rows whose top-k / top-p prefix does
+    not fit are re-drawn by the full sort after the replay (from the graph's logits buffer);
+    the tokens equal the eager steps'."""
+    from uora_rt.engine import sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "WINDOWS", (8, 16))
+    monkeypatch.setattr(sampler_mod, "TOP_P_WINDOW", 8)
+    _, base, ads = build(tmp_path)
+    prompts = random_prompts(8, seed=16)
+    names = ["a0", None, "a1", "a2", None, "a0", "a1", None]
+    got = {}
+    for params in (SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=9),
+                   SamplingParams(max_tokens=16, temperature=0.9, top_k=40, seed=10)):
+        for graphs in (False, True):
+            engine = Engine(load(base, ads, device="cuda"), kv_cache_tokens=4096,
+                            cuda_graphs=graphs)
+            got[graphs] = trace(engine, prompts, names, params)
+            assert_idle(engine)
+            assert engine.runner.sampler.fallback_rows > 0
+            if graphs:  # top-p asks for TOP_P_WINDOW; top-k 40 for 41, so the largest
+                window = 8 if params.top_p < 1 else 16
+                assert window in {key[3] for key in engine.runner.graphs.graphs}
+        assert got[True] == got[False]
+
+
 def test_graphs_survive_adapter_changes_and_drop_on_merge(tmp_path):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads, device="cuda", slots=4)
@@ -78,3 +104,40 @@ def test_warmup_captures_every_bucket_so_traffic_never_captures(tmp_path):
     trace(engine, random_prompts(20, seed=15), names, SamplingParams(max_tokens=10), stagger=1)
     assert graphs.captures == captured
     assert_idle(engine)
+
+
+def test_openai_fields_on_graph_steps_equal_eager_and_the_cpu(tmp_path):
+    """Penalties, logit_bias, min_tokens, logprobs and n forks on CUDA: graph steps (ending at
+    the logits) give the eager steps' tokens and logprobs, and the CPU engine's."""
+    _, base, ads = build(tmp_path)
+    prompts = random_prompts(6, seed=12)
+    names = ["a0", None, "a1", "a2", "a0", None]
+    variants = [dict(), dict(repetition_penalty=1.4, logprobs=3),
+                dict(frequency_penalty=0.8, presence_penalty=0.4, logit_bias={5: 3.0}),
+                dict(min_tokens=10, logit_bias={2: 20.0}, stop_token_ids=[9]),
+                dict(n=3, temperature=0.9, seed=4, logprobs=0, prompt_logprobs=2),
+                dict(logprobs=5, prompt_logprobs=0)]
+    runs = {}
+    for device, graphs in (("cpu", False), ("cuda", False), ("cuda", True)):
+        rt = load(base, ads, device=device)
+        engine = Engine(rt, kv_cache_tokens=4096, cuda_graphs=graphs if device == "cuda" else None)
+        seen = []
+        for p, n, kw in zip(prompts, names, variants):
+            engine.add_request(p, n, SamplingParams(max_tokens=16, **kw), on_output=seen.append)
+        engine.run_until_done()
+        finals = sorted(((o.request_id, o.index), o) for o in seen if o.finished)
+        runs[device, graphs] = [o for _, o in finals]
+        assert engine.stats["forks"] == 2
+        if graphs:
+            assert engine.runner.graphs.captures > 0
+        assert_idle(engine)
+    want = runs["cpu", False]
+    for key in (("cuda", False), ("cuda", True)):
+        got = runs[key]
+        assert [o.token_ids for o in got] == [o.token_ids for o in want], key
+        for a, b in zip(got, want):
+            assert (a.logprobs is None) == (b.logprobs is None)
+            for x, y in zip(a.logprobs or [], b.logprobs or []):
+                assert abs(x.logprob - y.logprob) < 1e-3 and x.token_id == y.token_id
+            if b.prompt_logprobs is not None:
+                assert len(a.prompt_logprobs) == len(b.prompt_logprobs)

@@ -1,6 +1,7 @@
 """The engine's sampler against reference.sample_row: the seeded uniform's bits, tokens row by row
 over temperature / top-k / top-p / greedy mixes (with ties and masked logits), batch invariance,
-the CPU window path against the full-sort path, goodness of fit, CUDA, and bad input."""
+goodness of fit, CUDA, bad input, on each path (CPU windows, the device path's top-k window with
+its fallback, the full sort), all runnable on CPU tensors; test_sampler_window.py has more."""
 
 import math
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from conftest import CDF_MARGIN, requires_cuda
 from uora_rt.kernels import reference as ref
-from uora_rt.engine import sampler as sampler_mod
+from uora_rt.engine import sampler_cpu
 from uora_rt.engine.sampler import Sampler, SamplingTensors, uniform
 
 # A token may differ from the float64 reference only where float32 arithmetic can flip it: u
@@ -98,7 +99,8 @@ def chi2_critical(df):
     return float(chi2.ppf(1 - CHI2_ALPHA, df))
 
 
-SAMPLERS = {"cpu windows": Sampler("cpu"), "cpu full sort": Sampler("cpu", full_sort=True)}
+SAMPLERS = {"cpu": Sampler("cpu"), "device": Sampler("cpu", path="device"),
+            "full_sort": Sampler("cpu", path="full_sort")}
 
 
 # (1) --------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_tied_block_maxima_at_the_window_edge():
     for x in (logits, untied):  # the window itself, not only the tokens drawn from it
         order = torch.sort(x, dim=-1, descending=True, stable=True).indices
         for w in (17, 30, 64, 257):
-            got = sampler_mod._window(x, w, sampler_mod._Workspace())[1]
+            got = sampler_cpu._window(x, w, sampler_cpu.Workspace())[1]
             assert torch.equal(got, order[:, :w]), w
     want, ambiguous = reference(logits, rows)
     for path, sampler in SAMPLERS.items():
@@ -207,7 +209,7 @@ def test_cpu_never_sorts_the_vocabulary(monkeypatch):
 
     monkeypatch.setattr(torch, "sort", no_sort)
     monkeypatch.setattr(torch.Tensor, "sort", no_sort)
-    assert_tokens(Sampler("cpu")(logits, tensors(rows)), want, ambiguous, "cpu windows")
+    assert_tokens(Sampler("cpu")(logits, tensors(rows)), want, ambiguous, "cpu")
 
 
 def test_greedy_rows_are_argmax():
@@ -324,14 +326,13 @@ def test_cuda_graph_replay_is_exact():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        sampler(logits, st)  # warm-up off the default stream, as capture requires
+        sampler.draw(logits, st)  # warm-up off the default stream, as capture requires
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = sampler(logits, st)
+    with torch.cuda.graph(graph):  # draw is the sync-free part; finish runs after the replay
+        out = sampler.draw(logits, st)
     graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager)
+    assert torch.equal(sampler.finish(logits, out, st), eager.cpu())
 
 
 # (7) --------------------------------------------------------------------------------------

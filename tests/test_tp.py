@@ -84,12 +84,61 @@ def test_engine_greedy_equals_tp1(pair, attention):
     assert runs[1] == runs[0]
 
 
+def test_prefix_caching_under_tp_equals_tp1_without(pair):
+    """The driver decides what is cached; the workers read the same blocks through the page
+    tables each step carries."""
+    _, _, rt1, rt2 = pair
+    system = random_prompts(1, seed=4, lo=35, hi=35)[0]
+    prompts = [system + p for p in random_prompts(4, seed=5, hi=9)]
+    names = ["a1", None, "a1", None]
+    arrivals = {2 * i: [(p, n, 5)] for i, (p, n) in enumerate(zip(prompts, names))}
+    runs = []
+    for rt, caching in ((rt1, False), (rt2, True)):
+        engine = Engine(rt, kv_cache_tokens=1024, block_size=8, max_step_tokens=16,
+                        enable_prefix_caching=caching)
+        runs.append(_trace(engine, arrivals))
+        if caching:
+            assert engine.prefix_cache_stats["hits"] == 2 * 32  # the later two read 4 blocks
+        assert_idle(engine)
+        engine.close()
+    assert runs[1] == runs[0]
+
+
 def test_generate_equals_tp1(pair):
     _, _, rt1, rt2 = pair
     prompts = random_prompts(3, seed=6)
     names = ["a2", None, "a1"]
     want = rt1.generate(prompts, adapters=names, max_new_tokens=6)
     assert rt2.generate(prompts, adapters=names, max_new_tokens=6) == want
+
+
+def test_openai_fields_under_tp_equal_tp1(pair):
+    """n (each sequence prefills its prompt: the KV cache is on the workers too), logprobs,
+    prompt logprobs, penalties and logit_bias: the same under TP=2 as alone."""
+    _, _, rt1, rt2 = pair
+    prompt = random_prompts(1, seed=11, lo=20, hi=20)[0]
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=3, n=3, logprobs=2,
+                            prompt_logprobs=1, repetition_penalty=1.3, presence_penalty=0.5,
+                            logit_bias={7: 2.0}, ignore_eos=True)
+    runs = []
+    for rt in (rt1, rt2):
+        engine = Engine(rt, kv_cache_tokens=512)
+        seen = []
+        engine.add_request(prompt, "a1", params, on_output=seen.append)
+        engine.run_until_done()
+        finals = sorted((o for o in seen if o.finished), key=lambda o: o.index)
+        runs.append((finals, dict(engine.stats)))
+        assert_idle(engine)
+        engine.close()
+    (one, s1), (two, s2) = runs
+    assert s1["forks"] == 2 and s2["forks"] == 0 and s2["fork_prefills"] == 2
+    assert [o.token_ids for o in two] == [o.token_ids for o in one]
+    for a, b in zip(one, two):
+        assert [e.top[0][0] for e in a.logprobs] == [e.top[0][0] for e in b.logprobs]
+        torch.testing.assert_close(torch.tensor([e.logprob for e in b.logprobs]),
+                                   torch.tensor([e.logprob for e in a.logprobs]),
+                                   atol=2e-4, rtol=2e-4)
+        assert len(b.prompt_logprobs) == len(prompt)
 
 
 def test_adapter_add_remove_under_tp(pair, tmp_path):

@@ -13,6 +13,8 @@ replacement, so a step already holding the old tensors stays consistent.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -40,6 +42,37 @@ def family_factors(adapter: fmt.Adapter):
         a, b = vera_projections(spec.seed, spec.r, spec.max_in, spec.max_out)
         return a, b, False
     return adapter.explicit[0], adapter.explicit[1], False
+
+
+def kv_identity(adapter: fmt.Adapter, targets: list[str]) -> bytes:
+    """A digest (SHA-256) of everything in an adapter that changes what the model computes, so
+    the keys/values it produces: its projection family (algorithm, seed, r, sizes, explicit
+    matrices), P, and per adapted site (the base's module it resolves to) lambda_d and
+    lambda_b, as bytes. Not the name, path or training metadata: two files with the same tensors
+    are the same adapter to the KV cache, and a file retrained under an old name is not.
+    targets: the site names of adapter.targets, in order (AdapterRegistry.check)."""
+    h = hashlib.sha256(b"uora-kv-identity-v1\0")
+    spec = adapter.projection
+
+    def text(s: str) -> None:
+        b = s.encode()
+        h.update(len(b).to_bytes(8, "little") + b)
+
+    def tensor(t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        text(f"{t.dtype}{list(t.shape)}")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    text(json.dumps([spec.algorithm, spec.seed, spec.r, spec.max_in, spec.max_out]))
+    tensor(adapter.p)
+    if adapter.explicit is not None:
+        tensor(adapter.explicit[0])
+        tensor(adapter.explicit[1])
+    for site_name, t in sorted(zip(targets, adapter.targets)):
+        text(site_name)
+        tensor(adapter.lambda_d[t])
+        tensor(adapter.lambda_b[t])
+    return h.digest()
 
 
 class Family:
@@ -150,3 +183,4 @@ class Entry:
     refs: int = 0       # leases: accepted requests (and synchronous batches) using it
     removed: bool = False
     slot: int = -1      # device slot, -1 = host only
+    kv_identity: bytes = b""  # kv_identity(): what the prefix cache keys this adapter's KV by

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from uora_rt.adapters.family import Entry, Family, family_factors, family_key
+from uora_rt.adapters.family import Entry, Family, family_factors, family_key, kv_identity
 from uora_rt.core import format as fmt
 from uora_rt.errors import AdapterFormatError
 from uora_rt.models.checkpoint import resolve_module
@@ -43,6 +43,7 @@ class AdapterRegistry:
         """Registers a checked adapter (targets from check()); the caller holds the lock."""
         if name in self.entries:
             raise ValueError(f"an adapter named {name!r} is already loaded")
+        identity = kv_identity(adapter, targets)  # before any change: it reads every tensor
         key = family_key(adapter)
         fam = self.families.get(key)
         if fam is None:
@@ -60,7 +61,8 @@ class AdapterRegistry:
         fam.host_p[row] = adapter.p
         fam.members += 1
         entry = Entry(name, next(self._uids), fam, row, targets, bool((adapter.p < 1).any()),
-                      None if source is None else str(source), time.time())
+                      None if source is None else str(source), time.time(),
+                      kv_identity=identity)
         self.entries[name] = entry
         return entry
 

@@ -44,6 +44,7 @@ class CoreProcess:
                 "tensor_parallel": args.tensor_parallel, "random_weights": args.random_weights,
                 "adapters": [[n, str(p)] for n, p in adapters],
                 "kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs,
+                "enable_prefix_caching": args.enable_prefix_caching,
                 "max_step_tokens": args.max_step_tokens, "log_level": args.log_level,
                 "address": self.address, "parent": os.getpid()}
         config = self.tmp / "core.json"

@@ -63,35 +63,13 @@ def build_engine(rt, opts: dict):
 
     engine = uora_rt.Engine(rt, kv_cache_tokens=opts["kv_cache_tokens"],
                             max_num_seqs=opts["max_num_seqs"],
-                            max_step_tokens=opts["max_step_tokens"], detokenize=False)
+                            max_step_tokens=opts["max_step_tokens"],
+                            enable_prefix_caching=opts["enable_prefix_caching"], detokenize=False)
     if engine.runner.graphs is not None:  # captures before traffic, not during it
         per_family = {e.family: name for name, e in rt.manager.entries.items()}
         seconds = engine.warmup(adapters=(None, *per_family.values()))
         log.info("captured %d decode graphs in %.1f s", engine.runner.graphs.captures, seconds)
     return engine
-
-
-def adapter_admin(rt):
-    """(load, unload, cards) for the core: what /v1/load_lora_adapter and its twin do."""
-    from uora_rt.engine.messages import AdapterError
-    from uora_rt.engine.messages import AdapterCard
-    from uora_rt.server.adapters import read_adapter
-
-    def load(name, path):
-        if name in rt.manager:
-            raise AdapterError(409, f"The lora adapter '{name}' has already been loaded.")
-        rt.add_adapter(read_adapter(Path(path), rt.folder), name, source=path)
-
-    def unload(name):
-        if name not in rt.manager:
-            raise KeyError(f"The lora adapter '{name}' cannot be found.")
-        rt.remove_adapter(name)  # requests holding it finish with it
-
-    def cards():
-        return [AdapterCard(n, e.source, int(e.created))
-                for n, e in sorted(rt.manager.entries.items())]
-
-    return load, unload, cards
 
 
 def _watch_parent(parent: int) -> None:
@@ -111,6 +89,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s (engine core): %(message)s")
     _watch_parent(opts["parent"])
     from uora_rt.engine.core import EngineCore
+    from uora_rt.server.adapters import AdapterAdmin
 
     try:
         rt = build_runtime(opts)
@@ -119,7 +98,7 @@ def main(argv=None) -> int:
         return 2
     try:
         engine = build_engine(rt, opts)
-        core = EngineCore(engine, opts["address"], *adapter_admin(rt), folder=rt.folder)
+        core = EngineCore(engine, opts["address"], AdapterAdmin(rt), folder=rt.folder)
         signal.signal(signal.SIGTERM, lambda *_: setattr(core, "stopping", True))
         log.info("ready at %s", opts["address"])
         core.run()

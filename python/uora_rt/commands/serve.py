@@ -50,9 +50,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, help="KV cache size (default: from memory)")
     p.add_argument("--max-num-seqs", type=int, help="requests running at once")
     p.add_argument("--max-step-tokens", type=int, help="tokens per engine step (chunked prefill)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="keep computed KV blocks and reuse them for later prompts that start "
+                        "the same way under the same adapter (default: on; "
+                        "--no-enable-prefix-caching turns it off)")
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting to run beyond which new ones get 503 + Retry-After")
     p.add_argument("--retry-after", type=int, default=1, help="seconds, in 503 answers")
+    from uora_rt.server.limits import FLAGS, Limits
+
+    defaults = Limits()
+    for name, (flag, text) in FLAGS.items():
+        default = getattr(defaults, name)
+        p.add_argument(flag, dest=name, type=int, default=default, metavar="N",
+                       help=text + ("" if default is None else f" (default: {default})"))
     p.add_argument("--random-weights", action="store_true",
                    help="BASE is a config.json (or a folder with one): random weights, for "
                         "benchmarks (no tokenizer: token-id prompts only)")
@@ -121,10 +133,20 @@ def check(args):
     config = ServerConfig(
         served_names=names, max_queued=args.max_queued_requests, retry_after_s=args.retry_after,
         allow_adapter_loading=args.allow_adapter_loading, adapter_dir=args.adapter_dir,
-        api_key=args.api_key)
+        api_key=args.api_key, limits=_limits(args))
     if config.max_queued < 1:
         raise ValueError(f"--max-queued-requests: expected >= 1, got {config.max_queued}")
     return adapters, config
+
+
+def _limits(args):
+    from uora_rt.server.limits import FLAGS, Limits
+
+    try:
+        return Limits(**{name: getattr(args, name) for name in FLAGS})
+    except ValueError as e:
+        name = str(e).split(":", 1)[0]
+        raise ValueError(f"{FLAGS[name][0]}: {str(e).split(': ', 1)[1]}") from None
 
 
 def run(args) -> int:

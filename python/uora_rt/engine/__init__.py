@@ -13,8 +13,8 @@ loop (a background thread and per-request streams, for servers).
 
 from uora_rt.engine.engine import Engine
 from uora_rt.engine.loop import EngineLoop, RequestStream
-from uora_rt.engine.request import RequestOutput, SamplingParams
+from uora_rt.engine.request import RequestOutput, SamplingParams, TokenLogprob, best_of
 from uora_rt.engine.rules import ContextLengthError
 
 __all__ = ["ContextLengthError", "Engine", "EngineLoop", "RequestOutput", "RequestStream",
-           "SamplingParams"]
+           "SamplingParams", "TokenLogprob", "best_of"]

@@ -27,8 +27,8 @@ from uora_rt.engine.detokenizer import Detokenizer
 from uora_rt.engine.messages import (
     ENCODER, FINISH_REASONS, TO_FRONT_END, Abort, Accepted, AdapterError, AdapterOp, Hello,
     Ready, Reject, Reply, Shutdown, Step, Submit)
-from uora_rt.engine.request import RequestOutput, SamplingParams
-from uora_rt.engine.rules import Limits, Prompts
+from uora_rt.engine.request import RequestOutput, SamplingParams, TokenLogprob
+from uora_rt.engine.rules import Limits, Prompts, RequestRules
 
 log = logging.getLogger("uora_rt.engine")
 
@@ -40,35 +40,53 @@ class CoreGone(RuntimeError):
 
 
 class Stream:
-    """The outputs of one request, ending with the finished one (`async for`)."""
+    """The outputs of one request (of each of its sequences, told apart by .index), ending
+    when every sequence has finished (`async for`)."""
 
-    def __init__(self, request_id: str):
-        self.request_id = request_id
+    def __init__(self, request_id: str, sequences: int = 1):
+        self.request_id, self.sequences = request_id, sequences
         self._q: asyncio.Queue = asyncio.Queue()
 
     async def __aiter__(self):
-        while True:
+        left = self.sequences
+        while left:
             out = await self._q.get()
             yield out
-            if out.finished:
-                return
+            left -= out.finished
+
+
+def _logprob(t) -> TokenLogprob:
+    return TokenLogprob(t.token_id, t.logprob, t.rank, [tuple(x) for x in t.top])
 
 
 class _Tracked:
-    __slots__ = ("rid", "adapter", "prompt_len", "params", "tokens", "detok", "stream")
+    """One sequence as its front end sees it: the tokens, text and logprobs so far."""
 
-    def __init__(self, rid, adapter, prompt_len, params, detok, stream):
-        self.rid, self.adapter, self.prompt_len, self.params = rid, adapter, prompt_len, params
+    __slots__ = ("rid", "index", "adapter", "prompt_len", "params", "tokens", "detok",
+                 "stream", "logprobs", "prompt_logprobs", "cumulative", "cached")
+
+    def __init__(self, rid, index, adapter, prompt_len, params, detok, stream):
+        self.rid, self.index, self.adapter = rid, index, adapter
+        self.prompt_len, self.params = prompt_len, params
         self.tokens: list[int] = []
         self.detok, self.stream = detok, stream
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None or \
+            params.sequences > params.n else None
+        self.prompt_logprobs = None
+        self.cumulative, self.cached = 0.0, 0
 
-    def output(self, new, finished, reason, error=None, stop_reason=None) -> RequestOutput:
+    def output(self, new, finished, reason, error=None, stop_reason=None,
+               new_lp=None) -> RequestOutput:
+        lp = self.logprobs is not None
         return RequestOutput(self.rid, self.adapter, list(self.tokens), self.detok.text, finished,
                              reason, self.prompt_len, new, self.detok.take_new(finished),
-                             self.params.seed, error, stop_reason)
+                             self.params.seed, error, stop_reason, self.index,
+                             list(self.logprobs) if lp else None, (new_lp or []) if lp else None,
+                             self.prompt_logprobs, self.cumulative if lp else None,
+                             cached_tokens=self.cached)
 
 
-class CoreClient:
+class CoreClient(RequestRules):
     """address: the core's socket; core_pid: its process, watched so that a dead core is
     noticed within `watch_s`; on_dead(): called once when it is."""
 
@@ -81,7 +99,7 @@ class CoreClient:
         self.stats = None
         self.adapters: list = []
         self.healthy = False
-        self._live: dict[str, _Tracked] = {}
+        self._live: dict[str, list[_Tracked | None]] = {}  # request id -> its sequences
         self._acks: dict[str, asyncio.Future] = {}
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
@@ -115,6 +133,7 @@ class CoreClient:
 
             codec = TextCodec(msg.folder)
         self.prompts = Prompts(codec, self.limits)
+        self.codec, self.max_model_len, self.eos = codec, msg.max_model_len, set(msg.eos)
         self.healthy = True
         return self
 
@@ -152,12 +171,14 @@ class CoreClient:
         if params.seed is None:  # drawn here, so the request stays reproducible from its output
             params = dataclasses.replace(params, seed=self._seeds.getrandbits(63))
         codec = self.prompts.codec
-        stream = Stream(request_id)
-        tracked = _Tracked(request_id, adapter, len(prompt_ids), params,
-                           Detokenizer(codec, params.stop), stream)
+        n = params.sequences
+        stream = Stream(request_id, n)
+        self._live[request_id] = [
+            _Tracked(request_id, i, adapter, len(prompt_ids), dataclasses.replace(
+                params, seed=(params.seed + i) % 2**63), Detokenizer(codec, params.stop), stream)
+            for i in range(n)]
         ack = asyncio.get_running_loop().create_future()
         self._acks[request_id] = ack
-        self._live[request_id] = tracked
         await self._sock.send(ENCODER.encode(Submit(request_id, list(prompt_ids), adapter,
                                                     dataclasses.asdict(params))))
         try:
@@ -169,12 +190,15 @@ class CoreClient:
         return stream
 
     def abort(self, request_id: str) -> bool:
-        """Ends a request now (finish_reason "abort") and tells the core."""
-        t = self._live.pop(request_id, None)
-        if t is None:
+        """Ends a request now (finish_reason "abort": each sequence still running) and tells the
+        core."""
+        seqs = self._live.pop(request_id, None)
+        if seqs is None:
             return False
-        t.stream._q.put_nowait(t.output([], True, "abort"))
-        self._send_soon(Abort([request_id]))
+        for t in seqs:
+            if t is not None:
+                t.stream._q.put_nowait(t.output([], True, "abort"))
+        self._send_soon(Abort([request_id], [-1]))
         return True
 
     def _send_soon(self, msg) -> None:
@@ -233,25 +257,39 @@ class CoreClient:
 
     def _step(self, msg: Step) -> None:
         errors = dict(msg.errors)
+        lps = dict(msg.logprobs)
+        prompt_lps = dict(msg.prompt_logprobs)
         for row, rid in enumerate(msg.request_ids):
-            t = self._live.get(rid)
+            seqs = self._live.get(rid)
+            t = None if seqs is None else seqs[msg.index[row]]
             if t is None:  # ended here already (a stop string, an abort)
                 continue
+            t.cached = msg.cached[row]
+            if row in prompt_lps:
+                t.prompt_logprobs = [None if x is None else _logprob(x) for x in prompt_lps[row]]
+            new_lp = [_logprob(x) for x in lps.get(row, ())]
+            if t.logprobs is not None:
+                t.logprobs += new_lp
+                for x in new_lp:
+                    t.cumulative += x.logprob
             new, out = [], None
             for tok in msg.tokens[row]:
                 t.tokens.append(tok)
                 new.append(tok)
                 if t.detok.push(tok):  # a stop string: done here, the core stops next step
-                    out = t.output(new, True, "stop", stop_reason=t.detok.matched)
-                    self._send_soon(Abort([rid]))
+                    out = t.output(new, True, "stop", stop_reason=t.detok.matched,
+                                   new_lp=new_lp)
+                    self._send_soon(Abort([rid], [t.index]))
                     break
             if out is None:
                 code = msg.finish[row]
                 stop = msg.stop_token[row]
                 out = t.output(new, code != 0, FINISH_REASONS[code], errors.get(row),
-                               stop if stop >= 0 else None)
+                               stop if stop >= 0 else None, new_lp)
             if out.finished:
-                del self._live[rid]
+                seqs[t.index] = None
+                if all(x is None for x in seqs):
+                    del self._live[rid]
             t.stream._q.put_nowait(out)
 
     # --- the core's health ------------------------------------------------------------------------
@@ -267,8 +305,10 @@ class CoreClient:
             return
         self.healthy = False
         log.error("front end: %s; failing %d requests in flight", CORE_GONE, len(self._live))
-        for t in self._live.values():
-            t.stream._q.put_nowait(t.output([], True, "abort", CORE_GONE))
+        for seqs in self._live.values():
+            for t in seqs:
+                if t is not None:
+                    t.stream._q.put_nowait(t.output([], True, "abort", CORE_GONE))
         self._live.clear()
         for fut in list(self._acks.values()) + list(self._calls.values()):
             if not fut.done():

@@ -17,8 +17,8 @@ import time
 import zmq
 
 from uora_rt.engine.messages import (
-    ENCODER, TO_CORE, Abort, Accepted, AdapterError, AdapterOp, Hello, Ready, Reject, Reply,
-    Shutdown, Stats, Step, Submit)
+    ENCODER, TO_CORE, Abort, Accepted, AdapterError, AdapterOp, Hello, Logprob, Ready, Reject,
+    Reply, Shutdown, Stats, Step, Submit)
 from uora_rt.engine.request import SamplingParams
 
 log = logging.getLogger("uora_rt.engine")
@@ -27,19 +27,20 @@ _CODES = {None: 0, "stop": 1, "length": 2, "abort": 3}
 
 
 class EngineCore:
-    """engine: an Engine built with detokenize=False. load_adapter(name, path) and
-    unload_adapter(name) change the runtime's adapters (ValueError/OSError/KeyError on a
-    refusal); cards() lists the loaded adapters as AdapterCards."""
+    """engine: an Engine built with detokenize=False. admin: load(name, path), unload(name)
+    change the runtime's adapters (AdapterError/ValueError/OSError/KeyError on a refusal);
+    cards() lists the loaded adapters as AdapterCards (server.adapters.AdapterAdmin)."""
 
-    def __init__(self, engine, address: str, load_adapter, unload_adapter, cards, folder=None):
-        self.engine, self.address = engine, address
-        self.load_adapter, self.unload_adapter, self.cards = load_adapter, unload_adapter, cards
+    def __init__(self, engine, address: str, admin, folder=None):
+        self.engine, self.address, self.admin = engine, address, admin
         self.folder = folder
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 1000)
         self.sock.bind(address)
         self.owner: dict[str, bytes] = {}  # request id -> the front end that sent it
+        self.unfinished: dict[str, int] = {}  # request id -> its sequences still running
+        self.prompt_lp_sent: set[tuple[str, int]] = set()
         self.clients: dict[bytes, int] = {}  # front end -> its process id
         self._checked = time.monotonic()
         self.stopping = False
@@ -69,9 +70,10 @@ class EngineCore:
         e = self.engine
         if isinstance(msg, Submit):
             try:
-                e.add_request(msg.prompt, msg.adapter, SamplingParams(**msg.params),
-                              msg.request_id)
+                params = SamplingParams(**msg.params)
+                e.add_request(msg.prompt, msg.adapter, params, msg.request_id)
                 self.owner[msg.request_id] = ident
+                self.unfinished[msg.request_id] = params.sequences
                 self._accepted.setdefault(ident, []).append(msg.request_id)
             except KeyError as err:
                 self._send(ident, Reject(msg.request_id, 404, str(err.args[0] if err.args
@@ -79,14 +81,14 @@ class EngineCore:
             except (ValueError, TypeError) as err:
                 self._send(ident, Reject(msg.request_id, 400, str(err)))
         elif isinstance(msg, Abort):
-            for rid in msg.request_ids:
-                e.abort(rid)
+            for rid, index in zip(msg.request_ids, msg.index):
+                e.abort(rid, None if index < 0 else index)
         elif isinstance(msg, AdapterOp):
             self._adapter_op(ident, msg)
         elif isinstance(msg, Hello):
             self.clients[ident] = msg.pid
             self._send(ident, Ready(e.limits.vocab, e.max_model_len, e.kv_capacity_tokens,
-                                    sorted(e.eos), self.cards(), self.stats(),
+                                    sorted(e.eos), self.admin.cards(), self.stats(),
                                     None if self.folder is None else str(self.folder),
                                     e.runner.graphs is not None))
         elif isinstance(msg, Shutdown):
@@ -96,9 +98,9 @@ class EngineCore:
         status, error = 200, None
         try:
             if msg.op == "load":
-                self.load_adapter(msg.name, msg.path)
+                self.admin.load(msg.name, msg.path)
             elif msg.op == "unload":
-                self.unload_adapter(msg.name)
+                self.admin.unload(msg.name)
             else:
                 status, error = 400, f"unknown adapter operation {msg.op!r}"
         except AdapterError as err:
@@ -110,7 +112,7 @@ class EngineCore:
         except Exception as err:  # a bug of ours: the front end answers 500, the core lives on
             log.exception("engine core: adapter %s of %r failed", msg.op, msg.name)
             status, error = 500, f"{type(err).__name__}: {err}"
-        self._send(ident, Reply(msg.call_id, status, error, self.cards()))
+        self._send(ident, Reply(msg.call_id, status, error, self.admin.cards()))
 
     # --- messages out ---------------------------------------------------------------------------
     def _send(self, ident: bytes, msg) -> None:
@@ -120,29 +122,40 @@ class EngineCore:
             log.warning("engine core: a front end is unreachable (%s)", e)
 
     def stats(self) -> Stats:
-        e = self.engine
-        return Stats(e.num_running, e.num_waiting, e.blocks_used, e.allocator.capacity)
+        return Stats.of(self.engine)
 
     def _publish(self, outputs) -> None:
         """One Step message per front end with rows in this step's outputs."""
         per: dict[bytes, Step] = {}
         stats = self.stats()
         for out in outputs:
-            ident = self.owner.get(out.request_id)
+            rid = out.request_id
+            ident = self.owner.get(rid)
             if ident is None:
                 continue
             step = per.get(ident)
             if step is None:
-                step = per[ident] = Step([], [], [], [], [], stats)
+                step = per[ident] = Step.empty(stats)
             row = len(step.request_ids)
-            step.request_ids.append(out.request_id)
+            step.request_ids.append(rid)
+            step.index.append(out.index)
             step.tokens.append(out.new_token_ids)
             step.finish.append(_CODES[out.finish_reason] if out.finished else 0)
             step.stop_token.append(out.stop_reason if isinstance(out.stop_reason, int) else -1)
+            step.cached.append(out.cached_tokens)
             if out.error is not None:
                 step.errors.append((row, out.error))
+            if out.new_logprobs:
+                step.logprobs.append((row, [_wire(t) for t in out.new_logprobs]))
+            if out.prompt_logprobs is not None and (rid, out.index) not in self.prompt_lp_sent:
+                self.prompt_lp_sent.add((rid, out.index))
+                step.prompt_logprobs.append((row, [None if t is None else _wire(t)
+                                                   for t in out.prompt_logprobs]))
             if out.finished:
-                del self.owner[out.request_id]
+                self.prompt_lp_sent.discard((rid, out.index))
+                self.unfinished[rid] -= 1
+                if self.unfinished[rid] == 0:
+                    del self.owner[rid], self.unfinished[rid]
         for ident, step in per.items():
             self._send(ident, step)
 
@@ -175,7 +188,7 @@ class EngineCore:
                 self._publish(e.step())
             elif not self._idle_stats_sent:  # so the front ends' gauges read idle
                 self._idle_stats_sent = True
-                empty = Step([], [], [], [], [], self.stats())
+                empty = Step.empty(self.stats())
                 for ident in self.clients:
                     self._send(ident, empty)
 
@@ -190,6 +203,10 @@ class EngineCore:
         while e.has_unfinished() and time.monotonic() < deadline:
             self._publish(e.step())
         self.sock.close()
+
+
+def _wire(t) -> Logprob:
+    return Logprob(t.token_id, t.logprob, t.rank, t.top)
 
 
 def process_alive(pid: int) -> bool:

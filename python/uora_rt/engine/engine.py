@@ -4,6 +4,7 @@ while one thread runs step()."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import random
@@ -11,10 +12,12 @@ import threading
 import time
 
 from uora_rt.engine.detokenizer import Detokenizer
+from uora_rt.engine.forks import fork
 from uora_rt.engine.kv_cache import BlockAllocator, KVPool, default_kv_tokens
 from uora_rt.engine.metadata import build_step
+from uora_rt.engine.processors import hand_out
 from uora_rt.engine.request import Request, RequestOutput, SamplingParams, Status
-from uora_rt.engine.rules import Limits, Prompts, check_length, check_prompt
+from uora_rt.engine.rules import Limits, Prompts, RequestRules
 from uora_rt.engine.runner import ModelRunner
 from uora_rt.engine.scheduler import Scheduler
 from uora_rt.kernels import triton_available
@@ -22,7 +25,7 @@ from uora_rt.kernels import triton_available
 log = logging.getLogger("uora_rt.engine")
 
 
-class Engine:
+class Engine(RequestRules):
     """rt: a decoder Runtime (uora_rt.load). kv_cache_tokens: KV capacity in tokens (rounded up
     to whole blocks); max_num_seqs: requests running at once; max_step_tokens: tokens computed per step
     (decodes first, then prefill chunks). Defaults: what the device's free memory allows, 256
@@ -30,13 +33,16 @@ class Engine:
     already takes ~0.2 s on SmolLM2-135M; longer steps would stall the running decodes).
     attention: the decode attention path, "cpp" (the CPU op), "triton" (CUDA) or "torch" (None:
     the fastest the device has; the choice is logged). cuda_graphs: replay decode steps from
-    CUDA graphs (default: on CUDA with the Triton path). detokenize: build text and match stop
-    strings here (False in an engine core process, whose front ends do it)."""
+    CUDA graphs (default: on CUDA with the Triton path). enable_prefix_caching: keep full KV
+    blocks after their requests end and let later requests with the same prefix, under the same
+    adapter bytes (or none), read them instead of computing them (docs/prefix-caching.md).
+    detokenize: build text and match stop strings here (False in an engine core process, whose
+    front ends do it)."""
 
     def __init__(self, rt, kv_cache_tokens: int | None = None, max_num_seqs: int | None = None,
                  max_step_tokens: int | None = None, block_size: int = 16,
                  attention: str | None = None, cuda_graphs: bool | None = None,
-                 detokenize: bool = True):
+                 enable_prefix_caching: bool = True, detokenize: bool = True):
         model = rt.model
         if model.kind != "decoder":
             raise ValueError("the engine serves decoder models; this base is an encoder")
@@ -61,9 +67,15 @@ class Engine:
         self.block_size = block_size
         num_blocks = -(-kv_cache_tokens // block_size) + 1  # + the reserved block 0
         self.kv = KVPool(spec, num_blocks, block_size, dtype, device)
-        self.allocator = BlockAllocator(num_blocks)
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"Engine: enable_prefix_caching must be True or False, got "
+                             f"{enable_prefix_caching!r}")
+        self.prefix_caching = enable_prefix_caching
+        self._model = model
+        self.allocator = BlockAllocator(num_blocks, caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, block_size, self.max_num_seqs,
-                                   self.max_step_tokens, self.adapters)
+                                   self.max_step_tokens, self.adapters,
+                                   self._cache_root if enable_prefix_caching else None)
         if cuda_graphs is None:  # graphs replay the Triton attention path, one device only
             cuda_graphs = (cuda and attention in (None, "triton") and triton_available()
                            and rt.tp is None)
@@ -75,82 +87,79 @@ class Engine:
         self.prompts = Prompts(self.codec, self.limits)
         self._lock = threading.Lock()
         self._inbox: list[Request] = []
-        self._aborts: set[str] = set()
-        self._live: dict[str, Request] = {}
+        self._aborts: set[tuple[str, int | None]] = set()  # (request id, sequence or all)
+        self._live: dict[str, list[Request]] = {}  # request id -> its unfinished sequences
         self._ids = itertools.count()
         self._seeds = random.Random()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "step_s": 0.0,
-                      "forward_s": 0.0, "peak_blocks": 0}
-        log.info("engine: %d KV blocks of %d tokens (%.2f GB), %d sequences, %d tokens per step",
-                 num_blocks - 1, block_size, self.kv.nbytes() / 1e9, self.max_num_seqs,
-                 self.max_step_tokens)
+                      "forward_s": 0.0, "peak_blocks": 0,
+                      "forks": 0, "fork_prefills": 0}  # n > 1: sequences that copied / prefilled
+        self._said_tp_forks = False
+        log.info("engine: %d KV blocks of %d tokens (%.2f GB), %d sequences, %d tokens per step, "
+                 "prefix caching %s", num_blocks - 1, block_size, self.kv.nbytes() / 1e9,
+                 self.max_num_seqs, self.max_step_tokens,
+                 "on" if enable_prefix_caching else "off")
 
     # --- requests ---------------------------------------------------------------------------
     @property
     def kv_capacity_tokens(self) -> int:
         return self.allocator.capacity * self.block_size
 
-    @property
-    def max_request_tokens(self) -> int:
-        """The most prompt + max_tokens one request may have (rules.Limits)."""
-        return self.limits.max_request_tokens
-
     def add_request(self, prompt, adapter: str | None = None, params: SamplingParams | None = None,
                     request_id: str | None = None, on_output=None) -> str:
         """prompt: a string (through the chat template, as generate does) or token ids.
         on_output(RequestOutput), if given, is called from the stepping thread with each output
-        of this request. Raises KeyError (unknown adapter) or ValueError (bad prompt or
-        parameters, a request that can never fit) before anything in the engine changes."""
+        of this request (of each of its params.sequences sequences, told apart by .index).
+        Raises KeyError (unknown adapter) or ValueError (bad prompt or parameters, a request
+        that can never fit) before anything in the engine changes."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params: expected SamplingParams, got {type(params).__name__}")
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else self.check_prompt(prompt)
         self.check_length(len(ids), params.max_tokens)
+        for name, toks in (("stop_token_ids", params.stop_token_ids),
+                           ("logit_bias", list(params.logit_bias))):
+            bad = [t for t in toks if t >= self.vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids must be integers in [0, {self.vocab}), got "
+                                 f"{bad[:5]}")
         self.adapters.check_merged([adapter])
         use_lease = adapter is not None and self.adapters.merged is None
-        lease = self.adapters.lease(adapter) if use_lease else None  # KeyError if unknown
+        leases = []
+        try:
+            for _ in range(params.sequences):
+                leases.append(self.adapters.lease(adapter) if use_lease else None)  # KeyError
+        except KeyError:
+            for lease in leases:
+                self.adapters.release(lease)
+            raise
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        detok = Detokenizer(self.codec if self.detokenize else None, params.stop)
-        req = Request("", ids, adapter, lease, params, seed, detok,
-                      set() if params.ignore_eos else self.eos, on_output)
+        eos = (set() if params.ignore_eos else self.eos) | set(params.stop_token_ids)
+        codec = self.codec if self.detokenize else None
+        group = [Request("", ids, adapter, lease, params, (seed + i) % 2**63,
+                         Detokenizer(codec, params.stop), eos, on_output, index=i)
+                 for i, lease in enumerate(leases)]
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._live:
-                if lease is not None:
-                    self.adapters.release(lease)
+                for lease in leases:
+                    if lease is not None:
+                        self.adapters.release(lease)
                 raise ValueError(f"request id {rid!r} is already in use")
-            req.request_id = rid
-            self._live[rid] = req
-            self._inbox.append(req)
-            self.adapters.enter()
+            for req in group:
+                req.request_id = rid
+                self.adapters.enter()
+            self._live[rid] = list(group)
+            self._inbox.append(group)
         return rid
 
-    # --- the rules a request must meet (engine/rules.py; servers ask these) -------------------
-    def encode_prompt(self, text: str) -> list[int]:
-        return self.prompts.encode_prompt(text)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.prompts.encode(text, add_special_tokens)
-
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.prompts.encode_chat(messages, add_generation_prompt)
-
-    @property
-    def has_chat_template(self) -> bool:
-        return self.prompts.has_chat_template
-
-    def check_prompt(self, ids) -> list[int]:
-        return check_prompt(ids, self.limits)
-
-    def check_length(self, prompt_tokens: int, max_tokens: int, what: str = "prompt") -> None:
-        check_length(prompt_tokens, max_tokens, self.limits, what)
-
-    def abort(self, request_id: str) -> bool:
-        """Ends a request at the next step (finish_reason "abort"). False if it is not live."""
+    def abort(self, request_id: str, index: int | None = None) -> bool:
+        """Ends a request at the next step (finish_reason "abort"): all its sequences, or the
+        one of that index. False if it is not live."""
         with self._lock:
             if request_id not in self._live:
                 return False
-            self._aborts.add(request_id)
+            self._aborts.add((request_id, index))
             return True
 
     def has_unfinished(self) -> bool:
@@ -163,22 +172,50 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting + len(self._inbox)
+        return self.scheduler.num_waiting + sum(len(g) for g in self._inbox)
 
     @property
     def blocks_used(self) -> int:
         return self.allocator.capacity - self.allocator.num_free
 
+    # --- prefix caching ---------------------------------------------------------------------
+    def _cache_root(self, req: Request) -> bytes:
+        """What a request's KV blocks are keyed by: the model's weights version (merge changes
+        the weights in place) and the identity of its adapter: the digest of its tensors
+        (never its name, which a different file can take), the merged adapter's, or the base
+        model's. Asked when the request first enters, in the stepping thread: the request is
+        in flight then, so neither the weights nor its adapter can change under it."""
+        if req.lease is not None:
+            identity = b"adapter:" + req.lease.kv_identity
+        elif self.adapters.merged is not None:
+            identity = b"merged:" + self.adapters.entries[self.adapters.merged].kv_identity
+        else:
+            identity = b"base"
+        version = self._model.weights_version.to_bytes(8, "little")
+        return hashlib.sha256(b"uora-kv-root-v1\0" + version + identity).digest()
+
+    @property
+    def prefix_cache_stats(self) -> dict:
+        """Prompt tokens looked up in the prefix cache and found there (counted once per
+        request, when it first runs), in total and per adapter name (None: the base)."""
+        # copies (atomic): a metrics scrape reads this while the stepping thread counts
+        q, h = dict(self.scheduler.cache_queries), dict(self.scheduler.cache_hits)
+        return {"queries": sum(q.values()), "hits": sum(h.values()),
+                "per_adapter": {name: (q[name], h.get(name, 0)) for name in q},
+                "cached_blocks": self.allocator.num_cached, "evicted": self.allocator.evicted}
+
     # --- the loop ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One scheduler iteration: one output per request that produced a token or ended."""
+        """One scheduler iteration: one output per sequence that produced a token or ended."""
         t0 = time.perf_counter()
         with self._lock:
             new, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, set()
-        for req in new:
-            self.scheduler.add(req)
-        outputs = [self._finish(self._live[rid], "abort") for rid in aborts if rid in self._live]
+        for group in new:
+            self._enter(group)
+        outputs = [self._finish(req, "abort") for rid, index in aborts
+                   for req in list(self._live.get(rid, ()))
+                   if req.status is not Status.FINISHED and index in (None, req.index)]
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return outputs
@@ -187,52 +224,102 @@ class Engine:
             meta = build_step(scheduled, self.block_size, self.runner.device,
                               self.adapters.merged is None, self.runner.gather_prefill)
             t1 = time.perf_counter()
-            tokens = self.runner.run(meta).tolist()
+            tokens, table = self.runner.run(meta)
+            tokens = tokens.tolist()
+            table = table.tolist() if table is not None else None
             self.stats["forward_s"] += time.perf_counter() - t1
         except Exception as e:  # fail the step's requests, keep serving the others
             log.exception("engine step failed; failing its %d requests", len(scheduled))
             return outputs + [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
-                              for s in scheduled]
+                              for s in scheduled if s.req.status is not Status.FINISHED]
+        entries = hand_out(meta.extras, table, tokens) if table is not None else {}
         for s in scheduled:
             s.req.computed += s.count
-            key = "decode_tokens" if s.count == 1 else "prefill_tokens"
-            self.stats[key] += s.count
-        for s, tok in zip(meta.sampled, tokens):
-            outputs.append(self._append(s.req, tok))
+            self.scheduler.register(s.req)
+            decode = s.count == 1 and s.start >= s.req.prompt_len
+            self.stats["decode_tokens" if decode else "prefill_tokens"] += s.count
+            if s.req.forks and s.req.computed >= s.req.prompt_len - 1:
+                fork(s.req, self.scheduler, self.allocator, self.kv, self.stats)
+        for i, (s, tok) in enumerate(zip(meta.sampled, tokens)):
+            outputs.append(self._append(s.req, tok, entries.get(i)))
         self.stats["steps"] += 1
         self.stats["step_s"] += time.perf_counter() - t0
         return outputs
 
-    def _append(self, req: Request, tok: int) -> RequestOutput:
+    def _enter(self, group: list[Request]) -> None:
+        """A new request's sequences: the first is scheduled; the others wait for its prompt's
+        KV cache (_fork), except under tensor parallelism (the cache lives on the workers too),
+        where each prefills its own prompt."""
+        for req in group:
+            if req.params.processed:
+                req.proc_slot = self.runner.processors.open(req.tokens, req.prompt_len,
+                                                                req.params, req.eos)
+        first, *rest = group
+        self.scheduler.add(first)
+        if rest and self.runner.peers is not None:
+            if not self._said_tp_forks:
+                log.info("n > 1 under tensor parallelism: each sequence prefills its prompt")
+                self._said_tp_forks = True
+            for req in rest:
+                self.scheduler.add(req)
+            self.stats["fork_prefills"] += len(rest)
+        else:
+            first.forks = rest
+
+    def _append(self, req: Request, tok: int, entry=None) -> RequestOutput:
         if req.first_token_time is None:
             req.first_token_time = time.perf_counter()
+        new_lp = []
+        if entry is not None:
+            req.logprobs.append(entry)
+            req.cumulative_logprob += entry.logprob
+            new_lp = [entry]
         if tok in req.eos:
             req.stop_reason = tok
-            return self._finish(req, "stop")
+            return self._finish(req, "stop", new_lp=new_lp)
         req.tokens.append(tok)
         if req.detok.push(tok):
             req.stop_reason = req.detok.matched
-            return self._finish(req, "stop", new=[tok])
+            return self._finish(req, "stop", new=[tok], new_lp=new_lp)
         if req.num_tokens - req.prompt_len >= req.params.max_tokens:
-            return self._finish(req, "length", new=[tok])
-        return self._emit(req, [tok])
+            return self._finish(req, "length", new=[tok], new_lp=new_lp)
+        return self._emit(req, [tok], new_lp)
 
     def _finish(self, req: Request, reason: str, error: str | None = None,
-                new: list[int] | None = None) -> RequestOutput:
+                new: list[int] | None = None, new_lp=None) -> RequestOutput:
         self.scheduler.finish(req)
         if req.lease is not None:
             self.adapters.release(req.lease)
+        if req.proc_slot is not None:
+            self.runner.processors.close(req.proc_slot)
+            req.proc_slot = None
         req.finish_reason, req.error = reason, error
         with self._lock:
-            self._live.pop(req.request_id, None)
+            seqs = self._live.get(req.request_id)
+            if seqs is not None and req in seqs:
+                seqs.remove(req)
+                if not seqs:
+                    del self._live[req.request_id]
         self.adapters.exit()
-        return self._emit(req, new or [])
+        out = self._emit(req, new or [], new_lp)
+        for kid in req.forks:  # siblings still waiting for this one's prompt fail with it
+            if kid.status is not Status.FINISHED:
+                self._finish(kid, reason, error)
+        req.forks = []
+        return out
 
-    def _emit(self, req: Request, new: list[int]) -> RequestOutput:
+    def _emit(self, req: Request, new: list[int], new_lp=None) -> RequestOutput:
         done = req.status is Status.FINISHED
+        lp = req.want_logprobs
+        prompt_lp = req.prompt_logprobs
         out = RequestOutput(req.request_id, req.adapter, req.output_ids, req.detok.text, done,
                             req.finish_reason, req.prompt_len, new, req.detok.take_new(done),
-                            req.seed, req.error, req.stop_reason)
+                            req.seed, req.error, req.stop_reason, req.index,
+                            list(req.logprobs) if lp else None, (new_lp or []) if lp else None,
+                            list(prompt_lp) if prompt_lp is not None and
+                            len(prompt_lp) == req.prompt_len else None,
+                            req.cumulative_logprob if lp else None,
+                            cached_tokens=req.cached_tokens or 0)
         if req.on_output is not None:
             try:
                 req.on_output(out)

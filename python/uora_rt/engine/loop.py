@@ -25,12 +25,14 @@ log = logging.getLogger("uora_rt.engine")
 
 
 class RequestStream:
-    """The outputs of one request, ending with the finished one."""
+    """The outputs of one request, ending once each of its `sequences` has finished."""
 
-    def __init__(self, asyncio_loop: asyncio.AbstractEventLoop | None = None, sink=None):
+    def __init__(self, asyncio_loop: asyncio.AbstractEventLoop | None = None, sink=None,
+                 sequences: int = 1):
         """sink(loop, queue, out), if given, collects asyncio outputs for a batched hand-over
         (EngineLoop's); without one each output is handed over on its own."""
         self.request_id: str | None = None
+        self.sequences = sequences
         self._loop, self._sink = asyncio_loop, sink
         self._async_q: asyncio.Queue | None = asyncio.Queue() if asyncio_loop else None
         self._sync_q: queue.SimpleQueue | None = None if asyncio_loop else queue.SimpleQueue()
@@ -46,19 +48,23 @@ class RequestStream:
     def __iter__(self):
         if self._sync_q is None:
             raise TypeError("this stream belongs to an asyncio loop: use `async for`")
+        left = self.sequences
         while True:
             out = self._sync_q.get()
             yield out
-            if out.finished:
+            left -= out.finished
+            if not left:
                 return
 
     async def __aiter__(self):
         if self._async_q is None:
             raise TypeError("this stream has no asyncio loop: iterate it with `for`")
+        left = self.sequences
         while True:
             out = await self._async_q.get()
             yield out
-            if out.finished:
+            left -= out.finished
+            if not left:
                 return
 
 
@@ -87,7 +93,8 @@ class EngineLoop:
     def submit(self, prompt, adapter=None, params=None, request_id=None,
                asyncio_loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
         """Adds a request (errors raised here, as Engine.add_request) and returns its stream."""
-        stream = RequestStream(asyncio_loop, self._collect)
+        stream = RequestStream(asyncio_loop, self._collect,
+                               params.sequences if params is not None else 1)
         stream.request_id = self.engine.add_request(prompt, adapter, params, request_id,
                                                     on_output=stream.put)
         self._wake.set()

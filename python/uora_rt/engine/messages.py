@@ -38,6 +38,7 @@ class Submit(msgspec.Struct, tag="submit"):
 
 class Abort(msgspec.Struct, tag="abort"):
     request_ids: list[str]
+    index: list[int]  # the sequence of each to end, -1: all of them
 
 
 class AdapterOp(msgspec.Struct, tag="adapter"):
@@ -62,6 +63,16 @@ class Stats(msgspec.Struct, array_like=True):
     waiting: int
     blocks_used: int
     blocks_total: int
+    blocks_cached: int      # blocks holding a reusable prefix (held or free)
+    # prefix cache, per adapter name ("" = the base): prompt tokens looked up, found cached
+    prefix: list[tuple[str, int, int]]
+
+    @classmethod
+    def of(cls, engine) -> Stats:
+        per = engine.prefix_cache_stats["per_adapter"]
+        return cls(engine.num_running, engine.num_waiting, engine.blocks_used,
+                   engine.allocator.capacity, engine.allocator.num_cached,
+                   [("" if name is None else name, q, h) for name, (q, h) in per.items()])
 
 
 class Ready(msgspec.Struct, tag="ready"):
@@ -75,17 +86,37 @@ class Ready(msgspec.Struct, tag="ready"):
     graphs: bool            # decode steps replay CUDA graphs
 
 
+class Logprob(msgspec.Struct, array_like=True):
+    """request.TokenLogprob on the wire."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
 class Step(msgspec.Struct, tag="step"):
-    """Rows of one step: request i produced tokens[i] (possibly none, when it only ended) and
-    finished with FINISH_REASONS[finish[i]]; stop_token[i] is the end-of-sequence id that ended
-    it (-1 otherwise); errors holds (row, message) for requests that failed in the engine."""
+    """Rows of one step: sequence index[i] of request request_ids[i] produced tokens[i]
+    (possibly none, when it only ended) and finished with FINISH_REASONS[finish[i]];
+    stop_token[i] is the end-of-sequence or stop token id that ended it (-1 otherwise);
+    cached[i] its prompt tokens read from the prefix cache. Sparse, by row: errors (requests
+    that failed in the engine), logprobs (the new tokens' entries, for requests that asked),
+    prompt_logprobs (once per sequence, when its prompt is computed)."""
 
     request_ids: list[str]
+    index: list[int]
     tokens: list[list[int]]
     finish: list[int]
     stop_token: list[int]
+    cached: list[int]
     errors: list[tuple[int, str]]
+    logprobs: list[tuple[int, list[Logprob]]]
+    prompt_logprobs: list[tuple[int, list[Logprob | None]]]
     stats: Stats
+
+    @classmethod
+    def empty(cls, stats: Stats) -> Step:
+        return cls([], [], [], [], [], [], [], [], [], stats)
 
 
 class Reply(msgspec.Struct, tag="reply"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from uora_rt.engine.processors import StepExtras, build_extras
 from uora_rt.engine.sampler import SamplingTensors
 from uora_rt.kernels.triton_prefill import tiles_for
 
@@ -48,6 +49,7 @@ class StepMetadata:
     any_top_p: bool                     # some row has top_p < 1
     adapter_slots: dict                 # family id -> [T] int32 slots (-1 = not this family)
     adapter_with_q: dict                # family id -> any adapter of it with reinit events
+    extras: StepExtras | None = None    # logit processing / logprobs (None: nobody asks)
 
     @property
     def num_tokens(self) -> int:
@@ -115,6 +117,8 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
             [p.temperature for p in params], [p.top_k for p in params],
             [p.top_p for p in params], [s.req.seed for _, s in sampled],
             [s.req.num_tokens - s.req.prompt_len for _, s in sampled], device)
+    prompt_runs, prompt_rows = _prompt_logprob_rows(ordered, starts)
+    extras = build_extras([s.req for _, s in sampled], prompt_runs, device)
     slots_by_fam, with_q = _adapter_slots(ordered, starts, t, device) if use_adapters else ({}, {})
 
     def dev(x, dtype=torch.int32):
@@ -129,10 +133,27 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
         prefill_seq_lens=dev([s.start + s.count for s in prefills]),
         prefill_query_start=dev(q_start),
         prefill_tiles=dev(tiles_for(q_start)).reshape(-1, 2),
-        logits_rows=dev(rows, torch.long), sampled=[s for _, s in sampled], sampling=sampling,
+        logits_rows=dev(rows + prompt_rows, torch.long), sampled=[s for _, s in sampled],
+        sampling=sampling,
         any_sampled=any(p.temperature > 0 for p in params),
         any_top_p=any(p.temperature > 0 and p.top_p < 1 for p in params),
-        adapter_slots=slots_by_fam, adapter_with_q=with_q)
+        adapter_slots=slots_by_fam, adapter_with_q=with_q, extras=extras)
+
+
+def _prompt_logprob_rows(ordered, starts):
+    """For requests that want prompt logprobs: (request, prompt tokens predicted) per chunk, and
+    the packed tokens whose logits predict them (they follow the sampled rows in logits_rows)."""
+    runs, rows = [], []
+    for st, s in zip(starts, ordered):
+        r = s.req
+        if r.prompt_logprobs is None:
+            continue
+        lo = max(r.prompt_logprobs_done, s.start + 1)      # position j is predicted at j - 1
+        hi = min(s.start + s.count, r.prompt_len - 1)
+        if lo <= hi:
+            runs.append((r, r.tokens[lo:hi + 1]))
+            rows.extend(range(st + lo - 1 - s.start, st + hi - s.start))
+    return runs, rows
 
 
 def _adapter_slots(ordered, starts, total, device):

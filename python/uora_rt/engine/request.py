@@ -1,4 +1,7 @@
-"""A request's parameters, its state inside the engine, and what the engine reports about it."""
+"""A request's parameters, its state inside the engine, and what the engine reports about it.
+
+Everything a request carries is plain data (numbers, strings, lists, dicts of those), so that it
+can cross a process boundary as it is."""
 
 from __future__ import annotations
 
@@ -7,13 +10,27 @@ import math
 import time
 from dataclasses import dataclass, field
 
+# OpenAI's ranges, which vLLM enforces too.
+PENALTY_RANGE = (-2.0, 2.0)
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+
 
 @dataclass
 class SamplingParams:
     """temperature 0 = greedy; top_k 0 and top_p 1 = off; seed None = the engine draws one (the
     request is still reproducible from its RequestOutput.seed); stop: strings that end the
     output (not included in its text); ignore_eos: keep going past end-of-sequence tokens (for
-    benchmarks with fixed output lengths)."""
+    benchmarks with fixed output lengths).
+
+    n: sequences drawn from the one prompt (sequence i uses seed + i, mod 2**63); best_of: run
+    that many (>= n) and let the caller keep the n with the highest mean logprob (each output
+    carries cumulative_logprob). stop_token_ids: token ids that end a sequence like EOS does
+    (also with ignore_eos). min_tokens: EOS and stop_token_ids cannot be drawn before that many
+    tokens. presence/frequency_penalty (OpenAI's, on output tokens), repetition_penalty
+    (transformers' and vLLM's, on prompt and output tokens; 1 = off), logit_bias {token id:
+    bias} added to the logits. logprobs: k >= 0 -> each output token's logprob, rank and the
+    k most likely tokens, from the model's raw logits (before penalties, temperature and
+    top-k/top-p); prompt_logprobs: the same for every prompt token after the first."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -22,24 +39,87 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] | str | None = None
     ignore_eos: bool = False
+    n: int = 1
+    best_of: int | None = None
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or [])]
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        bias = self.logit_bias or {}
+        if isinstance(bias, dict):  # JSON keys arrive as strings: "50256" -> 50256
+            bias = {_int_key(k): v for k, v in bias.items()}
+        self.logit_bias = bias
+        lo, hi = PENALTY_RANGE
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", ">= 1"),
+            (_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", ">= 1"),
             (_finite(self.temperature) and self.temperature >= 0, "temperature", ">= 0"),
             (_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", "in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", ">= 0 (0 = off)"),
-            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+            (_is_int(self.top_k) and self.top_k >= 0, "top_k", ">= 0 (0 = off)"),
+            (self.seed is None or (_is_int(self.seed) and 0 <= self.seed < 2**63),
              "seed", "None or an integer in [0, 2**63)"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
+            (_is_int(self.n) and self.n >= 1, "n", "an integer >= 1"),
+            (self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n),
+             "best_of", f"None or an integer >= n ({self.n})"),
+            (all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+             "token ids (integers >= 0)"),
+            (_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+             "min_tokens", f"an integer in [0, max_tokens ({self.max_tokens})]"),
+            (_finite(self.presence_penalty) and lo <= self.presence_penalty <= hi,
+             "presence_penalty", f"in [{lo:g}, {hi:g}]"),
+            (_finite(self.frequency_penalty) and lo <= self.frequency_penalty <= hi,
+             "frequency_penalty", f"in [{lo:g}, {hi:g}]"),
+            (_finite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "repetition_penalty", "> 0 and finite (1 = off)"),
+            (isinstance(bias, dict) and all(
+                _is_int(k) and k >= 0 and _finite(v) and
+                LOGIT_BIAS_RANGE[0] <= v <= LOGIT_BIAS_RANGE[1] for k, v in bias.items()),
+             "logit_bias", "{token id >= 0: bias in [-100, 100]}"),
+            (self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+             "logprobs", "None or an integer >= 0"),
+            (self.prompt_logprobs is None or
+             (_is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+             "prompt_logprobs", "None or an integer >= 0"),
         ]
         for ok, name, want in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name}: expected {want}, got "
                                  f"{getattr(self, name)!r}")
+
+    @property
+    def sequences(self) -> int:
+        """How many sequences the engine runs for this request: best_of, else n."""
+        return max(self.n, self.best_of or self.n)
+
+    @property
+    def penalized(self) -> bool:
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
+    @property
+    def processed(self) -> bool:
+        """The logits of this request are changed before sampling (penalties, bias, min_tokens)."""
+        return self.penalized or bool(self.logit_bias) or self.min_tokens > 0
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int_key(k):
+    if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+        return int(k)
+    return k
 
 
 def _finite(v) -> bool:
@@ -47,10 +127,26 @@ def _finite(v) -> bool:
 
 
 @dataclass
+class TokenLogprob:
+    """One position's logprobs (log_softmax of the raw logits): the token there, its logprob
+    and rank (1 = the most likely), and the `top` k most likely (token id, logprob), best
+    first."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class RequestOutput:
-    """One request's state after a step. token_ids/text: everything generated so far (without
-    the end-of-sequence token that ended it; text cut before a stop string); new_token_ids /
-    new_text: what this step added (for streaming)."""
+    """One sequence's state after a step. token_ids/text: everything generated so far (without
+    the end-of-sequence or stop token that ended it; text cut before a stop string); new_token_ids
+    / new_text: what this step added (for streaming). index: which of the request's n (or
+    best_of) sequences this is. logprobs: one entry per generated token (with the ending stop
+    token's last, when one ended it), when SamplingParams.logprobs is set or best_of > n;
+    prompt_logprobs: None for the first prompt token, then one per prompt token (once the
+    prompt is computed)."""
 
     request_id: str
     adapter: str | None
@@ -63,8 +159,24 @@ class RequestOutput:
     new_text: str = ""
     seed: int | None = None
     error: str | None = None   # set when the request failed inside the engine (finish "abort")
-    stop_reason: str | int | None = None  # the stop string, or the end-of-sequence token id,
-                                          # that ended it ("stop"); None otherwise
+    stop_reason: str | int | None = None  # the stop string, or the end-of-sequence / stop
+                                          # token id, that ended it ("stop"); None otherwise
+    index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    new_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    cumulative_logprob: float | None = None
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
+
+
+def best_of(outputs: list[RequestOutput], n: int) -> list[RequestOutput]:
+    """The n finished sequences with the highest mean logprob per token (OpenAI's best_of rule),
+    in their original order."""
+    def score(o):
+        count = len(o.logprobs or ())
+        return (o.cumulative_logprob or 0.0) / max(count, 1)
+    keep = sorted(range(len(outputs)), key=lambda i: (-score(outputs[i]), i))[:n]
+    return [outputs[i] for i in sorted(keep)]
 
 
 class Status(enum.Enum):
@@ -74,17 +186,26 @@ class Status(enum.Enum):
 
 
 class Request:
-    """A request inside the engine. `tokens` holds the prompt then every generated token;
-    `computed` of them have their keys/values in the KV cache (reset by preemption)."""
+    """A sequence inside the engine. `tokens` holds the prompt then every generated token;
+    `computed` of them have their keys/values in the KV cache (reset by preemption). A request
+    with n > 1 runs as several Requests (index 0..n-1) under one request id."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], adapter: str | None, lease,
-                 params: SamplingParams, seed: int, detok, eos: set[int], on_output=None):
+                 params: SamplingParams, seed: int, detok, eos: set[int], on_output=None,
+                 index: int = 0):
         self.request_id, self.adapter, self.lease = request_id, adapter, lease
-        self.params, self.seed = params, seed
+        self.params, self.seed, self.index = params, seed, index
         self.tokens = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
         self.computed = 0
         self.blocks: list[int] = []
+        # prefix caching (engine/scheduler.py): the identity the KV is keyed by, the keys of the
+        # full blocks so far, how many of `blocks` are findable, prompt tokens found cached
+        # when it first entered (None until then)
+        self.cache_root: bytes | None = None
+        self.keys: list[bytes] = []
+        self.cached_blocks = 0
+        self.cached_tokens: int | None = None
         self.status = Status.WAITING
         self.pinned = False
         self.detok, self.eos, self.on_output = detok, eos, on_output
@@ -95,6 +216,14 @@ class Request:
         self.arrival = time.perf_counter()
         self.first_token_time: float | None = None
         self.preemptions = 0
+        # Logits processing and logprobs (engine/processors.py).
+        self.proc_slot: int | None = None      # row of the processor tables, if processed
+        self.want_logprobs = params.logprobs is not None or params.sequences > params.n
+        self.logprobs: list[TokenLogprob] = []
+        self.cumulative_logprob = 0.0
+        want_prompt = params.prompt_logprobs is not None
+        self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if want_prompt else None
+        self.forks: list[Request] = []         # siblings waiting to copy this one's prompt KV
 
     @property
     def num_tokens(self) -> int:
@@ -107,3 +236,8 @@ class Request:
     @property
     def max_total(self) -> int:
         return self.prompt_len + self.params.max_tokens
+
+    @property
+    def prompt_logprobs_done(self) -> int:
+        """Prompt positions whose logprob entry exists (the first has None)."""
+        return len(self.prompt_logprobs) if self.prompt_logprobs is not None else self.prompt_len

@@ -103,3 +103,40 @@ class Prompts:
             raise ValueError("this base has no chat template")
         text = codec.render_chat(messages, add_generation_prompt=add_generation_prompt)
         return codec.tok.encode(text, add_special_tokens=False).ids
+
+
+class RequestRules:
+    """The rules as methods, for whatever holds `limits` and `prompts`: the engine, and the
+    handles a server holds on one (engine/client.CoreClient, server/local.LocalEngine). A server
+    asks these; it never repeats them."""
+
+    limits: Limits
+    prompts: Prompts
+
+    @property
+    def vocab(self) -> int:
+        return self.limits.vocab
+
+    @property
+    def max_request_tokens(self) -> int:
+        """The most prompt + max_tokens one request may have (Limits.max_request_tokens)."""
+        return self.limits.max_request_tokens
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.prompts.has_chat_template
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.prompts.encode_prompt(text)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.prompts.encode(text, add_special_tokens)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.prompts.encode_chat(messages, add_generation_prompt)
+
+    def check_prompt(self, ids) -> list[int]:
+        return check_prompt(ids, self.limits)
+
+    def check_length(self, prompt_tokens: int, max_tokens: int, what: str = "prompt") -> None:
+        check_length(prompt_tokens, max_tokens, self.limits, what)

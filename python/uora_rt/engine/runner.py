@@ -18,6 +18,7 @@ import torch
 from uora_rt.adapters.manager import AdapterManager
 from uora_rt.engine.attention import PagedAttention, choose_attention
 from uora_rt.engine.kv_cache import KVPool
+from uora_rt.engine.processors import ProcessorState, sample_step
 from uora_rt.engine.sampler import Sampler
 from uora_rt.kernels.routes import KernelPrefs, choose
 from uora_rt.models.common import PaddedAttention
@@ -67,6 +68,8 @@ class ModelRunner:
                                                                                attention)
         self.gather_prefill = self.prefill_fn is None  # the SDPA path reads gathered context
         self.sampler = Sampler(self.device)
+        self._processors = None
+        self._max_len = max_blocks * kv.block_size
         # Graphs need an attention path with a length-independent grid (Triton); the gather
         # path's shapes follow the lengths.
         want = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -88,6 +91,13 @@ class ModelRunner:
                         if peers is not None else None)
         self._release = (weakref.finalize(self, peers.close_kv, self.peer_kv)
                          if peers is not None else None)
+
+    @property
+    def processors(self) -> ProcessorState:
+        """The per-request logit-processing tables (made on first use: rank 0 alone samples)."""
+        if self._processors is None:
+            self._processors = ProcessorState(self.model.spec.vocab, self._max_len, self.device)
+        return self._processors
 
     def close(self) -> None:
         if self._release is not None:
@@ -113,13 +123,19 @@ class ModelRunner:
                               routes=routes)
 
     @torch.no_grad()
-    def run(self, meta) -> torch.Tensor:
-        """Token ids [R] drawn for the step's sampled rows (on the device)."""
+    def run(self, meta):
+        """(token ids [R] drawn for the step's sampled rows, on the host; logprob table
+        [L, 2 + 2k] float64 or None). Sampler.finish makes the step's one device-to-host copy
+        of the tokens and re-draws the rows the window could not (processors.sample_step)."""
+        logits = None
         if self.graphs is not None and meta.sampled:
-            tokens = self.graphs.run(meta)
-            if tokens is not None:
-                return tokens
-        logits = self.forward(meta, meta.logits_rows)
-        if not meta.sampled:
-            return torch.empty(0, dtype=torch.long, device=logits.device)
-        return self.sampler(logits.float(), meta.sampling, meta.any_sampled, meta.any_top_p)
+            out = self.graphs.run(meta)  # (logits of every decode, drawn or None with extras)
+            if out is not None:
+                if meta.extras is None:
+                    return self.sampler.finish(*out, meta.sampling), None
+                logits = out[0].index_select(0, meta.logits_rows)
+        if logits is None:
+            logits = self.forward(meta, meta.logits_rows)
+        if not meta.sampled and meta.extras is None:
+            return torch.empty(0, dtype=torch.long), None
+        return sample_step(self.sampler, self.processors, logits.float().contiguous(), meta)

@@ -9,6 +9,14 @@ prompt is prefilled in later steps). A request enters only when its adapter has 
 block and none is free, the newest running request is preempted: its blocks are freed and it
 waits at the head of the queue to be recomputed (prompt and what it generated so far), so
 nothing runs out of memory and nothing is lost. vLLM v1's scheduler is the reference design.
+
+With prefix caching (cache_root given), a request entering looks up its full blocks' keys
+(kv_cache.block_keys under cache_root(req)) and starts after the longest cached run, leaving at
+least its last token to compute (its logits are needed); it needs KV room only for the blocks it
+computes plus the cached ones it takes off the free list. A request whose next block another
+running request is computing right now waits a step or more and then reads it, rather than
+computing the same block twice. After every step, register() makes the blocks that became full
+and computed findable.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from uora_rt.engine.kv_cache import BlockAllocator
+from uora_rt.engine.kv_cache import BlockAllocator, block_keys
 from uora_rt.engine.request import Request, Status
 
 
@@ -30,12 +38,19 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, block_size: int, max_num_seqs: int,
-                 max_step_tokens: int, adapters):
+                 max_step_tokens: int, adapters, cache_root=None):
+        """cache_root(req) -> bytes: the identity a request's KV is keyed by (None: no prefix
+        caching); asked once per request, when it first enters."""
         self.alloc, self.block_size, self.adapters = allocator, block_size, adapters
         self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
+        self.cache_root = cache_root
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
+        # prompt tokens looked up / found cached, per adapter name (None: the base), counted
+        # once per request, when it first enters
+        self.cache_queries: dict[str | None, int] = {}
+        self.cache_hits: dict[str | None, int] = {}
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -73,7 +88,10 @@ class Scheduler:
         return out
 
     def _admit(self, budget: int, out: list[ScheduledSeq]) -> None:
-        skipped = []  # waiting for an adapter slot: later requests may still enter
+        # skipped: waiting for an adapter slot or for a block another request is computing;
+        # later requests may still enter
+        skipped = []
+        computing = None  # keys running requests are computing; built when first needed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
             if req.lease is not None and not req.pinned:
@@ -81,18 +99,83 @@ class Scheduler:
                     skipped.append(req)
                     continue
                 req.pinned = True
-            n = min(req.num_tokens - req.computed, budget)
-            need = self.blocks_for(req.computed + n) - len(req.blocks)
-            if need > self.alloc.num_free:  # arrival order: nobody overtakes the head for KV
+            if req.blocks:  # a forked sequence: holds a copy of its prompt's KV
+                n = min(req.num_tokens - req.computed, budget)
+                need = self.blocks_for(req.computed + n) - len(req.blocks)
+                if need > self.alloc.num_free:
+                    self._unpin(req)
+                    self.waiting.appendleft(req)
+                    break
+                req.blocks += self.alloc.allocate(need)
+                self._start(req, req.computed, n, out)
+                budget -= n
+                continue
+            hit, usable = self._lookup(req)
+            if len(hit) < usable:
+                if computing is None:
+                    computing = self._computing()
+                if req.keys[len(hit)] in computing:
+                    self._unpin(req)
+                    skipped.append(req)
+                    continue
+            start = len(hit) * self.block_size
+            n = min(req.num_tokens - start, budget)
+            need = self.blocks_for(start + n) - len(hit)
+            # arrival order: nobody overtakes the head for KV
+            if need + self.alloc.evictable(hit) > self.alloc.num_free:
                 self._unpin(req)
                 self.waiting.appendleft(req)
                 break
-            req.blocks += self.alloc.allocate(need)
-            req.status = Status.RUNNING
-            self.running.append(req)
-            out.append(ScheduledSeq(req, req.computed, n, req.computed + n == req.num_tokens))
+            self.alloc.touch(hit)
+            req.blocks = hit + self.alloc.allocate(need)
+            req.computed, req.cached_blocks = start, len(hit)
+            if req.cached_tokens is None:
+                self._count(req, start)
+            if computing is not None:
+                computing.update(req.keys[len(hit):])
+            self._start(req, start, n, out)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _start(self, req: Request, start: int, n: int, out: list[ScheduledSeq]) -> None:
+        req.status = Status.RUNNING
+        self.running.append(req)
+        out.append(ScheduledSeq(req, start, n, start + n == req.num_tokens))
+
+    # --- prefix caching ---------------------------------------------------------------------
+    def _keys(self, req: Request) -> list[bytes]:
+        if req.cache_root is None:
+            req.cache_root = self.cache_root(req)
+        return block_keys(req.keys, req.cache_root, req.tokens, self.block_size)
+
+    def _lookup(self, req: Request) -> tuple[list[int], int]:
+        """(the cached blocks a waiting request starts from, how many of its blocks could be)."""
+        if self.cache_root is None:
+            return [], 0
+        usable = (req.num_tokens - 1) // self.block_size  # the last token is always computed
+        return self.alloc.lookup(self._keys(req)[:usable]), usable
+
+    def _computing(self) -> set[bytes]:
+        """Keys of the full blocks that running requests still prefilling have yet to
+        compute (a decoding request completes at most one block per step: not worth it)."""
+        return {k for r in self.running if r.num_tokens - r.computed > 1
+                for k in r.keys[r.computed // self.block_size:]}
+
+    def _count(self, req: Request, cached: int) -> None:
+        req.cached_tokens = min(cached, req.prompt_len)
+        name = req.adapter
+        self.cache_queries[name] = self.cache_queries.get(name, 0) + req.prompt_len
+        self.cache_hits[name] = self.cache_hits.get(name, 0) + req.cached_tokens
+
+    def register(self, req: Request) -> None:
+        """After a step: the request's blocks that are now full and computed become findable."""
+        full = req.computed // self.block_size
+        if self.cache_root is None or full <= req.cached_blocks:
+            return
+        keys = self._keys(req)
+        for i in range(req.cached_blocks, full):
+            self.alloc.register(req.blocks[i], keys[i])
+        req.cached_blocks = full
 
     def _unpin(self, req: Request) -> None:
         if req.pinned:
@@ -102,6 +185,7 @@ class Scheduler:
     def _free(self, req: Request) -> None:
         self.alloc.release(req.blocks)
         req.blocks = []
+        req.cached_blocks = 0
         self._unpin(req)
 
     def _preempt(self, req: Request) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path, PurePath
 from uora_rt.core import format as fmt
 from uora_rt.server.errors import APIError
 
-_NAME = re.compile(r"^[^\s\x00-\x1f\x7f]{1,256}$")
+_NAME = re.compile(r"^[^\s\x00-\x1f\x7f\ud800-\udfff]{1,256}$")  # no lone surrogates either
 
 
 def check_name(name: str, reserved: list[str]) -> None:
@@ -73,3 +73,38 @@ class AdapterDir:
             raise APIError(400, f"lora_path {lora_path!r} resolves outside the adapter folder "
                                 "(--adapter-dir)", "lora_path")
         return resolved
+
+
+class AdapterAdmin:
+    """Loading and unloading on a runtime, as /v1/load_lora_adapter and its twin ask it, wherever
+    the engine runs (its core process, or the server's own): AdapterError(409) for a name that
+    is taken, KeyError for one that is not loaded, ValueError/OSError for a bad file. A failed
+    load registers nothing."""
+
+    def __init__(self, rt):
+        self.rt = rt
+
+    def load(self, name: str, path: str) -> None:
+        from uora_rt.engine.messages import AdapterError
+
+        rt = self.rt
+        if name in rt.manager:
+            raise AdapterError(409, f"The lora adapter '{name}' has already been loaded.")
+        adapter = read_adapter(Path(path), rt.folder)
+        try:
+            rt.add_adapter(adapter, name, source=path)
+        except BaseException:
+            if name in rt.manager:  # half-loaded: take it out again
+                rt.remove_adapter(name)
+            raise
+
+    def unload(self, name: str) -> None:
+        if name not in self.rt.manager:
+            raise KeyError(f"The lora adapter '{name}' cannot be found.")
+        self.rt.remove_adapter(name)  # requests holding it finish with it
+
+    def cards(self) -> list:
+        from uora_rt.engine.messages import AdapterCard
+
+        return [AdapterCard(n, e.source, int(e.created))
+                for n, e in sorted(self.rt.manager.entries.items())]

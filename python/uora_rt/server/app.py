@@ -3,7 +3,11 @@
     POST /v1/completions, /v1/chat/completions   JSON, or SSE with "stream": true
     GET  /v1/models                              the base (each served name) and every adapter
     POST /v1/load_lora_adapter, /v1/unload_lora_adapter   with --allow-adapter-loading
+    POST /tokenize, /detokenize                  vLLM's
     GET  /health, /metrics (Prometheus), /version
+
+Every request passes the guard first (guard.py: request id, body size, JSON depth, Unicode,
+a JSON 500 for anything unexpected).
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 
 import uora_rt
-from uora_rt.server import completions, errors
+from uora_rt.server import completions, errors, tokenize
 from uora_rt.server import protocol as P
+from uora_rt.server.guard import Guard
 from uora_rt.server.metrics import CONTENT_TYPE
 
 _ERRORS = {s: {"model": P.ErrorResponse} for s in (400, 401, 404, 500, 503)}
@@ -61,6 +66,7 @@ def build_app(state) -> FastAPI:
     errors.install(app)
     if state.config.api_key:
         app.add_middleware(ApiKeyMiddleware, key=state.config.api_key)
+    app.add_middleware(Guard, limits=state.config.limits)  # added last: outermost
 
     @app.post("/v1/completions", response_model=P.CompletionResponse,
               responses={**_ERRORS, 200: {"content": _STREAM}})
@@ -94,6 +100,14 @@ def build_app(state) -> FastAPI:
         await state.unload_adapter(body.lora_name)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed "
                                  "successfully.")
+
+    @app.post("/tokenize", response_model=P.TokenizeResponse, responses=_ERRORS)
+    async def tokenize_route(body: P.TokenizeRequest):
+        return await tokenize.tokenize(state, body)
+
+    @app.post("/detokenize", response_model=P.DetokenizeResponse, responses=_ERRORS)
+    async def detokenize_route(body: P.DetokenizeRequest):
+        return await tokenize.detokenize(state, body)
 
     @app.get("/health", response_class=Response, responses={503: {"model": P.ErrorResponse}})
     async def health():
@@ -129,7 +143,11 @@ def front_end_from_env() -> FastAPI:
     from uora_rt.server.state import ServerConfig
 
     opts = json.loads(os.environ[_FRONT_END_ENV])
-    return front_end_app(opts["address"], opts["core_pid"], ServerConfig(**opts["config"]))
+    from uora_rt.server.limits import Limits
+
+    config = opts["config"]
+    config["limits"] = Limits(**config["limits"])
+    return front_end_app(opts["address"], opts["core_pid"], ServerConfig(**config))
 
 
 def serve_front_ends(address: str, core_pid: int, config, args, on_stop=None) -> None:

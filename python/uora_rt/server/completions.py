@@ -1,11 +1,13 @@
-"""/v1/completions and /v1/chat/completions: a request becomes engine requests (one per prompt),
-their outputs become one JSON response or a Server-Sent Events stream.
+"""/v1/completions and /v1/chat/completions: a request becomes engine requests (one per prompt,
+each with n or best_of sequences), their outputs become one JSON response or a Server-Sent
+Events stream (streaming.py).
 
 Order of checks (each a 4xx before anything reaches the engine): fields the server does not
-implement, the model name, the prompt (tokenized off the event loop), the sampling parameters
-and the context length, then admission (503 when the queue is full) and submission, with no
-await between the last two. A client that goes away (mid-stream, or while a non-streamed
-request runs) aborts its engine requests, which frees their KV blocks at the next step.
+implement, the request limits (limits.py), the model name, the prompt's size in characters, the
+prompt (tokenized off the event loop), the sampling parameters and the context length, then
+admission (503 when the queue is full) and submission, with no await between the last two. A
+client that goes away (mid-stream, or while a non-streamed request runs) aborts its engine
+requests, which frees their KV blocks at the next step.
 """
 
 from __future__ import annotations
@@ -18,35 +20,38 @@ import uuid
 
 from jinja2 import TemplateError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
-from uora_rt.engine import SamplingParams
+from uora_rt.engine import ContextLengthError, SamplingParams, best_of
 from uora_rt.engine.client import CoreGone
-from uora_rt.engine.rules import ContextLengthError, check_length, check_prompt
 from uora_rt.server import protocol as P
-from uora_rt.server.errors import APIError, error_body
+from uora_rt.server.errors import APIError
+from uora_rt.server.limits import check_request, check_text_size
+from uora_rt.server.logprobs import chat_logprobs, completion_logprobs
+from uora_rt.server.streaming import sse, stream_chat, stream_completion
 
 log = logging.getLogger("uora_rt.server")
 
 
 class Job:
-    """The engine requests of one HTTP request: streams, trackers, final outputs."""
+    """The engine requests of one HTTP request (one per prompt, params.sequences sequences
+    each): streams, one metrics tracker per sequence, final outputs."""
 
     def __init__(self, state, adapter, prompts, params, prefix):
         self.state, self.adapter, self.prompts, self.params = state, adapter, prompts, params
+        self.k, self.n = params.sequences, params.n
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = state.model_name(adapter)
         self.streams, self.trackers = [], []
-        self.finals: list = [None] * len(prompts)
+        self.finals: list[list] = [[None] * self.k for _ in prompts]
 
     async def submit(self) -> None:
         st = self.state
-        st.admit(len(self.prompts))
+        st.admit(len(self.prompts) * self.k)
         try:
             for i, ids in enumerate(self.prompts):
-                tracker = st.metrics.tracker(self.model)
-                self.trackers.append(tracker)
+                self.trackers += [st.metrics.tracker(self.model) for _ in range(self.k)]
                 self.streams.append(await st.engine.submit(ids, self.adapter, self.params,
                                                            f"{self.id}-{i}"))
         except KeyError:  # unloaded between the name check and now
@@ -63,7 +68,7 @@ class Job:
             raise
 
     async def outputs(self):
-        """(index, RequestOutput) as they come, over all prompts."""
+        """(prompt index, RequestOutput) as they come, over all prompts and sequences."""
         if len(self.streams) == 1:
             async for out in self.streams[0]:
                 yield 0, self._seen(0, out)
@@ -76,7 +81,7 @@ class Job:
 
         tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
         try:
-            left = len(tasks)
+            left = len(tasks) * self.k
             while left:
                 i, out = await q.get()
                 left -= out.finished
@@ -86,49 +91,64 @@ class Job:
                 t.cancel()
 
     def _seen(self, i, out):
-        tracker = self.trackers[i]
+        tracker = self.trackers[i * self.k + out.index]
         tracker.output(out)
         if out.finished:
-            self.finals[i] = out
+            self.finals[i][out.index] = out
             reason = "error" if out.error or out.finish_reason == "abort" else out.finish_reason
-            tracker.finish(reason, out.prompt_tokens)
+            tracker.finish(reason, out.prompt_tokens if out.index == 0 else 0)
         return out
 
     def close(self) -> None:
         """Aborts whatever has not finished (the client is gone, or a sibling failed)."""
-        for i, (stream, tracker) in enumerate(zip(self.streams, self.trackers)):
-            if self.finals[i] is None:
+        for stream, finals in zip(self.streams, self.finals):
+            if any(f is None for f in finals):
                 self.state.engine.abort(stream.request_id)
-                tracker.finish("abort")
-        for tracker in self.trackers[len(self.streams):]:
-            tracker.finish("abort")
+        for tracker in self.trackers:
+            tracker.finish("abort")  # no-op for those already finished
 
     def failure(self) -> str | None:
-        bad = [o for o in self.finals if o is not None and (o.error or o.finish_reason == "abort")]
+        bad = [o for fs in self.finals for o in fs
+               if o is not None and (o.error or o.finish_reason == "abort")]
         if not bad:
             return None
         return f"the engine failed this request: {bad[0].error or 'aborted'}"
 
+    def kept(self, i: int) -> list:
+        """Prompt i's choices: its n sequences, or the best n of best_of."""
+        outs = self.finals[i]
+        return best_of(outs, self.n) if self.k > self.n else outs
+
     def usage(self) -> dict:
+        """Prompt tokens once per prompt; completion tokens of every sequence run (best_of's
+        discarded ones too: they were computed)."""
         prompt = sum(len(p) for p in self.prompts)
-        done = sum(completion_tokens(o, self.params) for o in self.finals if o is not None)
+        done = sum(completion_tokens(o) for fs in self.finals for o in fs if o is not None)
+        # the n sequences of a prompt share its KV: its first sequence says what was cached
+        cached = sum(fs[0].cached_tokens for fs in self.finals if fs[0] is not None)
         return {"prompt_tokens": prompt, "completion_tokens": done,
-                "total_tokens": prompt + done}
+                "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def completion_tokens(out, params) -> int:
-    """Tokens the model produced, counting the end-of-sequence token that ended the output (the
-    engine reports its id as stop_reason, not among token_ids), as vLLM and OpenAI do."""
+def completion_tokens(out) -> int:
+    """Tokens the model produced, counting the end-of-sequence (or stop) token that ended the
+    output (the engine reports its id as stop_reason, not among token_ids), as vLLM does."""
     return len(out.token_ids) + int(isinstance(out.stop_reason, int))
 
 
-def stop_reason(state, out, params) -> str | None:
-    """The stop string that ended the text (None for EOS or length, as vLLM reports)."""
-    return out.stop_reason if isinstance(out.stop_reason, str) else None
+def stop_reason(state, out, params) -> str | int | None:
+    """The stop string or stop_token_ids entry that ended the text; None for EOS or length
+    (vLLM's rule: EOS wins when a token is both)."""
+    r = out.stop_reason
+    if isinstance(r, int):
+        eos = set() if params.ignore_eos else state.engine.eos
+        return r if r in params.stop_token_ids and r not in eos else None
+    return r
 
 
 # --- building the engine requests -----------------------------------------------------------
-def _check_supported(req) -> None:
+def _check_supported(state, req) -> None:
     bad = P.unsupported_field(req)
     if bad is not None:
         name, value = bad
@@ -137,62 +157,99 @@ def _check_supported(req) -> None:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true",
                        "stream_options")
+    check_request(state.config.limits, req, state.engine.max_model_len)
 
 
-def _completion_prompts(state, req: P.CompletionRequest) -> list[list[int]]:
+def _batch(req: P.CompletionRequest) -> list:
     p = req.prompt
-    batch = p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
-    prompts, limits, out = state.engine.prompts, state.engine.limits, []
+    return p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
+
+
+def _completion_prompts(state, req: P.CompletionRequest, batch) -> list[list[int]]:
+    engine, out = state.engine, []
     try:
         for item in batch:
             if isinstance(item, str):
-                item = prompts.encode(item, add_special_tokens=req.add_special_tokens is not False)
-            out.append(check_prompt(item, limits))
+                item = engine.encode(item, add_special_tokens=req.add_special_tokens is not False)
+            out.append(engine.check_prompt(item))
     except ValueError as e:
         raise APIError(400, str(e), "prompt") from None
     return out
 
 
-def _chat_prompt(state, req: P.ChatCompletionRequest) -> list[int]:
-    if not state.engine.prompts.has_chat_template:
-        raise APIError(400, "this base has no chat template: use /v1/completions", "messages")
-    messages = []
-    for i, m in enumerate(req.messages):
+def chat_messages(state, messages) -> list[dict]:
+    """Messages as the chat template takes them: content text only, checked, size-limited."""
+    out = []
+    for i, m in enumerate(messages):
         extra = {k: v for k, v in (m.model_extra or {}).items() if v not in (None, [], {}, "")}
         if extra:
             raise APIError(400, f"messages[{i}].{next(iter(extra))} is not supported by this "
                                 "server", "messages")
-        content = m.content if isinstance(m.content, str) else \
-            "\n".join(part.text for part in m.content or [])
+        if m.content is None:
+            raise APIError(400, f"messages[{i}].content: expected a string or a list of text "
+                                "parts, got null", "messages")
+        if isinstance(m.content, str):
+            content = m.content
+        else:
+            texts = []
+            for j, part in enumerate(m.content):
+                kind = part.get("type")
+                if kind != "text":
+                    raise APIError(400, f"messages[{i}].content[{j}]: only text content is "
+                                        f"supported (got type {json.dumps(kind)})", "messages")
+                if not isinstance(part.get("text"), str) or set(part) != {"type", "text"}:
+                    raise APIError(400, f"messages[{i}].content[{j}]: a text part is "
+                                        '{"type": "text", "text": "..."}', "messages")
+                texts.append(part["text"])
+            content = "\n".join(texts)
         msg = {"role": m.role, "content": content}
         if m.name is not None:
             msg["name"] = m.name
-        messages.append(msg)
+        out.append(msg)
+    check_text_size(state.config.limits, state.engine.max_model_len,
+                    [m["content"] for m in out], "messages")
+    return out
+
+
+def chat_prompt(state, messages: list[dict], add_generation_prompt) -> list[int]:
+    if not state.engine.has_chat_template:
+        raise APIError(400, "this base has no chat template: use /v1/completions", "messages")
     try:
-        return state.engine.prompts.encode_chat(messages, req.add_generation_prompt is not False)
+        return state.engine.encode_chat(messages, add_generation_prompt is not False)
     except (ValueError, TemplateError, TypeError) as e:
         why = str(e).removeprefix("chat template: ")
         raise APIError(400, f"the chat template refused these messages: {why}", "messages") \
             from None
 
 
-def _params(state, req, prompts, requested, default, what) -> SamplingParams:
-    limits, longest = state.engine.limits, max(len(p) for p in prompts)
-    room = limits.max_request_tokens - longest
+def _params(state, req, prompts, requested, default, what, **extra) -> SamplingParams:
+    engine, longest = state.engine, max(len(p) for p in prompts)
+    room = engine.max_request_tokens - longest
     max_tokens = requested if requested is not None else default(max(room, 1))
     try:
-        check_length(longest, max_tokens, limits, what)
+        engine.check_length(longest, max_tokens, what)
     except ContextLengthError as e:
         raise APIError(400, str(e), e.field) from None
+    for name, ids in (("stop_token_ids", req.stop_token_ids or []),
+                      ("logit_bias", list(req.logit_bias or {}))):
+        bad = [t for t in ids if not (isinstance(t, int) or str(t).isdigit())
+               or not 0 <= int(t) < engine.vocab]
+        if bad:
+            raise APIError(400, f"{name}: token ids must be integers in [0, {engine.vocab}), "
+                                f"got {bad[:5]}", name)
     d = state.defaults
-    top_k = req.top_k if req.top_k is not None else d["top_k"]
+    pick = (lambda v, name: v if v is not None else d[name])
+    top_k = pick(req.top_k, "top_k")
     try:
         return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=req.temperature if req.temperature is not None else d["temperature"],
-            top_p=req.top_p if req.top_p is not None else d["top_p"],
-            top_k=0 if top_k == -1 else top_k, seed=req.seed, stop=req.stop,
-            ignore_eos=bool(req.ignore_eos))
+            max_tokens=max_tokens, temperature=pick(req.temperature, "temperature"),
+            top_p=pick(req.top_p, "top_p"), top_k=0 if top_k == -1 else top_k, seed=req.seed,
+            stop=req.stop, ignore_eos=bool(req.ignore_eos), n=req.n or 1,
+            stop_token_ids=req.stop_token_ids, min_tokens=req.min_tokens or 0,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=pick(req.repetition_penalty, "repetition_penalty"),
+            logit_bias=dict(req.logit_bias or {}), **extra)
     except ValueError as e:  # "SamplingParams.<field>: expected ..., got ..."
         msg = str(e)
         field = msg.split(":", 1)[0].removeprefix("SamplingParams.")
@@ -231,131 +288,80 @@ async def _until_done_or_gone(request: Request, job: Job):
 
 # --- the two endpoints ----------------------------------------------------------------------
 async def create_completion(state, req: P.CompletionRequest, request: Request) -> Response:
-    _check_supported(req)
+    _check_supported(state, req)
+    n = req.n or 1
+    if req.best_of is not None and req.best_of < n:
+        raise APIError(400, f"best_of ({req.best_of}) must be >= n ({n})", "best_of")
+    if req.stream and req.best_of is not None and req.best_of > n:
+        raise APIError(400, "best_of > n cannot be streamed (the best are known at the end)",
+                       "best_of")
     adapter = state.adapter_for(req.model)
-    prompts = await asyncio.to_thread(_completion_prompts, state, req)
-    params = _params(state, req, prompts, req.max_tokens, lambda room: min(16, room), "prompt")
+    batch = _batch(req)
+    check_text_size(state.config.limits, state.engine.max_model_len,
+                    [p for p in batch if isinstance(p, str)], "prompt")
+    prompts = await asyncio.to_thread(_completion_prompts, state, req, batch)
+    k = req.logprobs
+    params = _params(state, req, prompts, req.max_tokens, lambda room: min(16, room), "prompt",
+                     best_of=req.best_of, logprobs=k,
+                     prompt_logprobs=k if req.echo and k is not None else None)
     job = Job(state, adapter, prompts, params, "cmpl")
     await job.submit()
+    echo = [(p if isinstance(p, str) else state.engine.codec.decode(ids)) if req.echo else ""
+            for p, ids in zip(batch, job.prompts)]
     if req.stream:
-        return _sse(_stream_completion(job, req))
+        return sse(stream_completion(job, req, echo))
     if not await _until_done_or_gone(request, job):
         return Response(status_code=204)
     if job.failure():
         raise APIError(500, job.failure())
-    choices = [P.CompletionChoice(
-        index=i, text=o.text, finish_reason=o.finish_reason,
-        stop_reason=stop_reason(state, o, params),
-        token_ids=o.token_ids if req.return_token_ids else None,
-        prompt_token_ids=job.prompts[i] if req.return_token_ids else None)
-        for i, o in enumerate(job.finals)]
+    choices = []
+    for i, prompt in enumerate(job.prompts):
+        for j, o in enumerate(job.kept(i)):
+            lp = None
+            if k is not None:
+                ids, entries = [e.token_id for e in o.logprobs], list(o.logprobs)
+                if req.echo:
+                    ids, entries = list(prompt) + ids, list(o.prompt_logprobs) + entries
+                lp = completion_logprobs(state.token_texts, ids, entries, k)
+            choices.append(P.CompletionChoice(
+                index=i * n + j, text=echo[i] + o.text, logprobs=lp,
+                finish_reason=o.finish_reason, stop_reason=stop_reason(state, o, params),
+                token_ids=o.token_ids if req.return_token_ids else None,
+                prompt_token_ids=prompt if req.return_token_ids else None))
     return _json(P.CompletionResponse(id=job.id, created=job.created, model=job.model,
                                       choices=choices, usage=job.usage()))
 
 
 async def create_chat_completion(state, req: P.ChatCompletionRequest, request: Request):
-    _check_supported(req)
+    _check_supported(state, req)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     adapter = state.adapter_for(req.model)
-    prompt = await asyncio.to_thread(_chat_prompt, state, req)
+    messages = chat_messages(state, req.messages)
+    prompt = await asyncio.to_thread(chat_prompt, state, messages, req.add_generation_prompt)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    params = _params(state, req, [prompt], requested, lambda room: room, "messages")
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = _params(state, req, [prompt], requested, lambda room: room, "messages",
+                     logprobs=k)
     job = Job(state, adapter, [prompt], params, "chatcmpl")
     await job.submit()
     if req.stream:
-        return _sse(_stream_chat(job, req))
+        return sse(stream_chat(job, req))
     if not await _until_done_or_gone(request, job):
         return Response(status_code=204)
     if job.failure():
         raise APIError(500, job.failure())
-    o = job.finals[0]
-    choice = P.ChatChoice(index=0, message=P.AssistantMessage(content=o.text),
-                          finish_reason=o.finish_reason, stop_reason=stop_reason(state, o, params),
-                          token_ids=o.token_ids if req.return_token_ids else None)
+    choices = [P.ChatChoice(
+        index=j, message=P.AssistantMessage(content=o.text),
+        logprobs=chat_logprobs(state.token_texts, o.logprobs, k) if k is not None else None,
+        finish_reason=o.finish_reason, stop_reason=stop_reason(state, o, params),
+        token_ids=o.token_ids if req.return_token_ids else None)
+        for j, o in enumerate(job.kept(0))]
     return _json(P.ChatCompletionResponse(
-        id=job.id, created=job.created, model=job.model, choices=[choice], usage=job.usage(),
+        id=job.id, created=job.created, model=job.model, choices=choices, usage=job.usage(),
         prompt_token_ids=prompt if req.return_token_ids else None))
 
 
 def _json(model) -> Response:
     return Response(model.model_dump_json(exclude_none=False), media_type="application/json")
-
-
-# --- streaming ------------------------------------------------------------------------------
-def _sse(gen) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _event(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-def _usage_so_far(job) -> dict:
-    prompt = sum(len(p) for p in job.prompts)
-    done = sum(t.tokens for t in job.trackers)
-    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-
-
-async def _stream(job, req, chunk_choice, object_name, first_chunks=()):
-    """The SSE body shared by both endpoints: chunk_choice(index, out) -> a choice or None."""
-    opts = req.stream_options or P.StreamOptions()
-    head = {"id": job.id, "object": object_name, "created": job.created, "model": job.model}
-    try:
-        for choice in first_chunks:
-            yield _event({**head, "choices": [choice]})
-        async for i, out in job.outputs():
-            if out.finished and (out.error or out.finish_reason == "abort"):
-                yield _event(error_body(500, job.failure()))
-                break
-            choice = chunk_choice(i, out)
-            if choice is None:
-                continue
-            chunk = {**head, "choices": [choice]}
-            if opts.continuous_usage_stats:
-                chunk["usage"] = _usage_so_far(job)
-            yield _event(chunk)
-        else:
-            if opts.include_usage:
-                yield _event({**head, "choices": [], "usage": job.usage()})
-        yield "data: [DONE]\n\n"
-    except Exception as e:  # a bug of ours after the 200 went out: say so in the stream
-        log.exception("stream %s failed", job.id)
-        yield _event(error_body(500, f"internal error: {type(e).__name__}: {e}"))
-        yield "data: [DONE]\n\n"
-    finally:  # the client went away (cancelled), or we are done: abort what still runs
-        job.close()
-
-
-def _stream_completion(job, req):
-    st, params = job.state, job.params
-
-    def choice(i, out):
-        if not out.new_token_ids and not out.finished:
-            return None
-        c = {"index": i, "text": out.new_text, "logprobs": None,
-             "finish_reason": out.finish_reason if out.finished else None,
-             "stop_reason": stop_reason(st, out, params) if out.finished else None}
-        if req.return_token_ids:
-            c["token_ids"] = out.new_token_ids
-        return c
-
-    return _stream(job, req, choice, "text_completion")
-
-
-def _stream_chat(job, req):
-    st, params = job.state, job.params
-    first = [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-              "finish_reason": None}]
-
-    def choice(i, out):
-        if not out.new_token_ids and not out.finished:
-            return None
-        delta = {"content": out.new_text} if out.new_text or not out.finished else {}
-        if req.return_token_ids:
-            delta["token_ids"] = out.new_token_ids
-        return {"index": i, "delta": delta, "logprobs": None,
-                "finish_reason": out.finish_reason if out.finished else None,
-                "stop_reason": stop_reason(st, out, params) if out.finished else None}
-
-    return _stream(job, req, choice, "chat.completion.chunk", first)

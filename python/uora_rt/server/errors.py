@@ -30,8 +30,14 @@ class APIError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
+def _printable(text):
+    """Text that survives UTF-8 encoding whatever a client sent (lone surrogates escaped)."""
+    return None if text is None else str(text).encode("utf-8", "backslashreplace").decode()
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict:
     kind = TYPES.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+    message, param = _printable(message), _printable(param)
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 

@@ -8,18 +8,20 @@ from __future__ import annotations
 import asyncio
 
 from uora_rt.engine import EngineLoop
-from uora_rt.engine.messages import AdapterError
-from uora_rt.engine.messages import AdapterCard, Stats
-from uora_rt.server.adapters import read_adapter
+from uora_rt.engine.messages import AdapterCard, AdapterError, Stats
+from uora_rt.engine.rules import RequestRules
+from uora_rt.server.adapters import AdapterAdmin
 
 
-class LocalEngine:
+class LocalEngine(RequestRules):
     def __init__(self, rt, engine):
         self.rt, self.engine = rt, engine
         self.loop = EngineLoop(engine)
         self.limits, self.prompts = engine.limits, engine.prompts
+        self.codec, self.max_model_len, self.eos = engine.codec, engine.max_model_len, engine.eos
         self.folder = rt.folder
-        self._admin: asyncio.Lock | None = None
+        self.admin = AdapterAdmin(rt)
+        self._lock: asyncio.Lock | None = None
 
     async def start(self) -> None:
         if self.engine.runner.graphs is not None:  # captures before traffic, not during it
@@ -36,13 +38,11 @@ class LocalEngine:
 
     @property
     def stats(self) -> Stats:
-        e = self.engine
-        return Stats(e.num_running, e.num_waiting, e.blocks_used, e.allocator.capacity)
+        return Stats.of(self.engine)
 
     @property
     def adapters(self) -> list[AdapterCard]:
-        return [AdapterCard(n, e.source, int(e.created))
-                for n, e in sorted(self.rt.manager.entries.items())]
+        return self.admin.cards()
 
     @property
     def waiting(self) -> int:
@@ -61,20 +61,14 @@ class LocalEngine:
 
     async def adapter_op(self, op: str, name: str, path: str | None = None) -> None:
         """As CoreClient.adapter_op (reading and converting off the event loop)."""
-        if self._admin is None:
-            self._admin = asyncio.Lock()
-        async with self._admin:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
             try:
                 if op == "load":
-                    if name in self.rt.manager:
-                        raise AdapterError(409, f"The lora adapter '{name}' has already been "
-                                                "loaded.")
-                    adapter = await asyncio.to_thread(read_adapter, path, self.rt.folder)
-                    await asyncio.to_thread(self.rt.add_adapter, adapter, name, path)
+                    await asyncio.to_thread(self.admin.load, name, path)
                 else:
-                    if name not in self.rt.manager:
-                        raise KeyError(f"The lora adapter '{name}' cannot be found.")
-                    self.rt.remove_adapter(name)  # requests holding it finish with it
+                    self.admin.unload(name)
             except KeyError as e:
                 raise AdapterError(404, str(e.args[0] if e.args else e)) from None
             except (ValueError, OSError) as e:

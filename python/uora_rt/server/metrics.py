@@ -5,7 +5,9 @@ Engine state (running / waiting requests, KV blocks, output tokens per second ov
 10 s) is read when scraped; latencies are observed by the request handlers as outputs reach
 them: time to first token (from the request's arrival at the server), time per output token
 (per request: (finish - first token) / (tokens - 1)), inter-token latency (per streamed step),
-end-to-end latency. Requests are counted per `model` (the adapter name, or the base name).
+end-to-end latency. Requests are counted per `model` (the adapter name, or the base name), and
+so are the prompt tokens looked up in the prefix cache and found there (prefix_cache_queries,
+prefix_cache_hits: the engine's counts, read when scraped).
 Each app has its own registry, so several servers in one process do not collide.
 """
 
@@ -15,13 +17,17 @@ import collections
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
             10.0, 20.0, 40.0, 80.0)
 _PER_TOKEN = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
               0.5, 0.75, 1.0, 2.5)
 P = "uora_rt:"
+# Adapters that get their own prefix-cache series (the first this many names the engine saw);
+# later names add to model="other", so the series stay bounded however many adapters come
+# and go.
+PREFIX_CACHE_LABELS = 64
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -43,6 +49,8 @@ class _EngineGauges:
                 ("kv_blocks_total", "KV cache blocks in the pool", s.blocks_total),
                 ("kv_cache_usage_perc", "fraction of the KV cache in use",
                  s.blocks_used / max(s.blocks_total, 1)),
+                ("kv_blocks_cached", "KV cache blocks holding a reusable prefix (held or "
+                 "free)", s.blocks_cached),
                 ("generation_tokens_per_second", "output tokens per second, last 10 s",
                  m.tokens_per_second()),
                 ("num_adapters", "adapters loaded", len(e.adapters))]
@@ -53,12 +61,31 @@ class _EngineGauges:
         for model, n in sorted(m.in_flight.items()):
             per_model.add_metric([model], n)
         yield per_model
+        yield from self._prefix_cache(s)
+
+    def _prefix_cache(self, s):
+        """Prompt tokens looked up in the prefix cache and found there, per model, counted by
+        the engine when each request first runs."""
+        rows: dict[str, list[int]] = {}
+        for i, (name, queries, hits) in enumerate(s.prefix):
+            label = self.m.base_name if name == "" else \
+                name if i < PREFIX_CACHE_LABELS else "other"
+            row = rows.setdefault(label, [0, 0])
+            row[0] += queries
+            row[1] += hits
+        for i, (metric, doc) in enumerate((
+                ("prefix_cache_queries", "prompt tokens looked up in the prefix cache"),
+                ("prefix_cache_hits", "prompt tokens found in the prefix cache (not computed)"))):
+            family = CounterMetricFamily(P + metric, doc + ", per model", labels=["model"])
+            for label, row in sorted(rows.items()):
+                family.add_metric([label], row[i])
+            yield family
 
 
 class Metrics:
-    def __init__(self, engine, window_s: float = 10.0):
+    def __init__(self, engine, window_s: float = 10.0, base_name: str = "base"):
         """engine: the server's engine handle (engine.client.CoreClient or local.LocalEngine)."""
-        self.engine, self.window_s = engine, window_s
+        self.engine, self.window_s, self.base_name = engine, window_s, base_name
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram(P + "time_to_first_token_seconds", "time to first token",
@@ -107,11 +134,13 @@ class RequestTracker:
         self.first: float | None = None
         self.last: float | None = None
         self.tokens = 0
+        self.cached_tokens = 0
         self.done = False
         metrics.requests.labels(model).inc()
         metrics.in_flight[model] += 1
 
     def output(self, out) -> None:
+        self.cached_tokens = out.cached_tokens
         n = len(out.new_token_ids)
         if n == 0:
             return

@@ -7,13 +7,14 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from uora_rt.engine.client import CoreGone
 from uora_rt.engine.messages import AdapterError
 from uora_rt.server.adapters import AdapterDir, check_name
 from uora_rt.server.errors import APIError
+from uora_rt.server.limits import Limits
 from uora_rt.server.metrics import Metrics
 
 log = logging.getLogger("uora_rt.server")
@@ -22,7 +23,8 @@ log = logging.getLogger("uora_rt.server")
 @dataclass
 class ServerConfig:
     """served_names: what `model` may say for the base (the first is reported). max_queued:
-    requests accepted but not running yet beyond which new ones get 503 + Retry-After."""
+    sequences accepted but not running yet beyond which new requests get 503 + Retry-After.
+    limits: what one request may ask for (limits.py)."""
 
     served_names: list[str]
     max_queued: int = 1024
@@ -30,6 +32,7 @@ class ServerConfig:
     allow_adapter_loading: bool = False
     adapter_dir: str | None = None
     api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
 
 
 class ServerState:
@@ -47,11 +50,21 @@ class ServerState:
                              "adapters may be loaded from)")
         self.engine, self.config = engine, config
         self.base_name = config.served_names[0]
-        self.metrics = Metrics(engine)
+        self.metrics = Metrics(engine, base_name=self.base_name)
         self.adapter_dir = AdapterDir(config.adapter_dir) if config.adapter_dir else None
         self.created = int(time.time())
         self.defaults: dict = {}
         self._admin: asyncio.Lock | None = None
+        self._token_texts = None
+
+    @property
+    def token_texts(self):
+        """Token id -> (text, bytes) for logprobs (server.logprobs.TokenTexts), made once."""
+        if self._token_texts is None:
+            from uora_rt.server.logprobs import TokenTexts
+
+            self._token_texts = TokenTexts(self.engine.codec)
+        return self._token_texts
 
     # --- lifetime ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -75,6 +88,7 @@ class ServerState:
             return None
         if model in self.engine.adapter_names():
             return model
+        self.metrics.rejected.labels("unknown_model").inc()  # one label for every unknown name
         raise APIError(404, f"The model `{model}` does not exist.", "model")
 
     def model_name(self, adapter: str | None) -> str:
@@ -85,8 +99,8 @@ class ServerState:
         if not self.engine.healthy:
             raise APIError(503, "the engine is not running")
         if n > self.config.max_queued:  # would never be admitted: not a retryable 503
-            raise APIError(400, f"{n} prompts in one request exceed the queue limit "
-                                f"({self.config.max_queued})", "prompt")
+            raise APIError(400, f"{n} sequences (prompts x n) in one request exceed the queue "
+                                f"limit ({self.config.max_queued})", "prompt")
         waiting = self.engine.waiting
         if waiting + n > self.config.max_queued:
             self.metrics.rejected.labels("queue_full").inc()
@@ -117,7 +131,8 @@ class ServerState:
         check_name(name, self.config.served_names)
         async with self._lock():
             path = self.adapter_dir.resolve(lora_path)
-            try:  # reading, validation and (for PEFT folders) conversion: in the engine
+            try:  # reading, validation and (for PEFT folders) conversion: in the engine, where
+                # a failed load registers nothing
                 await self.engine.adapter_op("load", name, str(path))
             except AdapterError as e:
                 if e.status == 409:  # the name is taken (vLLM answers 400)
@@ -146,7 +161,8 @@ class ServerState:
 def generation_defaults(folder) -> dict:
     """Sampling defaults: OpenAI's, overridden by the base's generation_config.json (as vLLM's
     default --generation-config auto does) for the fields the engine implements."""
-    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+    base = dict(defaults)
     path = Path(folder) / "generation_config.json" if folder else None
     if path is None or not path.is_file():
         return defaults
@@ -155,14 +171,14 @@ def generation_defaults(folder) -> dict:
     except (OSError, ValueError) as e:
         log.warning("ignoring %s: %s", path, e)
         return defaults
-    for key, kind in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int)):
+    for key, kind in (("temperature", (int, float)), ("top_p", (int, float)), ("top_k", int),
+                      ("repetition_penalty", (int, float))):
         v = cfg.get(key)
         if isinstance(v, kind) and not isinstance(v, bool):
             defaults[key] = v
-    other = [k for k, off in (("repetition_penalty", 1), ("min_p", 0))
-             if cfg.get(k) is not None and cfg.get(k) != off]
+    other = [k for k, off in (("min_p", 0),) if cfg.get(k) is not None and cfg.get(k) != off]
     if other:
         log.warning("%s sets %s, which this server does not implement", path, other)
-    if defaults != {"temperature": 1.0, "top_p": 1.0, "top_k": 0}:
+    if defaults != base:
         log.info("sampling defaults from %s: %s", path, defaults)
     return defaults
