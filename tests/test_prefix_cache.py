@@ -236,3 +236,25 @@ def test_bases_with_biases_and_qwen2(tmp_path):
         assert [o.cached_tokens for o in second] == [(len(p) - 1) // BS * BS for p in prompts]
         assert first[0].token_ids == reference_greedy(fn, ads["a0"], prompts[0], 5)
         idle(engine)
+
+
+def test_prompt_logprobs_compute_the_whole_prompt_and_equal_the_uncached_ones(tmp_path):
+    """A request asking for prompt logprobs needs every prompt position's logits: it never
+    starts from cached blocks (cached_tokens 0), and its logprobs equal those of an engine
+    without the cache."""
+    fn, base, ads = build(tmp_path)
+    rt = load(base, ads)
+    prompt = random_prompts(1, seed=21, lo=30, hi=30)[0]
+    got = {}
+    for caching in (True, False):
+        engine = Engine(rt, kv_cache_tokens=1024, block_size=BS,
+                        enable_prefix_caching=caching)
+        one(engine, prompt, "a1")  # warms the cache (when on)
+        rid = engine.add_request(prompt, "a1", SamplingParams(max_tokens=2, prompt_logprobs=0))
+        got[caching] = engine.run_until_done()[rid]
+        idle(engine)
+    on, off = got[True], got[False]
+    assert on.cached_tokens == 0 and len(on.prompt_logprobs) == len(prompt)
+    assert [e.logprob for e in on.prompt_logprobs[1:]] == \
+        [e.logprob for e in off.prompt_logprobs[1:]]
+    assert on.token_ids == off.token_ids

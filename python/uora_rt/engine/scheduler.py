@@ -150,8 +150,8 @@ class Scheduler:
 
     def _lookup(self, req: Request) -> tuple[list[int], int]:
         """(the cached blocks a waiting request starts from, how many of its blocks could be)."""
-        if self.cache_root is None:
-            return [], 0
+        if self.cache_root is None or req.params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need every prompt position's logits: computed
         usable = (req.num_tokens - 1) // self.block_size  # the last token is always computed
         return self.alloc.lookup(self._keys(req)[:usable]), usable
 
