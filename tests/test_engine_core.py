@@ -22,7 +22,8 @@ def _opts(tmp, base, adapters, **kw):
     return {"base": str(base), "device": "cpu", "dtype": "float32", "slots": 8,
             "tensor_parallel": 1, "random_weights": False,
             "adapters": [[n, str(p)] for n, p in adapters.items()], "kv_cache_tokens": 4096,
-            "max_num_seqs": None, "max_step_tokens": 64, "log_level": "warning",
+            "max_num_seqs": None, "max_step_tokens": 64, "enable_prefix_caching": True,
+            "log_level": "warning",
             "address": f"ipc://{tmp}/core.sock", "parent": os.getpid(), **kw}
 
 

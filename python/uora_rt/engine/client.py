@@ -119,12 +119,16 @@ class CoreClient(RequestRules):
         self._tasks = [asyncio.ensure_future(self._receive())]
         if self.core_pid is not None:
             self._tasks.append(asyncio.ensure_future(self._watch()))
-        await self._sock.send(ENCODER.encode(Hello(os.getpid())))
+        # The send waits until the core's socket is there; a core that dies first fails
+        # `ready` (the watcher), which must end the wait, so the two race.
+        hello = asyncio.ensure_future(self._sock.send(ENCODER.encode(Hello(os.getpid()))))
         try:
             msg: Ready = await asyncio.wait_for(ready, timeout)
         except asyncio.TimeoutError:
             raise CoreGone(f"the engine core at {self.address} did not answer within "
                            f"{timeout:.0f} s") from None
+        finally:
+            hello.cancel()
         self.ready, self.stats, self.adapters = msg, msg.stats, msg.adapters
         self.limits = Limits(msg.vocab, msg.max_model_len, msg.kv_capacity_tokens)
         codec = None
