@@ -8,9 +8,7 @@ import httpx
 import openai
 import pytest
 
-import uora_rt
-from server_helpers import in_process_server, tiny_world
-from uora_rt.server import ServerConfig, ServerState, build_app
+from server_helpers import local_server, tiny_world
 
 CHAT = [{"role": "user", "content": "hi"}]
 # (endpoint, body or raw bytes, status, param, words the message must contain)
@@ -221,11 +219,8 @@ def test_api_key_guards_every_v1_route(world):
 @pytest.fixture(scope="module")
 def local(world):
     """The app in this process (loading off), so a test can break the engine on purpose."""
-    rt = uora_rt.load(world.base, adapters=[("a0", world.adapters["a0"])])
-    engine = uora_rt.Engine(rt, kv_cache_tokens=4096)
-    state = ServerState(rt, engine, ServerConfig(served_names=["base"]))
-    with in_process_server(build_app(state)) as url:
-        yield url, state
+    with local_server(world) as served:
+        yield served
 
 
 def test_loading_is_off_unless_allowed(local):
