@@ -163,6 +163,29 @@ def in_process_server(app, timeout=60.0):
         thread.join(timeout)
 
 
+@contextlib.contextmanager
+def local_server(world):
+    """The tiny world's base with adapter a0, served in this process (loading off), so a test
+    can patch the engine or the runtime: yields (url, ServerState)."""
+    import uora_rt
+    from uora_rt.server import ServerConfig, ServerState, build_app
+    from uora_rt.server.local import LocalEngine
+
+    rt = uora_rt.load(world.base, adapters=[("a0", world.adapters["a0"])])
+    engine = uora_rt.Engine(rt, kv_cache_tokens=4096)
+    state = ServerState(LocalEngine(rt, engine), ServerConfig(served_names=["base"]))
+    with in_process_server(build_app(state)) as url:
+        yield url, state
+
+
+def openai_client(world):
+    """The real openai client on the world's main server."""
+    import openai
+
+    return openai.OpenAI(base_url=world.main.url + "/v1", api_key="unused", max_retries=0,
+                         timeout=60)
+
+
 def poll(fn, timeout=20.0, every=0.05):
     """fn() until it returns a truthy value (returned), or fails after timeout seconds."""
     deadline = time.monotonic() + timeout

@@ -166,15 +166,21 @@ def test_processors_on_the_same_logits_equal_transformers_and_openai_formula():
             req.proc_slot = st.open(req.tokens, len(prompt), p, eos)
         rows.append((req, prompt, outputs, eos))
     logits = torch.randn(len(rows), v) * 3
-    ex = build_extras([r for r, *_ in rows], [], "cpu")
-    got = logits.clone()
-    apply(got, ex, st)
-    for i, (req, prompt, outputs, eos) in enumerate(rows):
-        p = req.params
-        want = ref_penalized(logits[i], prompt, outputs, p.repetition_penalty,
-                             p.frequency_penalty, p.presence_penalty, p.logit_bias, list(eos),
-                             p.min_tokens)
-        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+
+    def check():
+        """Processes the logits of every row; each must equal the reference. -> the extras."""
+        ex = build_extras([r for r, *_ in rows], [], "cpu")
+        got = logits.clone()
+        apply(got, ex, st)
+        for i, (req, prompt, outputs, eos) in enumerate(rows):
+            p = req.params
+            want = ref_penalized(logits[i], prompt, outputs, p.repetition_penalty,
+                                 p.frequency_penalty, p.presence_penalty, p.logit_bias,
+                                 list(eos), p.min_tokens)
+            torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+        return ex
+
+    ex = check()
     # a draw is appended to each processed row's history and output counts on the device:
     # the next step's processing sees it
     tokens = torch.tensor([r[2][0] if r[2] else 7 for r in rows])  # repeats an output token
@@ -183,15 +189,7 @@ def test_processors_on_the_same_logits_equal_transformers_and_openai_formula():
         outputs.append(t)
         req.tokens.append(t)
         req.num_tokens += 1
-    ex = build_extras([r for r, *_ in rows], [], "cpu")
-    got = logits.clone()
-    apply(got, ex, st)
-    for i, (req, prompt, outputs, eos) in enumerate(rows):
-        p = req.params
-        want = ref_penalized(logits[i], prompt, outputs, p.repetition_penalty,
-                             p.frequency_penalty, p.presence_penalty, p.logit_bias, list(eos),
-                             p.min_tokens)
-        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+    check()
 
 
 def test_n_sequences_reproduce_alone_with_seed_plus_i_and_share_the_prefill(tmp_path):

@@ -8,10 +8,7 @@ import httpx
 import openai
 import pytest
 
-import uora_rt
-from server_helpers import in_process_server, tiny_world
-from uora_rt.server import ServerConfig, ServerState, build_app
-from uora_rt.server.local import LocalEngine
+from server_helpers import local_server, tiny_world
 
 CHAT = [{"role": "user", "content": "hi"}]
 # (endpoint, body or raw bytes, status, param, words the message must contain)
@@ -222,23 +219,20 @@ def test_api_key_guards_every_v1_route(world):
 @pytest.fixture(scope="module")
 def local(world):
     """The app in this process (loading off), so a test can break the engine on purpose."""
-    rt = uora_rt.load(world.base, adapters=[("a0", world.adapters["a0"])])
-    engine = uora_rt.Engine(rt, kv_cache_tokens=4096)
-    state = ServerState(LocalEngine(rt, engine), ServerConfig(served_names=["base"]))
-    with in_process_server(build_app(state)) as url:
-        yield url, state, rt, engine
+    with local_server(world) as served:
+        yield served
 
 
 def test_loading_is_off_unless_allowed(local):
-    url = local[0]
+    url, _ = local
     for path, body in (("/v1/load_lora_adapter", {"lora_name": "n", "lora_path": "p"}),
                        ("/v1/unload_lora_adapter", {"lora_name": "a0"})):
         _check_error(_post(url, path, body), 404, None, "--allow-adapter-loading")
 
 
 def test_an_engine_failure_fails_that_request_only(local, monkeypatch):
-    url, state, rt, engine = local
-    model = rt.model
+    url, state = local
+    model = state.engine.rt.model
     forward = model.forward
     calls = {"n": 0}
 
@@ -262,11 +256,11 @@ def test_an_engine_failure_fails_that_request_only(local, monkeypatch):
     assert "injected fault" in events[-2] and '"InternalServerError"' in events[-2]
     assert events[-1] == "data: [DONE]"
     assert _post(url, "/v1/completions", body).status_code == 200
-    assert engine.blocks_used == 0
+    assert state.engine.engine.blocks_used == 0
 
 
 def test_a_handler_exception_is_a_500_with_a_body(local, monkeypatch):
-    url = local[0]
+    url, _ = local
     from uora_rt.server import completions
 
     def broken(*a, **k):

@@ -5,12 +5,11 @@ alone with seed + i; best_of keeps the best mean logprob; penalties, logit_bias,
 stop_token_ids equal transformers or an independent greedy loop; /tokenize and /detokenize."""
 
 import httpx
-import openai
 import pytest
 import torch
 from conftest import MODEL_TOL
 from peft_ref import peft_vera_model
-from server_helpers import CHARS, tiny_fn, tiny_world
+from server_helpers import CHARS, openai_client, tiny_fn, tiny_world
 
 ATOL, RTOL = MODEL_TOL[torch.float32]
 
@@ -22,8 +21,7 @@ def world(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(world):
-    return openai.OpenAI(base_url=world.main.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
+    return openai_client(world)
 
 
 def model_for(world, name):

@@ -9,10 +9,7 @@ import socket
 
 import httpx
 import pytest
-import uora_rt
-from server_helpers import in_process_server, parse_metrics, tiny_world
-from uora_rt.server import ServerConfig, ServerState, build_app
-from uora_rt.server.local import LocalEngine
+from server_helpers import local_server, parse_metrics, tiny_world
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +70,8 @@ def test_metrics_labels_only_for_served_models(world):
 
 @pytest.fixture(scope="module")
 def local(world):
-    rt = uora_rt.load(world.base, adapters=[("a0", world.adapters["a0"])])
-    engine = uora_rt.Engine(rt, kv_cache_tokens=4096)
-    state = ServerState(LocalEngine(rt, engine), ServerConfig(served_names=["base"]))
-    with in_process_server(build_app(state)) as url:
-        yield url, state
+    with local_server(world) as served:
+        yield served
 
 
 def _http(sock, path, body: dict, rid: str) -> tuple[int, dict, dict]:

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from engine_helpers import reference_greedy
-from server_helpers import tiny_fn, tiny_world
+from server_helpers import openai_client, tiny_fn, tiny_world
 
 PROMPTS = ["Hello there", "The quick brown fox", "UORA adapters: ", "What is 2 + 2?"]
 
@@ -20,8 +20,7 @@ def world(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(world):
-    return openai.OpenAI(base_url=world.main.url + "/v1", api_key="unused", max_retries=0,
-                         timeout=60)
+    return openai_client(world)
 
 
 def complete(client, model, prompt, n=12, **kw):

@@ -99,7 +99,7 @@ class Scheduler:
                     skipped.append(req)
                     continue
                 req.pinned = True
-            if req.blocks:  # a forked sequence: holds a copy of its prompt's KV
+            if req.blocks:  # a forked sequence: holds its prompt's KV (shared full blocks)
                 n = min(req.num_tokens - req.computed, budget)
                 need = self.blocks_for(req.computed + n) - len(req.blocks)
                 if need > self.alloc.num_free:
