@@ -130,6 +130,8 @@ def check(args):
             check_name(name, names)
         except APIError as e:
             raise ValueError(f"--adapter {name}={path}: {e.message}") from None
+        if not Path(path).exists():  # before the core starts loading the base
+            raise ValueError(f"--adapter {name}={path}: no such file or folder")
     config = ServerConfig(
         served_names=names, max_queued=args.max_queued_requests, retry_after_s=args.retry_after,
         allow_adapter_loading=args.allow_adapter_loading, adapter_dir=args.adapter_dir,

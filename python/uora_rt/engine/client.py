@@ -99,6 +99,7 @@ class CoreClient(RequestRules):
         self.stats = None
         self.adapters: list = []
         self.healthy = False
+        self._gone = False
         self._live: dict[str, list[_Tracked | None]] = {}  # request id -> its sequences
         self._acks: dict[str, asyncio.Future] = {}
         self._calls: dict[int, asyncio.Future] = {}
@@ -305,9 +306,9 @@ class CoreClient(RequestRules):
                 return
 
     def _core_died(self) -> None:
-        if not self.healthy:
+        if self._gone:  # (not `healthy`: that is False until Ready, and a core can die first)
             return
-        self.healthy = False
+        self._gone, self.healthy = True, False
         log.error("front end: %s; failing %d requests in flight", CORE_GONE, len(self._live))
         for seqs in self._live.values():
             for t in seqs:
