@@ -28,7 +28,7 @@ def _server(base, adapters, *flags):
     args = p.parse_args([str(base), *(f"--adapter={n}={f}" for n, f in adapters.items()),
                          "--allow-adapter-loading", "--adapter-dir", str(next(
                              iter(adapters.values())).parent), *flags])
-    return serve.build(args)
+    return serve.build_local(args)
 
 
 def _cached(usage) -> int:
@@ -84,7 +84,7 @@ def test_cached_tokens_in_usage_metrics_and_reloads(files):
 def test_no_enable_prefix_caching(files):
     base, adapters = files
     app, state = _server(base, {"a0": adapters["a0"]}, "--no-enable-prefix-caching")
-    assert state.engine.prefix_caching is False
+    assert state.engine.engine.prefix_caching is False
     with in_process_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         for _ in range(2):
@@ -101,14 +101,13 @@ def test_prefix_cache_series_stay_bounded():
     names add to model="other"."""
     from types import SimpleNamespace
 
+    from uora_rt.engine.messages import Stats
     from uora_rt.server.metrics import PREFIX_CACHE_LABELS, Metrics
 
     n = PREFIX_CACHE_LABELS + 10
     per = {None: (7, 3), **{f"x{i}": (10, i % 2) for i in range(n)}}
-    engine = SimpleNamespace(
-        allocator=SimpleNamespace(capacity=10, num_cached=2), blocks_used=1, num_running=0,
-        num_waiting=0, adapters=SimpleNamespace(names=lambda: []),
-        prefix_cache_stats={"per_adapter": per})
+    stats = Stats(0, 0, 1, 10, 2, [("" if k is None else k, q, h) for k, (q, h) in per.items()])
+    engine = SimpleNamespace(stats=stats, adapters=[])
     m = parse_metrics(Metrics(engine, base_name="smol").render().decode())
     queries = {k: v for k, v in m.items() if k.startswith("uora_rt:prefix_cache_queries_total")}
     assert len(queries) == PREFIX_CACHE_LABELS + 1  # the base's series is one of the first

@@ -35,18 +35,23 @@ def start_timeout_s() -> float:
     return float(os.environ.get("UORA_RT_CORE_START_TIMEOUT", "1800"))
 
 
+def core_options(args, adapters, address: str | None = None) -> dict:
+    """What the engine core needs of `uora-rt serve`'s arguments (JSON: it crosses processes)."""
+    return {"base": None if args.base is None else str(args.base), "device": args.device,
+            "dtype": args.dtype, "slots": args.slots, "tensor_parallel": args.tensor_parallel,
+            "random_weights": args.random_weights,
+            "adapters": [[n, str(p)] for n, p in adapters],
+            "kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs,
+            "enable_prefix_caching": args.enable_prefix_caching,
+            "max_step_tokens": args.max_step_tokens, "log_level": args.log_level,
+            "address": address, "parent": os.getpid()}
+
+
 class CoreProcess:
     def __init__(self, args, adapters):
         self.tmp = Path(tempfile.mkdtemp(prefix="uora_rt_core_"))
         self.address = f"ipc://{self.tmp}/core.sock"
-        opts = {"base": None if args.base is None else str(args.base), "device": args.device,
-                "dtype": args.dtype, "slots": args.slots,
-                "tensor_parallel": args.tensor_parallel, "random_weights": args.random_weights,
-                "adapters": [[n, str(p)] for n, p in adapters],
-                "kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs,
-                "enable_prefix_caching": args.enable_prefix_caching,
-                "max_step_tokens": args.max_step_tokens, "log_level": args.log_level,
-                "address": self.address, "parent": os.getpid()}
+        opts = core_options(args, adapters, self.address)
         config = self.tmp / "core.json"
         config.write_text(json.dumps(opts))
         self.proc = subprocess.Popen([sys.executable, "-m", "uora_rt.commands.engine_core",

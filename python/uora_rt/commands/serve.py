@@ -151,6 +151,21 @@ def _limits(args):
         raise ValueError(f"{FLAGS[name][0]}: {str(e).split(': ', 1)[1]}") from None
 
 
+def build_local(args):
+    """`uora-rt serve`'s server with the engine in this process (no core process, one front
+    end): (ASGI app, ServerState). For embedding the server and for tests."""
+    from uora_rt.commands.core_process import core_options
+    from uora_rt.commands.engine_core import build_engine, build_runtime
+    from uora_rt.server import ServerState, build_app
+    from uora_rt.server.local import LocalEngine
+
+    adapters, config = check(args)
+    opts = core_options(args, adapters)
+    rt = build_runtime(opts)
+    state = ServerState(LocalEngine(rt, build_engine(rt, opts)), config)
+    return build_app(state), state
+
+
 def run(args) -> int:
     from uora_rt.commands.core_process import CoreProcess
     from uora_rt.server.app import serve_front_ends
