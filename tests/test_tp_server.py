@@ -1,5 +1,5 @@
 """`uora-rt serve --tensor-parallel 2` on the CPU (gloo): greedy completions through HTTP equal
-the single-process runtime's, and stopping the server ends its worker."""
+the single-process runtime's, and stopping the server ends its engine core and worker."""
 
 import httpx
 import psutil
@@ -19,8 +19,11 @@ def test_serve_tensor_parallel_equals_tp1(tmp_path):
     server = Server([base, *[f"--adapter={n}={p}" for n, p in ads.items()], "--device", "cpu",
                      "--tensor-parallel", "2"], tmp_path / "serve.log", env=env)
     try:
+        # the engine core process is the tensor-parallel driver; the worker is its child
         workers = psutil.Process(server.proc.pid).children(recursive=True)
-        assert len(workers) == 1 and "uora_rt.parallel.worker" in " ".join(workers[0].cmdline())
+        lines = sorted(" ".join(w.cmdline()) for w in workers)
+        assert len(workers) == 2 and "uora_rt.commands.engine_core" in lines[0] \
+            and "uora_rt.parallel.worker" in lines[1], lines
         rt = uora_rt.load(base, adapters=list(ads.items()))
         for model in ("base", "a0", "a1", "a2"):
             adapter = None if model == "base" else model
