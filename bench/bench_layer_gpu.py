@@ -1,4 +1,4 @@
-"""Issue 5 §5a: one adapted linear with 64 distinct adapters (bf16) on the GPU.
+"""One adapted linear with 64 distinct adapters (bf16) on the GPU.
 
 Methods (each y = x W^T + the adapters' delta):
   base       the base GEMM alone
