@@ -26,6 +26,7 @@ import budgets  # noqa: E402
 import glue  # noqa: E402
 import methods  # noqa: E402
 
+from uora_rt.models.tokenizer import encoder_tokenizer  # noqa: E402
 from uora_rt.training import data as data_mod  # noqa: E402
 from uora_rt.training.heads import TaskHead  # noqa: E402
 from uora_rt.training.loop import FitConfig, fit  # noqa: E402
@@ -76,7 +77,7 @@ def run_glue(spec) -> dict:
     train_rows, eval_rows = glue.load(task, data_dir(spec), spec["stage"], budget)
     from uora_rt.models.assets import minilm_dir
 
-    tok = data_mod.encoder_tokenizer(minilm_dir(), max_len)
+    tok = encoder_tokenizer(minilm_dir(), max_len)
     fmt_name = "text pair/label" if "text_pair" in train_rows[0] else "text/label"
     train = data_mod.encode_encoder(dataset(train_rows, task, fmt_name), tok, max_len)
     evald = data_mod.encode_encoder(dataset(eval_rows, task, fmt_name), tok, max_len)

@@ -49,6 +49,8 @@ class Runtime:
             factor_dtype_for(self.device, self.dtype))
         self.kernel_prefs = KernelPrefs(parallel_shrink=parallel_shrink)
         self.tp = tp  # parallel.driver.TensorParallel when tensor_parallel > 1
+        self.heads: dict[str, fmt.Head] = {}  # adapter name -> its task head (encoders)
+        self._encoder_tok = None
         self.codec = None
         if self.folder is not None and (self.folder / "tokenizer.json").is_file():
             from uora_rt.models.tokenizer import TextCodec
@@ -116,13 +118,23 @@ class Runtime:
         name = name or (Path(adapter.path).stem if adapter.path else None)
         if not name:
             raise ValueError("add_adapter: give a name for an in-memory adapter")
+        if adapter.head is not None and adapter.head.hidden != getattr(self.model.spec, "hidden",
+                                                                        adapter.head.hidden):
+            raise ValueError(f"{adapter.path or name}: its task head reads "
+                             f"{adapter.head.hidden} features; this base has "
+                             f"{self.model.spec.hidden}")
         self.manager.add(name, adapter, source)
+        if adapter.head is not None:
+            self.heads[name] = adapter.head
+        else:
+            self.heads.pop(name, None)
         return name
 
     def remove_adapter(self, name: str) -> None:
         """New requests for `name` fail (KeyError) at once; requests already holding it finish
         with it, and its slot returns when the last of them ends."""
         self.manager.remove(name)
+        self.heads.pop(name, None)
 
     # --- single-adapter serving with zero overhead --------------------------------------------
     @property
@@ -188,9 +200,11 @@ class Runtime:
         return slots, with_q
 
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask=None, adapters=None) -> Output:
+    def forward(self, input_ids, attention_mask=None, adapters=None,
+                token_type_ids=None) -> Output:
         """input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding, either side);
-        adapters: one name or None per sequence. One pass, no KV cache."""
+        adapters: one name or None per sequence; token_type_ids [B, L]: an encoder's segments
+        (sentence pairs; None = all 0). One pass, no KV cache."""
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         if ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, length], got {list(ids.shape)}")
@@ -202,6 +216,14 @@ class Runtime:
         if len(names) != ids.shape[0]:
             raise ValueError(f"adapters: expected {ids.shape[0]} entries (one per sequence), "
                              f"got {len(names)}")
+        types = None
+        if token_type_ids is not None:
+            if self.model.kind == "decoder":
+                raise ValueError("token_type_ids: only encoders have token types")
+            types = torch.as_tensor(token_type_ids, dtype=torch.long, device=self.device)
+            if types.shape != ids.shape:
+                raise ValueError(f"token_type_ids: expected {list(ids.shape)}, got "
+                                 f"{list(types.shape)}")
         self.manager.check_merged(names)
         served = [] if self.manager.merged is not None else names
         self.manager.enter()
@@ -212,12 +234,68 @@ class Runtime:
                 args = (self.model, self.manager, self.kernel_prefs, ids, positions, valid,
                         slots, with_q)
                 out = (self.tp.forward_padded(*args) if self.tp is not None
-                       else padded_forward(*args))
+                       else padded_forward(*args, types=types))
                 if self.model.kind == "decoder":
                     return Output(logits=out.float())
                 return Output(hidden_states=out[0], pooled=out[1])
         finally:
             self.manager.exit()
+
+    @torch.no_grad()
+    def classify(self, texts, adapters, text_pairs=None, max_len: int = 512) -> list[dict]:
+        """An encoder's predictions with the task heads stored in its adapters (`uora-rt
+        train` on text/label rows): one forward for the whole batch, each text through its own
+        adapter and that adapter's head. adapters: one name per text (or one name for all);
+        text_pairs: the second sentence of each pair, or None. Returns per text
+        {"adapter", "label", "probabilities"} (classification) or {"adapter", "value"}
+        (regression). Texts longer than max_len tokens are truncated."""
+        from uora_rt.models.common import pool
+        from uora_rt.models.tokenizer import encoder_tokenizer
+
+        if self.model.kind != "encoder":
+            raise ValueError("classify: needs an encoder base (a BERT-family model); "
+                             "decoders generate text (Runtime.generate, Engine)")
+        if self.folder is None or not (self.folder / "tokenizer.json").is_file():
+            raise ValueError("classify: this base has no tokenizer.json to encode texts with")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        names = [adapters] * len(texts) if isinstance(adapters, str) else list(adapters)
+        pairs = [None] * len(texts) if text_pairs is None else list(text_pairs)
+        if len(names) != len(texts) or len(pairs) != len(texts):
+            raise ValueError(f"classify: {len(texts)} texts, {len(names)} adapters and "
+                             f"{len(pairs)} text pairs (expected one each)")
+        for name in dict.fromkeys(names):
+            if name not in self.heads:
+                known = "not loaded" if name not in self.manager else "has no task head"
+                raise ValueError(f"classify: adapter {name!r} {known} (train one on "
+                                 "text/label rows with `uora-rt train` to get a head)")
+        if self._encoder_tok is None or self._encoder_tok[0] != max_len:
+            self._encoder_tok = (max_len, encoder_tokenizer(self.folder, max_len))
+        enc = [self._encoder_tok[1].encode(t, p) for t, p in zip(texts, pairs)]
+        width = max((len(e.ids) for e in enc), default=0)
+        ids = torch.full((len(enc), width), self.model.spec.pad_id, dtype=torch.long)
+        types = torch.zeros_like(ids)
+        valid = torch.zeros_like(ids, dtype=torch.bool)
+        for i, e in enumerate(enc):
+            n = len(e.ids)
+            ids[i, :n], types[i, :n], valid[i, :n] = (torch.tensor(e.ids),
+                                                     torch.tensor(e.type_ids), True)
+        hidden = self.forward(ids, valid, names, types).hidden_states
+        valid = valid.to(hidden.device)
+        out: list[dict] = [{} for _ in texts]
+        for name in dict.fromkeys(names):  # one head per distinct adapter, over its rows
+            rows = [i for i, n in enumerate(names) if n == name]
+            head = self.heads[name]
+            sel = torch.tensor(rows, device=hidden.device)
+            x = pool(hidden.index_select(0, sel), valid.index_select(0, sel), head.pooling)
+            y = (x @ head.weight.to(x).T + head.bias.to(x)).cpu()
+            for k, i in enumerate(rows):
+                if head.task == "classification":
+                    probs = torch.softmax(y[k], -1)
+                    out[i] = {"adapter": name, "label": int(probs.argmax()),
+                              "probabilities": probs.tolist()}
+                else:
+                    out[i] = {"adapter": name, "value": float(y[k, 0])}
+        return out
 
     def close(self) -> None:
         """Stops the tensor-parallel workers (also run at exit); nothing to do otherwise."""

@@ -35,13 +35,13 @@ def step_routes(model, adapters: AdapterManager, prefs: KernelPrefs, device, row
 
 @torch.no_grad()
 def padded_forward(model, adapters: AdapterManager, prefs: KernelPrefs, ids, positions, valid,
-                   token_slots: dict, with_q: dict, announce=None):
+                   token_slots: dict, with_q: dict, announce=None, types=None):
     """One forward of a padded batch [B, L] (no KV cache): decoders -> logits [B, L, V] (none
     on tensor-parallel workers: rank 0 alone computes the head), encoders -> (hidden [B, L, H],
     pooled [B, H]). token_slots / with_q: per family id, as in a step's metadata (-1 = no
     adapter, padding included). announce(changes), on a tensor-parallel driver, sends the
     adapter changes taken with the batch (AdapterManager.batch) and the forward to the workers
-    before this rank runs its shard."""
+    before this rank runs its shard. types: an encoder's token type ids [B, L] (None: all 0)."""
     routes = step_routes(model, adapters, prefs, ids.device, ids.numel())
     changes = [] if announce is not None else None
     hook = adapters.batch(token_slots, with_q, routes, changes)
@@ -51,7 +51,7 @@ def padded_forward(model, adapters: AdapterManager, prefs: KernelPrefs, ids, pos
         rows = None if model.shard is None or model.shard.rank == 0 else \
             torch.empty(0, dtype=torch.long, device=ids.device)
         return model(ids, positions, PaddedAttention(valid), hook, rows=rows, routes=routes)
-    return model(ids, valid, hook)
+    return model(ids, valid, hook, types)
 
 
 class ModelRunner:

@@ -100,3 +100,15 @@ class PaddedAttention:
             attn_mask=None if self.causal_only else self.mask, is_causal=self.causal_only,
             enable_gqa=q.shape[2] != k.shape[2])
         return att.transpose(1, 2)
+
+
+def pool(hidden: torch.Tensor, valid: torch.Tensor, pooling: str) -> torch.Tensor:
+    """hidden [B, L, H] -> [B, H] in float32 over the valid tokens: "mean", "max", or the first
+    token ("cls"). What a task head reads, in training and in Runtime.classify alike."""
+    hidden = hidden.float()
+    if pooling == "mean":
+        m = valid[..., None].float()
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if pooling == "max":
+        return hidden.masked_fill(~valid[..., None], float("-inf")).max(1).values
+    return hidden[:, 0]

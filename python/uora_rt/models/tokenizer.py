@@ -54,3 +54,12 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def encoder_tokenizer(folder, max_len: int):
+    """An encoder base's tokenizer with our own truncation (longest first, to max_len tokens)
+    and no padding: what training, evaluation and Runtime.classify all encode with."""
+    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_len)
+    return tok

@@ -293,16 +293,6 @@ def encode_decoder(data: Dataset, codec, max_len: int) -> Encoding:
     return out
 
 
-def encoder_tokenizer(folder, max_len: int):
-    """The base's tokenizer with our own truncation (longest first) and no padding."""
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    tok.no_padding()
-    tok.enable_truncation(max_len)
-    return tok
-
-
 def encode_encoder(data: Dataset, tok, max_len: int) -> Encoding:
     out = Encoding([])
     for row, line in zip(data.rows, data.lines):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uora_rt.core import format as fmt
+from uora_rt.models.common import pool
 
 
 class TaskHead(nn.Module):
@@ -44,13 +45,7 @@ class TaskHead(nn.Module):
                         self.linear.bias.detach().cpu().clone())
 
     def pool(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
-        if self.pooling == "mean":
-            m = valid[..., None].float()
-            return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        if self.pooling == "max":
-            return hidden.masked_fill(~valid[..., None], float("-inf")).max(1).values
-        return hidden[:, 0]
+        return pool(hidden, valid, self.pooling)
 
     def forward(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return F.linear(self.pool(hidden, valid), self.linear.weight.float(),

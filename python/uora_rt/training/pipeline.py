@@ -19,6 +19,7 @@ from uora_rt.core.config import UORAConfig
 from uora_rt.errors import AdapterFormatError
 from uora_rt.models import checkpoint
 from uora_rt.models.common import PaddedAttention
+from uora_rt.models.tokenizer import encoder_tokenizer
 from uora_rt.training import data as data_mod
 from uora_rt.training.heads import TaskHead, base_pooling
 from uora_rt.training.inject import to_adapter
@@ -125,7 +126,7 @@ def prepare_data(folder: Path, kind: str, path, max_len: int, codec=None):
             raise data_mod.DataError(ds.path, ds.lines[0], "a base with a chat template for "
                                      "messages rows", "none in its tokenizer_config.json")
         return ds, data_mod.encode_decoder(ds, codec, max_len)
-    return ds, data_mod.encode_encoder(ds, data_mod.encoder_tokenizer(folder, max_len), max_len)
+    return ds, data_mod.encode_encoder(ds, encoder_tokenizer(folder, max_len), max_len)
 
 
 def build_objective(rt, hook, head, device):
