@@ -17,7 +17,7 @@ from uora_rt.engine.request import Request, RequestOutput, SamplingParams
 from uora_rt.engine.rules import Limits, Prompts, RequestRules
 from uora_rt.engine.runner import ModelRunner
 from uora_rt.engine.scheduler import Scheduler
-from uora_rt.engine.stepping import Stepping
+from uora_rt.engine.stepping import SYNC_CAUSES, Stepping
 from uora_rt.kernels import triton_available
 
 log = logging.getLogger("uora_rt.engine")
@@ -99,10 +99,13 @@ class Engine(RequestRules, Stepping):
         self._seeds = random.Random()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "step_s": 0.0,
                       "forward_s": 0.0, "peak_blocks": 0,
+                      # forward_s: the host waiting for steps (synchronous: their whole run);
+                      # run_s: how long the steps ran (forward and draw), where known (CPU)
+                      "run_s": 0.0,
                       "forks": 0, "fork_prefills": 0,  # n > 1: sequences that copied / prefilled
                       # async scheduling: tokens computed past a sequence's end, and the steps
-                      # run synchronously, by cause (stepping.SYNC_CAUSES)
-                      "discarded_tokens": 0, "sync_steps": {}}
+                      # run synchronously, by cause (sync_<cause>: stepping.SYNC_CAUSES)
+                      "discarded_tokens": 0, **{f"sync_{c}": 0 for c in SYNC_CAUSES}}
         self._said_tp_forks = False
         log.info("engine: %d KV blocks of %d tokens (%.2f GB), %d sequences, %d tokens per step, "
                  "prefix caching %s, %s scheduling", num_blocks - 1, block_size,

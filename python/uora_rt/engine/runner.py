@@ -10,6 +10,7 @@ logits rows. Padded batches (Runtime.forward) take `padded_forward`, also on eve
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -171,13 +172,19 @@ class ModelRunner:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(1, thread_name_prefix="uora-step")
 
+            flight = InFlight(meta)
+
             def task():
+                t = time.perf_counter()
                 if meta.feed_rows:
                     tokens = prev.future.result()[0]  # done: the worker runs steps in order
                     meta.input_ids[meta.feed_rows] = tokens[list(feed_src)]
-                return self.run(meta)
+                out = self.run(meta)
+                flight.run_s = time.perf_counter() - t
+                return out
 
-            return InFlight(meta, future=self._worker.submit(task))
+            flight.future = self._worker.submit(task)
+            return flight
         if meta.feed_rows:
             rows = to_device(torch.tensor(meta.feed_rows, dtype=torch.long), self.device)
             src = to_device(torch.tensor(list(feed_src), dtype=torch.long), self.device)
@@ -214,6 +221,7 @@ class InFlight:
         self.meta, self.future, self.done = meta, future, done
         self.device_tokens, self.host, self.event = device_tokens, host, event
         self.scheduled: list = []  # the step's ScheduledSeqs (the engine sets them)
+        self.run_s: float | None = None  # how long it ran, where that is known (CPU worker)
 
     def result(self):
         """(token ids [R] on the host, logprob table or None); waits for the step. Raises what

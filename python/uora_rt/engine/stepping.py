@@ -12,7 +12,7 @@ found finished at step N (end of sequence, stop string, max_tokens, abort) has o
 computed in step N + 1: it is discarded and its blocks are already free (stats
 "discarded_tokens"); a sequence whose pending token is its max_tokens-th is not scheduled again.
 Outputs are those of the synchronous loop, one step() later. A step that cannot overlap runs
-synchronously and says why once in the log; stats["sync_steps"] counts them by cause.
+synchronously and says why once in the log; stats["sync_<cause>"] counts them.
 """
 
 from __future__ import annotations
@@ -114,10 +114,11 @@ class Stepping:
         return outputs
 
     def _count_sync(self, cause: str) -> None:
-        counts = self.stats["sync_steps"]
-        if cause not in counts:
-            log.info("async scheduling: a step runs synchronously: %s", SYNC_CAUSES[cause])
-        counts[cause] = counts.get(cause, 0) + 1
+        key = f"sync_{cause}"
+        if not self.stats[key]:
+            log.info("async scheduling: a step runs synchronously: %s; later ones are counted in "
+                     "Engine.stats[%r]", SYNC_CAUSES[cause], key)
+        self.stats[key] += 1
 
     def _resolve(self, flight: InFlight, sync: bool = False) -> list[RequestOutput]:
         """Waits for a launched step and turns its tokens into outputs (sync: it ran in this
@@ -127,6 +128,7 @@ class Stepping:
         try:
             if flight.future is None and flight.event is None and flight.done is None:
                 tokens, table = self.runner.run(meta)  # the synchronous loop
+                flight.run_s = time.perf_counter() - t
             else:
                 tokens, table = flight.result()
             tokens = tokens.tolist()
@@ -137,7 +139,8 @@ class Stepping:
                 s.req.pending -= 1
             return [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
                     for s in scheduled if s.req.status is not Status.FINISHED]
-        self.stats["forward_s"] += time.perf_counter() - t
+        self.stats["forward_s"] += time.perf_counter() - t  # the host waiting for the step
+        self.stats["run_s"] += flight.run_s or 0.0
         for s in meta.sampled:
             s.req.pending -= 1
         if sync:
