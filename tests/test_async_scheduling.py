@@ -37,9 +37,11 @@ def drive(engine, requests, events=None, max_calls=5000):
     raise AssertionError("the engine did not finish")
 
 
-def both(make_engine, requests, events=None):
-    """The same script on a synchronous and an async engine; asserts equal outputs."""
+def both(make_engine, requests, events=None, overlap=False):
+    """The same script on a synchronous and an async engine (overlap: its CPU forward in a
+    worker thread, beside the host's work, as on a GPU); asserts equal outputs."""
     sync, async_ = make_engine(async_scheduling=False), make_engine()
+    async_.runner.cpu_overlap = overlap
     assert async_.async_scheduling and not sync.async_scheduling
     want, _ = drive(sync, requests, events)
     got, ids = drive(async_, requests, events)
@@ -55,7 +57,8 @@ def _final(seqs, name, index=0):
     return seqs[(name, index)][-1]
 
 
-def test_greedy_and_seeded_equal_sync_and_peft(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_greedy_and_seeded_equal_sync_and_peft(tmp_path, overlap):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)
     free = reference_greedy(fn, ads["a1"], [9, 8, 7], 12)
@@ -69,7 +72,7 @@ def test_greedy_and_seeded_equal_sync_and_peft(tmp_path):
         max_tokens=9 + i, temperature=[0.7, 1.0, 1.3, 0.9][i - 4], top_p=[1.0, 0.9, 1.0, 0.8][i - 4],
         top_k=[0, 0, 20, 5][i - 4], seed=100 + i)) for i in range(4, 8)]
     got, _, _, eng = both(lambda **kw: Engine(rt, kv_cache_tokens=2048, max_step_tokens=24, **kw),
-                          reqs)
+                          reqs, overlap=overlap)
     for n, (p, a, m) in greedy.items():
         ref, reason = reference_greedy(fn, ads[a] if a else None, p, m, with_reason=True)
         assert _final(got, n)[1] == ref and _final(got, n)[5] == reason
@@ -100,7 +103,8 @@ def test_stop_strings_and_max_tokens_equal_sync(tmp_path):
     assert eng.stats["discarded_tokens"] >= 1  # the stop string was seen one step late
 
 
-def test_aborts_mid_stream_equal_sync(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_aborts_mid_stream_equal_sync(tmp_path, overlap):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)
     ps = random_prompts(4, seed=5)
@@ -114,12 +118,13 @@ def test_aborts_mid_stream_equal_sync(tmp_path):
 
     events = {4: abort("a"), 7: abort("b", "c"), 9: abort("d", index=1), 12: abort("d")}
     got, _, _, _ = both(lambda **kw: Engine(rt, kv_cache_tokens=2048, max_num_seqs=3, **kw),
-                        reqs, events)
+                        reqs, events, overlap)
     assert all(_final(got, n)[5] == "abort" for n in "abc")
     assert _final(got, "a")[1] == reference_greedy(fn, ads["a0"], ps[0], 40)[:4]
 
 
-def test_preemption_with_a_tiny_kv_cache_equals_sync_and_peft(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_preemption_with_a_tiny_kv_cache_equals_sync_and_peft(tmp_path, overlap):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)
     ps = random_prompts(6, seed=2, lo=10, hi=30)
@@ -127,7 +132,7 @@ def test_preemption_with_a_tiny_kv_cache_equals_sync_and_peft(tmp_path):
     reqs = {0: [(f"r{i}", p, a, SamplingParams(max_tokens=30, ignore_eos=True))
                 for i, (p, a) in enumerate(zip(ps, adapters))]}
     got, _, sync, eng = both(lambda **kw: Engine(rt, kv_cache_tokens=128, block_size=8, **kw),
-                             reqs)
+                             reqs, overlap=overlap)
     assert eng.scheduler.preemptions > 0 and sync.scheduler.preemptions > 0
     for i, (p, a) in enumerate(zip(ps, adapters)):
         assert _final(got, f"r{i}")[1] == reference_greedy(fn, ads[a] if a else None, p, 30)
@@ -159,7 +164,8 @@ def test_adapters_added_and_removed_between_steps_equal_sync(tmp_path):
     assert _final(got, "x")[1] == reference_greedy(fn, extra, [8, 9], 7)
 
 
-def test_n_logprobs_and_penalties_step_synchronously_and_equal_sync(tmp_path, caplog):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_n_logprobs_and_penalties_step_synchronously_and_equal_sync(tmp_path, overlap, caplog):
     _, base, ads = build(tmp_path)
     rt = load(base, ads)
     p = random_prompts(2, seed=8, lo=20, hi=20)
@@ -172,7 +178,8 @@ def test_n_logprobs_and_penalties_step_synchronously_and_equal_sync(tmp_path, ca
                 ("pen", p[0], None, SamplingParams(max_tokens=6, repetition_penalty=1.3,
                                                    logit_bias={3: 5.0}, min_tokens=2))]}
     with caplog.at_level("INFO", logger="uora_rt.engine"):
-        got, _, _, eng = both(lambda **kw: Engine(rt, kv_cache_tokens=2048, **kw), reqs)
+        got, _, _, eng = both(lambda **kw: Engine(rt, kv_cache_tokens=2048, **kw), reqs,
+                              overlap=overlap)
     causes = {k[5:]: v for k, v in eng.stats.items() if k.startswith("sync_") and v}
     assert causes.get("fork") == 1 and causes.get("extras", 0) >= 6  # best_of: logprobs
     said = [r.getMessage() for r in caplog.records if "runs synchronously" in r.getMessage()]
@@ -182,7 +189,8 @@ def test_n_logprobs_and_penalties_step_synchronously_and_equal_sync(tmp_path, ca
     assert _final(got, "lp")[11] is not None and len(_final(got, "lp")[11]) == 6
 
 
-def test_prefix_cache_hits_equal_sync(tmp_path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_prefix_cache_hits_equal_sync(tmp_path, overlap):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)
     shared = random_prompts(1, seed=3, lo=40, hi=40)[0]
@@ -193,7 +201,7 @@ def test_prefix_cache_hits_equal_sync(tmp_path):
             30: [("own", shared + [1, 2] + generated[:18], "a1", SamplingParams(max_tokens=4)),
                  ("base", shared, None, SamplingParams(max_tokens=4))]}
     got, _, _, eng = both(lambda **kw: Engine(rt, kv_cache_tokens=2048, block_size=8, **kw),
-                          reqs)
+                          reqs, overlap=overlap)
     assert _final(got, "hit")[9] == 40 and _final(got, "base")[9] == 0
     assert _final(got, "own")[9] == 56  # generated tokens' blocks were registered, as in sync
     assert _final(got, "hit")[1] == reference_greedy(fn, ads["a1"], shared + [3], 8)

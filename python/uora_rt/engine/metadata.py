@@ -138,7 +138,7 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
         sampling = SamplingTensors.from_lists(
             [p.temperature for p in params], [p.top_k for p in params],
             [p.top_p for p in params], [s.req.seed for _, s in sampled],
-            [s.req.num_tokens - s.req.prompt_len for _, s in sampled], device)
+            [s.req.num_tokens - s.req.prompt_len for _, s in sampled], device, validated=True)
     prompt_runs, prompt_rows = _prompt_logprob_rows(ordered, starts)
     extras = build_extras([s.req for _, s in sampled], prompt_runs, device)
     slots_by_fam, with_q = _adapter_slots(ordered, starts, t, device) if use_adapters else ({}, {})

@@ -73,6 +73,10 @@ class ModelRunner:
         self.sampler = Sampler(self.device)
         self._processors = None
         self._worker = None  # async scheduling on the CPU: the thread steps run in (launch)
+        # Off: on the CPU the forward's intra-op threads already fill the cores, so a worker
+        # thread only moves the host's Python into the forward's time (bench/bench_async_cpu.py,
+        # docs/async-scheduling.md); on for measuring that, or for machines with spare cores.
+        self.cpu_overlap = False
         self._max_len = max_blocks * kv.block_size
         # Graphs need an attention path with a length-independent grid (Triton); the gather
         # path's shapes follow the lengths.
@@ -166,8 +170,16 @@ class ModelRunner:
         that becomes meta.feed_rows[i]'s input (a copy on the device, after prev's draw).
         On CUDA the step is queued on the stream and its tokens copied to pinned host memory
         behind it; on the CPU, which has no device queue, it runs in a worker thread (torch
-        ops release the GIL there, so the host's Python runs beside them). sync: a step with a
-        sync_cause, run to the end (on CUDA in this thread, after prev on the stream)."""
+        ops release the GIL there, so the host's Python runs beside them) if cpu_overlap is
+        set, else in this thread, to its end. sync: a step with a sync_cause, run to the end
+        (on CUDA in this thread, after prev on the stream)."""
+        if self.device.type != "cuda" and not self.cpu_overlap:
+            if meta.feed_rows:  # prev ran in this thread: its tokens are on the host
+                meta.input_ids[meta.feed_rows] = prev.done[0][list(feed_src)]
+            t = time.perf_counter()
+            flight = InFlight(meta, done=self.run(meta))
+            flight.run_s = time.perf_counter() - t
+            return flight
         if self.device.type != "cuda":
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(1, thread_name_prefix="uora-step")
