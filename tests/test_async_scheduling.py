@@ -222,3 +222,21 @@ def test_async_scheduling_is_validated_and_sync_returns_its_own_step(tmp_path):
     eng.run_until_done()
     assert_idle(eng)
     eng.close()
+
+
+def test_serve_flag_reaches_the_engine_core(tmp_path):
+    import argparse
+
+    from uora_rt.commands.core_process import core_options
+    from uora_rt.commands.engine_core import build_engine
+    from uora_rt.commands.serve import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    _, base, ads = build(tmp_path)
+    rt = load(base, ads)
+    for argv, want in (([], True), (["--no-async-scheduling"], False)):
+        args = p.parse_args([str(base), "--kv-cache-tokens", "256", *argv])
+        opts = core_options(args, [])
+        assert opts["async_scheduling"] is want
+        assert build_engine(rt, opts).async_scheduling is want
