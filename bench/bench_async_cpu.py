@@ -42,7 +42,7 @@ MODES = ("sync", "async", "async+worker")
 
 def trial(engine: Engine, batch: int, tokens: int, seed: int) -> dict:
     # without the worker the forward runs inside step() (and is not waited for): not host work
-    inline = not engine.runner.cpu_overlap
+    inline = engine.async_scheduling and not engine.runner.cpu_overlap
     g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=tokens, ignore_eos=True)
     for _ in range(batch):
