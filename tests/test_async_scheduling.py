@@ -69,8 +69,9 @@ def test_greedy_and_seeded_equal_sync_and_peft(tmp_path, overlap):
     reqs = {0: [(n, p, a, SamplingParams(max_tokens=m)) for n, (p, a, m) in greedy.items()],
             3: [("eos", [9, 8, 7], "a1", SamplingParams(max_tokens=12))]}
     reqs[2] = [(f"s{i}", prompts[i], adapters[i], SamplingParams(
-        max_tokens=9 + i, temperature=[0.7, 1.0, 1.3, 0.9][i - 4], top_p=[1.0, 0.9, 1.0, 0.8][i - 4],
-        top_k=[0, 0, 20, 5][i - 4], seed=100 + i)) for i in range(4, 8)]
+        max_tokens=9 + i, temperature=[0.7, 1.0, 1.3, 0.9][i - 4],
+        top_p=[1.0, 0.9, 1.0, 0.8][i - 4], top_k=[0, 0, 20, 5][i - 4], seed=100 + i))
+        for i in range(4, 8)]
     got, _, _, eng = both(lambda **kw: Engine(rt, kv_cache_tokens=2048, max_step_tokens=24, **kw),
                           reqs, overlap=overlap)
     for n, (p, a, m) in greedy.items():
