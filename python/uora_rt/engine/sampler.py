@@ -111,8 +111,8 @@ class SamplingTensors:
                    validated: bool = False) -> SamplingTensors:
         """Validated on the host, then one packed host-to-device copy ([5, B] int64; the float32
         fields travel as their bit patterns). validated: the values were checked already (the
-        engine's come from SamplingParams): skip the per-value checks, which cost a step of
-        256 rows about a millisecond of host time."""
+        engine's come from SamplingParams): skip the per-value checks (Python work per row on
+        the host's critical path of every step)."""
         cols = {"temperature": list(temperature), "top_k": list(top_k), "top_p": list(top_p),
                 "seed": list(seed), "position": list(position)}
         lengths = {name: len(v) for name, v in cols.items()}
