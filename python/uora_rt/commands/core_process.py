@@ -43,6 +43,7 @@ def core_options(args, adapters, address: str | None = None) -> dict:
             "adapters": [[n, str(p)] for n, p in adapters],
             "kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs,
             "enable_prefix_caching": args.enable_prefix_caching,
+            "async_scheduling": getattr(args, "async_scheduling", True),
             "max_step_tokens": args.max_step_tokens, "log_level": args.log_level,
             "address": address, "parent": os.getpid()}
 

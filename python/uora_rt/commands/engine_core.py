@@ -64,7 +64,8 @@ def build_engine(rt, opts: dict):
     engine = uora_rt.Engine(rt, kv_cache_tokens=opts["kv_cache_tokens"],
                             max_num_seqs=opts["max_num_seqs"],
                             max_step_tokens=opts["max_step_tokens"],
-                            enable_prefix_caching=opts["enable_prefix_caching"], detokenize=False)
+                            enable_prefix_caching=opts["enable_prefix_caching"], detokenize=False,
+                            async_scheduling=opts.get("async_scheduling", True))
     if engine.runner.graphs is not None:  # captures before traffic, not during it
         per_family = {e.family: name for name, e in rt.manager.entries.items()}
         seconds = engine.warmup(adapters=(None, *per_family.values()))

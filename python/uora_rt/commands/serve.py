@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep computed KV blocks and reuse them for later prompts that start "
                         "the same way under the same adapter (default: on; "
                         "--no-enable-prefix-caching turns it off)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True,
+                   help="schedule each engine step while the one before it runs on the device, "
+                        "and build that one's outputs meanwhile (default: on; "
+                        "--no-async-scheduling steps one after the other)")
     p.add_argument("--max-queued-requests", type=int, default=1024,
                    help="requests waiting to run beyond which new ones get 503 + Retry-After")
     p.add_argument("--retry-after", type=int, default=1, help="seconds, in 503 answers")

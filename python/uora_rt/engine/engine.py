@@ -12,20 +12,18 @@ import threading
 import time
 
 from uora_rt.engine.detokenizer import Detokenizer
-from uora_rt.engine.forks import fork
 from uora_rt.engine.kv_cache import BlockAllocator, KVPool, default_kv_tokens
-from uora_rt.engine.metadata import build_step
-from uora_rt.engine.processors import hand_out
-from uora_rt.engine.request import Request, RequestOutput, SamplingParams, Status
+from uora_rt.engine.request import Request, RequestOutput, SamplingParams
 from uora_rt.engine.rules import Limits, Prompts, RequestRules
 from uora_rt.engine.runner import ModelRunner
 from uora_rt.engine.scheduler import Scheduler
+from uora_rt.engine.stepping import SYNC_CAUSES, Stepping
 from uora_rt.kernels import triton_available
 
 log = logging.getLogger("uora_rt.engine")
 
 
-class Engine(RequestRules):
+class Engine(RequestRules, Stepping):
     """rt: a decoder Runtime (uora_rt.load). kv_cache_tokens: KV capacity in tokens (rounded up
     to whole blocks); max_num_seqs: requests running at once; max_step_tokens: tokens computed per step
     (decodes first, then prefill chunks). Defaults: what the device's free memory allows, 256
@@ -37,12 +35,15 @@ class Engine(RequestRules):
     blocks after their requests end and let later requests with the same prefix, under the same
     adapter bytes (or none), read them instead of computing them (docs/prefix-caching.md).
     detokenize: build text and match stop strings here (False in an engine core process, whose
-    front ends do it)."""
+    front ends do it). async_scheduling: schedule and launch each step while the one before it
+    runs, and build that one's outputs meanwhile (engine/stepping.py, docs/async-scheduling.md);
+    False: one step after the other, as before."""
 
     def __init__(self, rt, kv_cache_tokens: int | None = None, max_num_seqs: int | None = None,
                  max_step_tokens: int | None = None, block_size: int = 16,
                  attention: str | None = None, cuda_graphs: bool | None = None,
-                 enable_prefix_caching: bool = True, detokenize: bool = True):
+                 enable_prefix_caching: bool = True, detokenize: bool = True,
+                 async_scheduling: bool = True):
         model = rt.model
         if model.kind != "decoder":
             raise ValueError("the engine serves decoder models; this base is an encoder")
@@ -71,6 +72,11 @@ class Engine(RequestRules):
             raise ValueError(f"Engine: enable_prefix_caching must be True or False, got "
                              f"{enable_prefix_caching!r}")
         self.prefix_caching = enable_prefix_caching
+        if not isinstance(async_scheduling, bool):
+            raise ValueError(f"Engine: async_scheduling must be True or False, got "
+                             f"{async_scheduling!r}")
+        self.async_scheduling = async_scheduling
+        self._flight = None  # async scheduling: the launched step whose tokens are not read yet
         self._model = model
         self.allocator = BlockAllocator(num_blocks, caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, block_size, self.max_num_seqs,
@@ -93,12 +99,19 @@ class Engine(RequestRules):
         self._seeds = random.Random()
         self.stats = {"steps": 0, "prefill_tokens": 0, "decode_tokens": 0, "step_s": 0.0,
                       "forward_s": 0.0, "peak_blocks": 0,
-                      "forks": 0, "fork_prefills": 0}  # n > 1: sequences that copied / prefilled
+                      # forward_s: the host waiting for steps (synchronous: their whole run);
+                      # run_s: how long the steps ran (forward and draw), where known (CPU)
+                      "run_s": 0.0,
+                      "forks": 0, "fork_prefills": 0,  # n > 1: sequences that copied / prefilled
+                      # async scheduling: tokens computed past a sequence's end, and the steps
+                      # run synchronously, by cause (sync_<cause>: stepping.SYNC_CAUSES)
+                      "discarded_tokens": 0, **{f"sync_{c}": 0 for c in SYNC_CAUSES}}
         self._said_tp_forks = False
         log.info("engine: %d KV blocks of %d tokens (%.2f GB), %d sequences, %d tokens per step, "
-                 "prefix caching %s", num_blocks - 1, block_size, self.kv.nbytes() / 1e9,
-                 self.max_num_seqs, self.max_step_tokens,
-                 "on" if enable_prefix_caching else "off")
+                 "prefix caching %s, %s scheduling", num_blocks - 1, block_size,
+                 self.kv.nbytes() / 1e9, self.max_num_seqs, self.max_step_tokens,
+                 "on" if enable_prefix_caching else "off",
+                 "async" if async_scheduling else "synchronous")
 
     # --- requests ---------------------------------------------------------------------------
     @property
@@ -204,132 +217,12 @@ class Engine(RequestRules):
                 "per_adapter": {name: (q[name], h.get(name, 0)) for name in q},
                 "cached_blocks": self.allocator.num_cached, "evicted": self.allocator.evicted}
 
-    # --- the loop ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One scheduler iteration: one output per sequence that produced a token or ended."""
-        t0 = time.perf_counter()
-        with self._lock:
-            new, self._inbox = self._inbox, []
-            aborts, self._aborts = self._aborts, set()
-        for group in new:
-            self._enter(group)
-        outputs = [self._finish(req, "abort") for rid, index in aborts
-                   for req in list(self._live.get(rid, ()))
-                   if req.status is not Status.FINISHED and index in (None, req.index)]
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return outputs
-        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_used)
-        try:
-            meta = build_step(scheduled, self.block_size, self.runner.device,
-                              self.adapters.merged is None, self.runner.gather_prefill)
-            t1 = time.perf_counter()
-            tokens, table = self.runner.run(meta)
-            tokens = tokens.tolist()
-            table = table.tolist() if table is not None else None
-            self.stats["forward_s"] += time.perf_counter() - t1
-        except Exception as e:  # fail the step's requests, keep serving the others
-            log.exception("engine step failed; failing its %d requests", len(scheduled))
-            return outputs + [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
-                              for s in scheduled if s.req.status is not Status.FINISHED]
-        entries = hand_out(meta.extras, table, tokens) if table is not None else {}
-        for s in scheduled:
-            s.req.computed += s.count
-            self.scheduler.register(s.req)
-            decode = s.count == 1 and s.start >= s.req.prompt_len
-            self.stats["decode_tokens" if decode else "prefill_tokens"] += s.count
-            if s.req.forks and s.req.computed >= s.req.prompt_len - 1:
-                fork(s.req, self.scheduler, self.allocator, self.kv, self.stats)
-        for i, (s, tok) in enumerate(zip(meta.sampled, tokens)):
-            outputs.append(self._append(s.req, tok, entries.get(i)))
-        self.stats["steps"] += 1
-        self.stats["step_s"] += time.perf_counter() - t0
-        return outputs
-
-    def _enter(self, group: list[Request]) -> None:
-        """A new request's sequences: the first is scheduled; the others wait for its prompt's
-        KV cache (_fork), except under tensor parallelism (the cache lives on the workers too),
-        where each prefills its own prompt."""
-        for req in group:
-            if req.params.processed:
-                req.proc_slot = self.runner.processors.open(req.tokens, req.prompt_len,
-                                                                req.params, req.eos)
-        first, *rest = group
-        self.scheduler.add(first)
-        if rest and self.runner.peers is not None:
-            if not self._said_tp_forks:
-                log.info("n > 1 under tensor parallelism: each sequence prefills its prompt")
-                self._said_tp_forks = True
-            for req in rest:
-                self.scheduler.add(req)
-            self.stats["fork_prefills"] += len(rest)
-        else:
-            first.forks = rest
-
-    def _append(self, req: Request, tok: int, entry=None) -> RequestOutput:
-        if req.first_token_time is None:
-            req.first_token_time = time.perf_counter()
-        new_lp = []
-        if entry is not None:
-            req.logprobs.append(entry)
-            req.cumulative_logprob += entry.logprob
-            new_lp = [entry]
-        if tok in req.eos:
-            req.stop_reason = tok
-            return self._finish(req, "stop", new_lp=new_lp)
-        req.tokens.append(tok)
-        if req.detok.push(tok):
-            req.stop_reason = req.detok.matched
-            return self._finish(req, "stop", new=[tok], new_lp=new_lp)
-        if req.num_tokens - req.prompt_len >= req.params.max_tokens:
-            return self._finish(req, "length", new=[tok], new_lp=new_lp)
-        return self._emit(req, [tok], new_lp)
-
-    def _finish(self, req: Request, reason: str, error: str | None = None,
-                new: list[int] | None = None, new_lp=None) -> RequestOutput:
-        self.scheduler.finish(req)
-        if req.lease is not None:
-            self.adapters.release(req.lease)
-        if req.proc_slot is not None:
-            self.runner.processors.close(req.proc_slot)
-            req.proc_slot = None
-        req.finish_reason, req.error = reason, error
-        with self._lock:
-            seqs = self._live.get(req.request_id)
-            if seqs is not None and req in seqs:
-                seqs.remove(req)
-                if not seqs:
-                    del self._live[req.request_id]
-        self.adapters.exit()
-        out = self._emit(req, new or [], new_lp)
-        for kid in req.forks:  # siblings still waiting for this one's prompt fail with it
-            if kid.status is not Status.FINISHED:
-                self._finish(kid, reason, error)
-        req.forks = []
-        return out
-
-    def _emit(self, req: Request, new: list[int], new_lp=None) -> RequestOutput:
-        done = req.status is Status.FINISHED
-        lp = req.want_logprobs
-        prompt_lp = req.prompt_logprobs
-        out = RequestOutput(req.request_id, req.adapter, req.output_ids, req.detok.text, done,
-                            req.finish_reason, req.prompt_len, new, req.detok.take_new(done),
-                            req.seed, req.error, req.stop_reason, req.index,
-                            list(req.logprobs) if lp else None, (new_lp or []) if lp else None,
-                            list(prompt_lp) if prompt_lp is not None and
-                            len(prompt_lp) == req.prompt_len else None,
-                            req.cumulative_logprob if lp else None,
-                            cached_tokens=req.cached_tokens or 0)
-        if req.on_output is not None:
-            try:
-                req.on_output(out)
-            except Exception:  # a consumer's failure must not stop the engine
-                log.exception("on_output of %s failed", req.request_id)
-        return out
-
     def close(self) -> None:
         """Releases what the engine holds outside this process (its share of the KV cache on
         tensor-parallel workers); without it that goes when the runtime closes."""
+        flight, self._flight = self._flight, None
+        if flight is not None:  # a step still running (its outputs are past every end)
+            self._resolve(flight)
         self.runner.close()
 
     def warmup(self, adapters=(None,), sampled: bool = False) -> float:

@@ -9,7 +9,7 @@ parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,6 +50,11 @@ class StepMetadata:
     adapter_slots: dict                 # family id -> [T] int32 slots (-1 = not this family)
     adapter_with_q: dict                # family id -> any adapter of it with reinit events
     extras: StepExtras | None = None    # logit processing / logprobs (None: nobody asks)
+    # Async scheduling: decode rows whose input is a token still in flight (drawn by the
+    # previous step, not yet on the host): input_ids holds 0 there until the runner copies the
+    # token in on the device. feed_rows[i] is the packed row, feed_reqs[i] its Request.
+    feed_rows: list = field(default_factory=list)
+    feed_reqs: list = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +71,16 @@ def context_mask(context: int, count: int, device) -> torch.Tensor:
     """[count, context + count] bool: query j of a chunk after `context` positions sees keys
     <= context + j."""
     q_pos = torch.arange(context, context + count)
-    return (torch.arange(context + count)[None, :] <= q_pos[:, None]).to(device)
+    return to_device(torch.arange(context + count)[None, :] <= q_pos[:, None], device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the step's device. On CUDA through pinned memory, without waiting: a
+    plain copy from pageable memory waits for the stream, i.e. for the step still running
+    there, which would put the host back on the device's critical path."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _table(seqs) -> np.ndarray:
@@ -86,20 +100,28 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
     prefills = [s for s in scheduled if s.count > 1]
     ordered = decodes + prefills
     ids, pos, lens, slots = [], [], [], []
+    feed_rows, feed_reqs = [], []
     for s in decodes:
         r, p = s.req, s.start
-        ids.append(r.tokens[p])
+        if p < len(r.tokens):
+            ids.append(r.tokens[p])
+        else:  # the pending token: the runner fills it in on the device
+            feed_rows.append(len(ids))
+            feed_reqs.append(r)
+            ids.append(0)
         pos.append(p)
         slots.append(r.blocks[p // block_size] * block_size + p % block_size)
         lens.append(p + 1)
     segments, chunks, q_start = [], [torch.tensor(slots, dtype=torch.long)], [0]
     for s in prefills:
         r, p0, n = s.req, s.start, s.count
+        if p0 + n > len(r.tokens):
+            raise RuntimeError("build_step: a prefill chunk reaches a token still in flight")
         seg_slots = _slots(r.blocks, block_size, p0 + n)
         chunks.append(seg_slots[p0:])
         context = mask = None
         if p0 and gather_prefill:
-            context, mask = seg_slots.to(device), context_mask(p0, n, device)
+            context, mask = to_device(seg_slots, device), context_mask(p0, n, device)
         segments.append(PrefillSegment(len(ids), n, p0, context, mask))
         ids.extend(r.tokens[p0:p0 + n])
         pos.extend(range(p0, p0 + n))
@@ -116,17 +138,17 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
         sampling = SamplingTensors.from_lists(
             [p.temperature for p in params], [p.top_k for p in params],
             [p.top_p for p in params], [s.req.seed for _, s in sampled],
-            [s.req.num_tokens - s.req.prompt_len for _, s in sampled], device)
+            [s.req.num_tokens - s.req.prompt_len for _, s in sampled], device, validated=True)
     prompt_runs, prompt_rows = _prompt_logprob_rows(ordered, starts)
     extras = build_extras([s.req for _, s in sampled], prompt_runs, device)
     slots_by_fam, with_q = _adapter_slots(ordered, starts, t, device) if use_adapters else ({}, {})
 
     def dev(x, dtype=torch.int32):
-        return torch.as_tensor(x, dtype=dtype).to(device)
+        return to_device(torch.as_tensor(x, dtype=dtype), device)
 
     return StepMetadata(
         input_ids=dev(ids, torch.long), positions=dev(pos, torch.long),
-        slot_mapping=torch.cat(chunks).to(device), num_decode=len(decodes),
+        slot_mapping=to_device(torch.cat(chunks), device), num_decode=len(decodes),
         decode_block_tables=dev(_table(decodes)), decode_seq_lens=dev(lens),
         decode_query_start=torch.arange(len(decodes) + 1, dtype=torch.int32, device=device),
         prefills=segments, prefill_block_tables=dev(_table(prefills)),
@@ -137,7 +159,8 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
         sampling=sampling,
         any_sampled=any(p.temperature > 0 for p in params),
         any_top_p=any(p.temperature > 0 and p.top_p < 1 for p in params),
-        adapter_slots=slots_by_fam, adapter_with_q=with_q, extras=extras)
+        adapter_slots=slots_by_fam, adapter_with_q=with_q, extras=extras,
+        feed_rows=feed_rows, feed_reqs=feed_reqs)
 
 
 def _prompt_logprob_rows(ordered, starts):
@@ -169,4 +192,4 @@ def _adapter_slots(ordered, starts, total, device):
             arr = per_fam[fid] = np.full(total, -1, dtype=np.int32)
         arr[st:st + s.count] = lease.slot
         with_q[fid] = with_q.get(fid, False) or lease.has_q
-    return {f: torch.from_numpy(a).to(device) for f, a in per_fam.items()}, with_q
+    return {f: to_device(torch.from_numpy(a), device) for f, a in per_fam.items()}, with_q

@@ -197,6 +197,9 @@ class Request:
         self.params, self.seed, self.index = params, seed, index
         self.tokens = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
+        # Tokens drawn by a step still in flight (async scheduling), not yet in `tokens`: the
+        # scheduler counts them (blocks, positions); their ids reach the next step on the device.
+        self.pending = 0
         self.computed = 0
         self.blocks: list[int] = []
         # prefix caching (engine/scheduler.py): the identity the KV is keyed by, the keys of the
@@ -227,7 +230,8 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.tokens)
+        """Tokens so far, the pending one (drawn, value not yet on the host) included."""
+        return len(self.tokens) + self.pending
 
     @property
     def output_ids(self) -> list[int]:

@@ -10,7 +10,9 @@ logits rows. Padded batches (Runtime.forward) take `padded_forward`, also on eve
 from __future__ import annotations
 
 import logging
+import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
 import torch
@@ -18,6 +20,7 @@ import torch
 from uora_rt.adapters.manager import AdapterManager
 from uora_rt.engine.attention import PagedAttention, choose_attention
 from uora_rt.engine.kv_cache import KVPool
+from uora_rt.engine.metadata import to_device
 from uora_rt.engine.processors import ProcessorState, sample_step
 from uora_rt.engine.sampler import Sampler
 from uora_rt.kernels.routes import KernelPrefs, choose
@@ -69,6 +72,11 @@ class ModelRunner:
         self.gather_prefill = self.prefill_fn is None  # the SDPA path reads gathered context
         self.sampler = Sampler(self.device)
         self._processors = None
+        self._worker = None  # async scheduling on the CPU: the thread steps run in (launch)
+        # Off: on the CPU the forward's intra-op threads already fill the cores, so a worker
+        # thread only moves the host's Python into the forward's time (bench/bench_async_cpu.py,
+        # docs/async-scheduling.md); on for measuring that, or for machines with spare cores.
+        self.cpu_overlap = False
         self._max_len = max_blocks * kv.block_size
         # Graphs need an attention path with a length-independent grid (Triton); the gather
         # path's shapes follow the lengths.
@@ -102,6 +110,9 @@ class ModelRunner:
     def close(self) -> None:
         if self._release is not None:
             self._release()  # runs once
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     def routes(self, rows: int):
         return step_routes(self.model, self.adapters, self.prefs, self.device, rows)
@@ -139,3 +150,97 @@ class ModelRunner:
         if not meta.sampled and meta.extras is None:
             return torch.empty(0, dtype=torch.long), None
         return sample_step(self.sampler, self.processors, logits.float().contiguous(), meta)
+
+    # --- async scheduling ---------------------------------------------------------------------
+    def sync_cause(self, meta) -> str | None:
+        """Why this step cannot overlap the next one's scheduling, as a key of
+        stepping.SYNC_CAUSES (None: it can)."""
+        if self.peers is not None:
+            return "tensor_parallel"
+        if meta.extras is not None:
+            return "extras"
+        if (self.sampler.path == "device" and meta.any_sampled
+                and self.sampler.window(meta.sampling, True)):
+            return "device_window"
+        return None
+
+    def launch(self, meta, prev: "InFlight | None" = None, feed_src=(),
+               sync: bool = False) -> "InFlight":
+        """Starts a step without waiting for it. feed_src[i]: the row of prev's sampled tokens
+        that becomes meta.feed_rows[i]'s input (a copy on the device, after prev's draw).
+        On CUDA the step is queued on the stream and its tokens copied to pinned host memory
+        behind it; on the CPU, which has no device queue, it runs in a worker thread (torch
+        ops release the GIL there, so the host's Python runs beside them) if cpu_overlap is
+        set, else in this thread, to its end. sync: a step with a sync_cause, run to the end
+        (on CUDA in this thread, after prev on the stream)."""
+        if self.device.type != "cuda" and not self.cpu_overlap:
+            if meta.feed_rows:  # prev ran in this thread: its tokens are on the host
+                meta.input_ids[meta.feed_rows] = prev.done[0][list(feed_src)]
+            t = time.perf_counter()
+            flight = InFlight(meta, done=self.run(meta))
+            flight.run_s = time.perf_counter() - t
+            return flight
+        if self.device.type != "cuda":
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="uora-step")
+
+            flight = InFlight(meta)
+
+            def task():
+                t = time.perf_counter()
+                if meta.feed_rows:
+                    tokens = prev.future.result()[0]  # done: the worker runs steps in order
+                    meta.input_ids[meta.feed_rows] = tokens[list(feed_src)]
+                out = self.run(meta)
+                flight.run_s = time.perf_counter() - t
+                return out
+
+            flight.future = self._worker.submit(task)
+            return flight
+        if meta.feed_rows:
+            rows = to_device(torch.tensor(meta.feed_rows, dtype=torch.long), self.device)
+            src = to_device(torch.tensor(list(feed_src), dtype=torch.long), self.device)
+            meta.input_ids.index_copy_(0, rows, prev.device_tokens.index_select(0, src))
+        if sync:
+            return InFlight(meta, done=self.run(meta))
+        drawn = self.draw(meta)
+        host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
+        host.copy_(drawn, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return InFlight(meta, device_tokens=drawn, host=host, event=event)
+
+    @torch.no_grad()
+    def draw(self, meta) -> torch.Tensor:
+        """The step's tokens [R] on the device, without a host sync: only for steps with no
+        sync_cause (no extras, no row the sampler's window could leave undecided)."""
+        if self.graphs is not None and meta.sampled:
+            out = self.graphs.run(meta)
+            if out is not None:
+                return out[1]
+        logits = self.forward(meta, meta.logits_rows)
+        if not meta.sampled:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        return self.sampler.draw(logits.float().contiguous(), meta.sampling, meta.any_sampled,
+                                 meta.any_top_p)
+
+
+class InFlight:
+    """A launched step: its metadata and, once it has run, its tokens on the host."""
+
+    def __init__(self, meta, future: Future | None = None, device_tokens=None, host=None,
+                 event=None, done=None):
+        self.meta, self.future, self.done = meta, future, done
+        self.device_tokens, self.host, self.event = device_tokens, host, event
+        self.scheduled: list = []  # the step's ScheduledSeqs (the engine sets them)
+        self.run_s: float | None = None  # how long it ran, where that is known (CPU worker)
+
+    def result(self):
+        """(token ids [R] on the host, logprob table or None); waits for the step. Raises what
+        the step raised."""
+        if self.done is not None:
+            return self.done
+        if self.future is not None:
+            return self.future.result()
+        self.event.synchronize()
+        return self.host, None

@@ -107,23 +107,19 @@ class SamplingTensors:
     window_need: int | None = None
 
     @classmethod
-    def from_lists(cls, temperature, top_k, top_p, seed, position, device) -> SamplingTensors:
+    def from_lists(cls, temperature, top_k, top_p, seed, position, device,
+                   validated: bool = False) -> SamplingTensors:
         """Validated on the host, then one packed host-to-device copy ([5, B] int64; the float32
-        fields travel as their bit patterns)."""
+        fields travel as their bit patterns). validated: the values were checked already (the
+        engine's come from SamplingParams): skip the per-value checks (Python work per row on
+        the host's critical path of every step)."""
         cols = {"temperature": list(temperature), "top_k": list(top_k), "top_p": list(top_p),
                 "seed": list(seed), "position": list(position)}
         lengths = {name: len(v) for name, v in cols.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"SamplingTensors.from_lists: fields differ in length: {lengths}")
-        _check(cols["temperature"], "temperature", ">= 0 and finite (0 = greedy)",
-               lambda v: _is_real(v) and math.isfinite(v) and v >= 0)
-        _check(cols["top_p"], "top_p", "in (0, 1] (1 = off)", lambda v: _is_real(v) and 0 < v <= 1)
-        _check(cols["top_k"], "top_k", "an integer >= 0 (0 = off)",
-               lambda v: _is_int(v) and 0 <= v <= _INT64_MAX)
-        _check(cols["seed"], "seed", "an integer in [0, 2**63)",
-               lambda v: _is_int(v) and 0 <= v <= _INT64_MAX)
-        _check(cols["position"], "position", "an integer in [0, 2**63)",
-               lambda v: _is_int(v) and 0 <= v <= _INT64_MAX)
+        if not validated:
+            cls._check_values(cols)
         device = torch.device(device)
         bits = [torch.tensor(cols[n], dtype=torch.float32).view(torch.int32).to(torch.int64)
                 for n in ("temperature", "top_p")]
@@ -135,6 +131,18 @@ class SamplingTensors:
             packed = packed.to(device)
         return cls(_as_f32(packed[0]), packed[1], _as_f32(packed[2]), packed[3], packed[4],
                    window_need(cols["temperature"], cols["top_k"], cols["top_p"]))
+
+    @staticmethod
+    def _check_values(cols) -> None:
+        _check(cols["temperature"], "temperature", ">= 0 and finite (0 = greedy)",
+               lambda v: _is_real(v) and math.isfinite(v) and v >= 0)
+        _check(cols["top_p"], "top_p", "in (0, 1] (1 = off)", lambda v: _is_real(v) and 0 < v <= 1)
+        _check(cols["top_k"], "top_k", "an integer >= 0 (0 = off)",
+               lambda v: _is_int(v) and 0 <= v <= _INT64_MAX)
+        _check(cols["seed"], "seed", "an integer in [0, 2**63)",
+               lambda v: _is_int(v) and 0 <= v <= _INT64_MAX)
+        _check(cols["position"], "position", "an integer in [0, 2**63)",
+               lambda v: _is_int(v) and 0 <= v <= _INT64_MAX)
 
     def rows(self, ids: Tensor) -> SamplingTensors:
         """The rows ids [R] (int64, on the tensors' device)."""

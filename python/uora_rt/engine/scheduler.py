@@ -60,7 +60,10 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         budget, chosen = self.max_step_tokens, {}
-        decodes = [r for r in self.running if r.num_tokens - r.computed == 1]
+        # A sequence whose pending token is its last (max_tokens) ends when that token lands:
+        # it is not scheduled again (async scheduling; never the case in a synchronous loop).
+        decodes = [r for r in self.running if r.num_tokens - r.computed == 1
+                   and not (r.pending and r.num_tokens >= r.max_total)]
         prefills = [r for r in self.running if r.num_tokens - r.computed > 1]
         preempted = False
         for req in decodes + prefills:
@@ -94,6 +97,9 @@ class Scheduler:
         computing = None  # keys running requests are computing; built when first needed
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting.popleft()
+            if req.pending:  # preempted with a token in flight: it re-enters once that lands
+                skipped.append(req)
+                continue
             if req.lease is not None and not req.pinned:
                 if not self.adapters.pin(req.lease):
                     skipped.append(req)
@@ -168,8 +174,9 @@ class Scheduler:
         self.cache_hits[name] = self.cache_hits.get(name, 0) + req.cached_tokens
 
     def register(self, req: Request) -> None:
-        """After a step: the request's blocks that are now full and computed become findable."""
-        full = req.computed // self.block_size
+        """After a step: the request's blocks that are now full and computed become findable
+        (only blocks of tokens the host knows: a key hashes token ids)."""
+        full = min(req.computed, len(req.tokens)) // self.block_size
         if self.cache_root is None or full <= req.cached_blocks:
             return
         keys = self._keys(req)

@@ -1,0 +1,243 @@
+"""Engine.step: one scheduler iteration, synchronous or overlapped with the next (async
+scheduling, the default).
+
+Synchronous: schedule step N, build its metadata, run it, copy its tokens to the host, append
+them, check stops, build the outputs; only then schedule step N + 1.
+
+Async: step() schedules and launches step N + 1 while step N is still running, then learns step
+N's tokens and builds its outputs while step N + 1 runs. Step N's tokens stay on the device and
+become step N + 1's decode inputs there (runner.launch); the scheduler counts each running
+sequence's token still in flight (Request.pending) for positions and KV blocks. A sequence
+found finished at step N (end of sequence, stop string, max_tokens, abort) has one more token
+computed in step N + 1: it is discarded and its blocks are already free (stats
+"discarded_tokens"); a sequence whose pending token is its max_tokens-th is not scheduled again.
+Outputs are those of the synchronous loop, one step() later. A step that cannot overlap runs
+synchronously and says why once in the log; stats["sync_<cause>"] counts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from uora_rt.engine.forks import fork
+from uora_rt.engine.metadata import build_step
+from uora_rt.engine.processors import hand_out
+from uora_rt.engine.request import Request, RequestOutput, Status
+from uora_rt.engine.runner import InFlight
+
+log = logging.getLogger("uora_rt.engine")
+
+SYNC_CAUSES = {
+    "tensor_parallel": "tensor parallelism (the workers get each step's token ids from the host)",
+    "extras": "logit processing or logprobs (penalty histories and logprob tables need the "
+              "exact tokens on the host)",
+    "device_window": "top-k / top-p on the device sampler (a row its window cannot decide is "
+                     "re-drawn on the host)",
+    "fork": "n > 1 at the moment the sequences fork (the prompt's KV is copied on the host's "
+            "order)",
+    "abort": "an abort of a sequence with a token in flight (the token is delivered first, as "
+             "the synchronous loop does)",
+}
+
+
+class Stepping:
+    """The step loop of Engine (mixed in; the state lives on the engine)."""
+
+    def step(self) -> list[RequestOutput]:
+        """One scheduler iteration: one output per sequence that produced a token or ended (with
+        async scheduling, the tokens of the step launched by the previous call)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            new, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        for group in new:
+            self._enter(group)
+        outputs = []
+        prev, self._flight = self._flight, None
+        hit = [req for rid, index in aborts for req in list(self._live.get(rid, ()))
+               if req.status is not Status.FINISHED and index in (None, req.index)]
+        if prev is not None and any(req.pending for req in hit):
+            self._count_sync("abort")
+            outputs += self._resolve(prev)
+            prev = None
+        outputs += [self._finish(req, "abort") for req in hit if req.status is not Status.FINISHED]
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if prev is not None:
+                outputs += self._resolve(prev)
+            return outputs
+        self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_used)
+        try:
+            meta = build_step(scheduled, self.block_size, self.runner.device,
+                              self.adapters.merged is None, self.runner.gather_prefill)
+            cause = None
+            if self.async_scheduling:
+                cause = self.runner.sync_cause(meta) or next(
+                    ("fork" for s in scheduled if s.req.forks and
+                     s.start + s.count >= s.req.prompt_len - 1), None)
+                rows = {s.req: i for i, s in enumerate(prev.meta.sampled)} if prev else {}
+                flight = self.runner.launch(meta, prev, [rows[r] for r in meta.feed_reqs],
+                                            sync=cause is not None)
+            else:
+                flight = InFlight(meta)  # run in _resolve, in this thread
+        except Exception as e:  # fail the step's requests, keep serving the others
+            log.exception("engine step failed; failing its %d requests", len(scheduled))
+            if prev is not None:
+                outputs += self._resolve(prev)
+            return outputs + [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
+                              for s in scheduled if s.req.status is not Status.FINISHED]
+        flight.scheduled = scheduled
+        stats = self.stats
+        for s in scheduled:
+            r = s.req
+            r.computed += s.count
+            r.pending += s.sample
+            decode = s.count == 1 and s.start >= r.prompt_len
+            stats["decode_tokens" if decode else "prefill_tokens"] += s.count
+        if prev is not None:
+            outputs += self._resolve(prev)
+        if not self.async_scheduling or cause is not None:
+            if cause is not None:
+                self._count_sync(cause)
+            outputs += self._resolve(flight, sync=True)
+        else:
+            for s in scheduled:  # its inputs are all known now: the same blocks sync registers
+                if s.req.status is Status.RUNNING:
+                    self.scheduler.register(s.req)
+            self._flight = flight
+            if not self._live:  # everything ended: what runs now is discarded; finish it
+                outputs += self._resolve(flight)
+                self._flight = None
+        stats["steps"] += 1
+        stats["step_s"] += time.perf_counter() - t0
+        return outputs
+
+    def _count_sync(self, cause: str) -> None:
+        key = f"sync_{cause}"
+        if not self.stats[key]:
+            log.info("async scheduling: a step runs synchronously: %s; later ones are counted in "
+                     "Engine.stats[%r]", SYNC_CAUSES[cause], key)
+        self.stats[key] += 1
+
+    def _resolve(self, flight: InFlight, sync: bool = False) -> list[RequestOutput]:
+        """Waits for a launched step and turns its tokens into outputs (sync: it ran in this
+        call, so its blocks are registered and its forks made here)."""
+        meta, scheduled = flight.meta, flight.scheduled
+        t = time.perf_counter()
+        try:
+            if flight.future is None and flight.event is None and flight.done is None:
+                tokens, table = self.runner.run(meta)  # the synchronous loop
+                flight.run_s = time.perf_counter() - t
+            else:
+                tokens, table = flight.result()
+            tokens = tokens.tolist()
+            table = table.tolist() if table is not None else None
+        except Exception as e:  # fail the step's requests, keep serving the others
+            log.exception("engine step failed; failing its %d requests", len(scheduled))
+            for s in meta.sampled:
+                s.req.pending -= 1
+            return [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
+                    for s in scheduled if s.req.status is not Status.FINISHED]
+        self.stats["forward_s"] += time.perf_counter() - t  # the host waiting for the step
+        self.stats["run_s"] += flight.run_s or 0.0
+        for s in meta.sampled:
+            s.req.pending -= 1
+        if sync:
+            for s in scheduled:
+                r = s.req
+                if r.status is not Status.RUNNING:
+                    continue
+                self.scheduler.register(r)
+                if r.forks and r.computed >= r.prompt_len - 1:
+                    fork(r, self.scheduler, self.allocator, self.kv, self.stats)
+        entries = hand_out(meta.extras, table, tokens) if table is not None else {}
+        outputs, append = [], self._append
+        for i, (s, tok) in enumerate(zip(meta.sampled, tokens)):
+            r = s.req
+            if r.status is Status.FINISHED:  # ended at the step before: a token past its end
+                self.stats["discarded_tokens"] += 1
+                continue
+            outputs.append(append(r, tok, entries.get(i)))
+        return outputs
+
+    def _enter(self, group: list[Request]) -> None:
+        """A new request's sequences: the first is scheduled; the others wait for its prompt's
+        KV cache (forks.fork), except under tensor parallelism (the cache lives on the workers
+        too), where each prefills its own prompt."""
+        for req in group:
+            if req.params.processed:
+                req.proc_slot = self.runner.processors.open(req.tokens, req.prompt_len,
+                                                            req.params, req.eos)
+        first, *rest = group
+        self.scheduler.add(first)
+        if rest and self.runner.peers is not None:
+            if not self._said_tp_forks:
+                log.info("n > 1 under tensor parallelism: each sequence prefills its prompt")
+                self._said_tp_forks = True
+            for req in rest:
+                self.scheduler.add(req)
+            self.stats["fork_prefills"] += len(rest)
+        else:
+            first.forks = rest
+
+    def _append(self, req: Request, tok: int, entry=None) -> RequestOutput:
+        if req.first_token_time is None:
+            req.first_token_time = time.perf_counter()
+        new_lp = []
+        if entry is not None:
+            req.logprobs.append(entry)
+            req.cumulative_logprob += entry.logprob
+            new_lp = [entry]
+        if tok in req.eos:
+            req.stop_reason = tok
+            return self._finish(req, "stop", new_lp=new_lp)
+        req.tokens.append(tok)
+        if req.detok.push(tok):
+            req.stop_reason = req.detok.matched
+            return self._finish(req, "stop", new=[tok], new_lp=new_lp)
+        if len(req.tokens) - req.prompt_len >= req.params.max_tokens:
+            return self._finish(req, "length", new=[tok], new_lp=new_lp)
+        return self._emit(req, [tok], new_lp)
+
+    def _finish(self, req: Request, reason: str, error: str | None = None,
+                new: list[int] | None = None, new_lp=None) -> RequestOutput:
+        self.scheduler.finish(req)
+        if req.lease is not None:
+            self.adapters.release(req.lease)
+        if req.proc_slot is not None:
+            self.runner.processors.close(req.proc_slot)
+            req.proc_slot = None
+        req.finish_reason, req.error = reason, error
+        with self._lock:
+            seqs = self._live.get(req.request_id)
+            if seqs is not None and req in seqs:
+                seqs.remove(req)
+                if not seqs:
+                    del self._live[req.request_id]
+        self.adapters.exit()
+        out = self._emit(req, new or [], new_lp)
+        for kid in req.forks:  # siblings still waiting for this one's prompt fail with it
+            if kid.status is not Status.FINISHED:
+                self._finish(kid, reason, error)
+        req.forks = []
+        return out
+
+    def _emit(self, req: Request, new: list[int], new_lp=None) -> RequestOutput:
+        done = req.status is Status.FINISHED
+        lp = req.want_logprobs
+        prompt_lp = req.prompt_logprobs
+        out = RequestOutput(req.request_id, req.adapter, req.output_ids, req.detok.text, done,
+                            req.finish_reason, req.prompt_len, new, req.detok.take_new(done),
+                            req.seed, req.error, req.stop_reason, req.index,
+                            list(req.logprobs) if lp else None, (new_lp or []) if lp else None,
+                            list(prompt_lp) if prompt_lp is not None and
+                            len(prompt_lp) == req.prompt_len else None,
+                            req.cumulative_logprob if lp else None,
+                            cached_tokens=req.cached_tokens or 0)
+        if req.on_output is not None:
+            try:
+                req.on_output(out)
+            except Exception:  # a consumer's failure must not stop the engine
+                log.exception("on_output of %s failed", req.request_id)
+        return out
