@@ -12,6 +12,7 @@
 #   minilm/       all-MiniLM-L6-v2 as a Hugging Face folder (float16 weights are enough)
 #   smol/         SmolLM2-135M-Instruct's config.json and tokenizer files (random weights)
 #   data/glue/SST-2/  GLUE SST-2 (train_full.tsv, dev.tsv)
+#   wheels/       pyzmq and msgspec wheels, when the machine has no package index
 set -euo pipefail
 OUT=${OUT:-bench/results/gpu_round}
 ASSETS=${GPU_ASSETS:-.gpucarry}
@@ -20,6 +21,9 @@ mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 build() {
+  if ! $PY -c 'import zmq, msgspec' 2>/dev/null && [ -d "$ASSETS/wheels" ]; then
+    $PY -m pip install -q --no-deps --no-index "$ASSETS"/wheels/*.whl  # no network there
+  fi
   if ! $PY -c 'import uora_rt; assert uora_rt.build_info()["cuda"]' 2>/dev/null; then
     CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} $PY -m pip install -q --no-build-isolation \
       --no-deps -e . > "$OUT/build.log" 2>&1
