@@ -84,10 +84,12 @@ def settle(engine, steps=3) -> None:
         engine.step()
 
 
-def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False) -> dict:
+def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False,
+                async_scheduling=True) -> dict:
     """Requests with ctx-token prompts decoding together; per step: graph replay (CUDA events)
     and engine.step() wall time (host work included)."""
-    engine = Engine(rt, kv_cache_tokens=batch * (ctx + steps + 64), max_num_seqs=batch)
+    engine = Engine(rt, kv_cache_tokens=batch * (ctx + steps + 64), max_num_seqs=batch,
+                    async_scheduling=async_scheduling)
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=steps + 40, ignore_eos=True, temperature=0.7 if sampled
                             else 0.0, top_p=0.9 if sampled else 1.0, seed=1 if sampled else None)
@@ -109,6 +111,7 @@ def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False) -> dict:
         engine.abort(rid)
     engine.run_until_done()
     return {"batch": batch, "adapters": len(set(names or [])), "sampled": sampled,
+            "async_scheduling": async_scheduling,
             "graph_ms": replay_ms, "api_ms": api_ms, "kv_bytes": kv_bytes,
             "captures": graphs.captures}
 
@@ -188,6 +191,9 @@ def main():
                     "transformers and the old static generate (LEGACY_PYTHONPATH)")
     ap.add_argument("--peer-set", default="transformers,legacy")
     ap.add_argument("--name", default="engine_gpu")
+    ap.add_argument("--batches", default=None, help="decode batches (default: 1,16,64,256 on "
+                    "the 7B shape, 64,256 on the 8B one)")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     t_start = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
@@ -208,13 +214,15 @@ def main():
         for i in range(64):
             rt.add_adapter(synthetic_adapter(rt, i), name=f"ad{i}")
         names64 = [f"ad{i}" for i in range(64)]
-        batches = () if args.traces_only else (1, 16, 64, 256) if cfg_name == "llama2-7b" \
-            else (64, 256)
+        batches = () if args.traces_only else \
+            tuple(int(b) for b in args.batches.split(",")) if args.batches else \
+            (1, 16, 64, 256) if cfg_name == "llama2-7b" else (64, 256)
         for batch in batches:
             for names, sampled in ((None, False), (names64, False), (None, True)):
                 if left() < 45:
                     break
-                d = decode_step(rt, batch, names, sampled=sampled)
+                d = decode_step(rt, batch, names, sampled=sampled,
+                                async_scheduling=args.async_scheduling)
                 d.update(kind="decode", model=cfg_name, weights_bytes=weights,
                          floor_ms=(weights + d["kv_bytes"]) / bw * 1e3)
                 records.append(d)

@@ -19,13 +19,13 @@ def trained(tmp_path_factory):
     cls = d / "cls.uora"
     assert main(["train", str(base), "--data", str(write_jsonl(d / "cls.jsonl",
                  sentiment_rows(48))), "--output", str(cls), "--r", "16", "--max-steps", "6",
-                 "--quiet", "--no-plot"]) == 0
+                 "--quiet", "--no-plot", "--device", "cpu"]) == 0
     pairs = [{"text": "ab" * (i % 5 + 1), "text_pair": "cd" * (i % 3 + 1),
               "label": float(i % 5)} for i in range(32)]
     sts = d / "sts.uora"
     assert main(["train", str(base), "--data", str(write_jsonl(d / "sts.jsonl", pairs)),
                  "--output", str(sts), "--r", "8", "--max-steps", "4", "--quiet", "--no-plot",
-                 "--seed", "3"]) == 0
+                 "--seed", "3", "--device", "cpu"]) == 0
     return base, cls, sts
 
 

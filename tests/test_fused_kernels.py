@@ -105,14 +105,14 @@ def test_engine_steps_with_fused_kernels_equal_without(tmp_path, monkeypatch, dt
         rt = load(base, ads, device=DEVICE, dtype=dtype, parallel_shrink=True)
         rt.kernel_prefs.fused = use
         engine = Engine(rt, kv_cache_tokens=2048, cuda_graphs=False)
-        steps, sample = [], engine.runner.sampler
+        steps, sampler = [], engine.runner.sampler
 
-        def record(logits, *args, sample=sample, steps=steps):
-            tokens = sample(logits, *args)
+        def record(logits, *args, draw=sampler.draw, steps=steps):
+            tokens = draw(logits, *args)  # every step's logits pass here (no graphs)
             steps.append((logits.clone(), tokens.clone()))
             return tokens
 
-        engine.runner.sampler = record
+        monkeypatch.setattr(sampler, "draw", record)
         for prompt, name in zip(random_prompts(6, seed=5), ["a0", None, "a1", "a2", "a0", None]):
             engine.add_request(prompt, name, SamplingParams(max_tokens=8))
         engine.run_until_done()

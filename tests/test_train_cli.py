@@ -25,7 +25,10 @@ def enc_base(tmp_path_factory):
 
 
 def run(capsys, *argv):
-    code = main([str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    if argv[0] in ("train", "eval") and "--device" not in argv:
+        argv += ["--device", "cpu"]  # the references run in float32 on the CPU (GPU: below)
+    code = main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -257,15 +260,16 @@ def test_train_and_eval_on_cuda(dec_base, enc_base, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows(16))
     out = tmp_path / "gpu.uora"
     code, stdout, err = run(capsys, "train", dec_base, "--data", data, "--output", out, "--r", 16,
-                            "--max-steps", 4, "--quiet", "--no-plot", "--eval-data", data)
+                            "--max-steps", 4, "--quiet", "--no-plot", "--eval-data", data,
+                            "--device", "cuda")
     assert code == 0, err
     assert "on cuda, bf16 autocast" in err and "on cuda" in stdout
     gpu = json.loads(run(capsys, "eval", dec_base, "--adapter", out, "--data", data,
-                         "--dtype", "float32")[1])
+                         "--dtype", "float32", "--device", "cuda")[1])
     cpu = json.loads(run(capsys, "eval", dec_base, "--adapter", out, "--data", data,
                          "--device", "cpu")[1])
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
     rows = write_jsonl(tmp_path / "s.jsonl", sentiment_rows(32))
     code, _, err = run(capsys, "train", enc_base, "--data", rows, "--output", tmp_path / "e.uora",
-                       "--r", 8, "--max-steps", 3, "--quiet", "--no-plot")
+                       "--r", 8, "--max-steps", 3, "--quiet", "--no-plot", "--device", "cuda")
     assert code == 0, err
