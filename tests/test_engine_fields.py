@@ -141,14 +141,15 @@ def ref_penalized(logits, prompt, outputs, rep, freq, pres, bias, eos, min_token
     return (x[0] - freq * counts - pres * (counts > 0)).float()
 
 
-def test_processors_on_the_same_logits_equal_transformers_and_openai_formula():
+@pytest.mark.parametrize("path", ["cpp", "torch"])  # torch: the ops CUDA runs
+def test_processors_on_the_same_logits_equal_transformers_and_openai_formula(path):
     from types import SimpleNamespace
 
     from uora_rt.engine.processors import ProcessorState, apply, build_extras, record
 
     torch.manual_seed(1)
     v = 300
-    st = ProcessorState(v, 64, "cpu")
+    st = ProcessorState(v, 64, "cpu", path=path)
     rows = []
     for i in range(12):  # more rows than the tables start with: they grow
         prompt = torch.randint(0, v, (5 + i,)).tolist()

@@ -37,4 +37,18 @@ TORCH_LIBRARY(uora, m) {
   m.def(
       "paged_attention_(Tensor(a!) out, Tensor q, Tensor k_cache, Tensor v_cache, "
       "Tensor block_tables, Tensor seq_lens, Tensor query_start, float scale) -> ()");
+  // The OpenAI logit processors of one step, in place on the sampled logits [R, V] float32
+  // (python/uora_rt/engine/processors.py holds the tables; reference.process_logits states it).
+  // Processed row p is logits row rows[p], table row slots[p], with lens[p] tokens so far and
+  // pos[p] of them output: min_tokens' -inf, then logit_bias, then repetition and count
+  // penalties over the row's history. CPU only (CUDA runs the same steps as torch ops).
+  m.def(
+      "process_logits_(Tensor(a!) logits, Tensor rows, Tensor slots, Tensor lens, Tensor pos, "
+      "Tensor scal, Tensor min_tokens, Tensor stops, Tensor bias_tok, Tensor bias_val, "
+      "Tensor hist, Tensor pen) -> ()");
+  // After the draw: appends tokens[rows[p]] to its history at lens[p] and, for rows with
+  // frequency or presence penalties, gives every history entry of that token its new penalty.
+  m.def(
+      "record_tokens_(Tensor(a!) hist, Tensor(b!) pen, Tensor tokens, Tensor rows, Tensor slots, "
+      "Tensor lens, Tensor pos, Tensor scal) -> ()");
 }

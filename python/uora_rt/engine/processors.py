@@ -19,18 +19,43 @@ All of it touches only the listed tokens (O(history) per row, never O(vocabulary
 taken from the flat logits, changed and put back; a token listed twice writes the same value
 twice. (take/put_ rather than advanced indexing: on the CPU the latter is 10-100x slower here.)
 
+Two paths run these steps: on the CPU one C++ op per step for the processing and one for the
+history (uora::process_logits_ and uora::record_tokens_: a pass per row over its listed
+tokens, where the torch ops below cost a dispatch and a temporary each, a dozen per step); on
+CUDA, and on the CPU when asked for, the torch ops below. Both compute the same values
+(kernels/reference.py states them); which one runs is said once in the log.
+
 Logprobs are log_softmax of the raw logits (before any of the above, vLLM's default): the
 chosen token's logprob and rank (1 + tokens with a larger logit), and the k largest.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from uora_rt.kernels import ops
+
+log = logging.getLogger(__name__)
+
+
+def choose_path(device: torch.device, path: str | None = None) -> str:
+    """"cpp" (the CPU default: one C++ op per step) or "torch" (CUDA), said once in the log."""
+    cpp = device.type == "cpu" and hasattr(ops, "process_logits_")
+    if path not in (None, "cpp", "torch"):
+        raise ValueError(f"logit processor path: expected None, 'cpp' or 'torch', got {path!r}")
+    if path == "cpp" and not cpp:
+        raise ValueError(f"the cpp logit processor path does not run on {device.type}")
+    chosen = path or ("cpp" if cpp else "torch")
+    log.info("logit processors on %s: %s", device.type,
+             "uora::process_logits_ (C++, one pass per row)" if chosen == "cpp" else
+             "torch gather/scatter ops")
+    return chosen
 
 
 class ProcessorState:
@@ -39,8 +64,9 @@ class ProcessorState:
     value) pairs, the token history [rows, max_len] and, per entry, what frequency and presence
     penalties subtract for its token."""
 
-    def __init__(self, vocab: int, max_len: int, device):
+    def __init__(self, vocab: int, max_len: int, device, path: str | None = None):
         self.vocab, self.max_len, self.device = vocab, max_len, torch.device(device)
+        self.path = choose_path(self.device, path)
         self.free: list[int] = []
         self.rows = 0
         self._alloc(8, 1, 1)
@@ -170,6 +196,11 @@ def apply(logits: Tensor, ex: StepExtras, st: ProcessorState) -> None:
     """Processes the listed rows of logits [R, V] (float32, contiguous) in place."""
     if ex.proc_rows is None:
         return
+    if st.path == "cpp":
+        ops.process_logits_(logits, ex.proc_rows, ex.proc_slots, ex.proc_len, ex.proc_pos,
+                            st.scal, st.min_tokens, st.stops, st.bias_tok, st.bias_val, st.hist,
+                            st.pen)
+        return
     v = logits.shape[1]
     flat = logits.view(-1)
     slots = ex.proc_slots
@@ -199,6 +230,10 @@ def record(ex: StepExtras | None, st: ProcessorState, tokens: Tensor) -> None:
     """Appends each processed row's drawn token to its history; for rows with frequency or
     presence penalties, every entry of that token gets its new penalty."""
     if ex is None or ex.proc_rows is None:
+        return
+    if st.path == "cpp":
+        ops.record_tokens_(st.hist, st.pen, tokens, ex.proc_rows, ex.proc_slots, ex.proc_len,
+                           ex.proc_pos, st.scal)
         return
     tok = tokens.index_select(0, ex.proc_rows)
     slots, end = ex.proc_slots, ex.proc_len

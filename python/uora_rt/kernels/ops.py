@@ -166,3 +166,53 @@ def paged_attention_(out, q, k_cache, v_cache, block_tables, seq_lens, query_sta
 @torch.library.register_fake("uora::paged_attention_")
 def _(out, q, k_cache, v_cache, block_tables, seq_lens, query_start, scale):
     return None
+
+
+def process_logits_(logits, rows, slots, lens, pos, scal, min_tokens, stops, bias_tok, bias_val,
+                    hist, pen) -> None:
+    """The OpenAI logit processors of one step, in place (CPU only; engine.processors runs the
+    same steps as torch ops on CUDA).
+
+    Semantics (logits [R, V] float32; rows, slots, lens, pos [P] int64; per table row s:
+    scal [S, 3] float32 = (repetition, frequency, presence), min_tokens [S] int64, stops [S, ks]
+    and bias_tok [S, kb] int64, bias_val [S, kb] float32, hist [S, L] int64, pen [S, L] float32):
+        for p in range(P):
+            x, s, n = logits[rows[p]], slots[p], lens[p]            # n tokens so far, n >= 1
+            if pos[p] < min_tokens[s]:
+                x[stops[s]] = -inf
+            for t, b in zip(bias_tok[s], bias_val[s]):
+                x[t] += b                                           # float32, in order
+            rep, freq, pres = scal[s]
+            if (rep, freq, pres) != (1, 0, 0):
+                ids = hist[s, :n]
+                v = x[ids]                                          # all read, then written
+                x[ids] = where(v > 0, v / rep, v * rep) - pen[s, :n]
+    Every index is checked before anything is written (an error leaves the logits unchanged).
+    """
+    _ops.process_logits_(logits, rows, slots, lens, pos, scal, min_tokens, stops, bias_tok,
+                         bias_val, hist, pen)
+
+
+@torch.library.register_fake("uora::process_logits_")
+def _(logits, rows, slots, lens, pos, scal, min_tokens, stops, bias_tok, bias_val, hist, pen):
+    return None
+
+
+def record_tokens_(hist, pen, tokens, rows, slots, lens, pos, scal) -> None:
+    """After a step's draw: each processed row's token joins its history (CPU only).
+
+    Semantics (tokens [R] int64, the step's draw; the rest as in process_logits_):
+        for p in range(P):
+            s, end, t = slots[p], lens[p], tokens[rows[p]]          # end < L
+            hist[s, end] = t
+            rep, freq, pres = scal[s]
+            if freq != 0 or pres != 0:
+                c = (hist[s, end - pos[p]:end + 1] == t).sum()      # output count, t included
+                pen[s, :end + 1][hist[s, :end + 1] == t] = freq * float32(c) + pres
+    """
+    _ops.record_tokens_(hist, pen, tokens, rows, slots, lens, pos, scal)
+
+
+@torch.library.register_fake("uora::record_tokens_")
+def _(hist, pen, tokens, rows, slots, lens, pos, scal):
+    return None

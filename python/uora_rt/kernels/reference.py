@@ -431,3 +431,41 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, sc
         p = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
         out[r0:r1] = torch.einsum("hqk,khd->qhd", p, v)
     return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI logit processors (uora::process_logits_, uora::record_tokens_): per-request tables
+# (engine/processors.py) applied to a step's sampled logits, one row at a time.
+# --------------------------------------------------------------------------------------------
+
+
+def process_logits(logits, rows, slots, lens, pos, scal, min_tokens, stops, bias_tok, bias_val,
+                   hist, pen):
+    """A processed copy of logits [R, V] float32 (arguments as ops.process_logits_)."""
+    out = logits.clone()
+    for p in range(rows.numel()):
+        x, s, n = out[int(rows[p])], int(slots[p]), int(lens[p])
+        if int(pos[p]) < int(min_tokens[s]):
+            x[stops[s]] = float("-inf")
+        for t, b in zip(bias_tok[s].tolist(), bias_val[s]):
+            x[t] = x[t] + b
+        rep, freq, pres = scal[s]
+        if rep != 1 or freq != 0 or pres != 0:
+            ids = hist[s, :n]
+            v = x[ids]
+            x[ids] = torch.where(v > 0, v / rep, v * rep) - pen[s, :n]
+    return out
+
+
+def record_tokens(hist, pen, tokens, rows, slots, lens, pos, scal):
+    """(hist, pen) after a step's draw tokens [R] (arguments as ops.record_tokens_)."""
+    hist, pen = hist.clone(), pen.clone()
+    for p in range(rows.numel()):
+        s, end, t = int(slots[p]), int(lens[p]), int(tokens[int(rows[p])])
+        hist[s, end] = t
+        freq, pres = scal[s, 1], scal[s, 2]
+        if freq != 0 or pres != 0:
+            count = int((hist[s, end - int(pos[p]):end + 1] == t).sum())
+            same = hist[s, :end + 1] == t
+            pen[s, :end + 1][same] = freq * torch.tensor(float(count)) + pres
+    return hist, pen
