@@ -149,20 +149,26 @@ def field_runs(logits, dev, sync, repeats, records, where, source):
     b, v = logits.shape
     sampler = Sampler(dev)
     state = ProcessorState(v, 1024, dev)
+    states = {state.path: state}
+    if state.path == "cpp":  # the torch ops (what CUDA runs) timed beside the C++ op
+        states["torch"] = ProcessorState(v, 1024, dev, path="torch")
     for label, (t, k, p) in FIELD_SETUPS.items():
         st = SamplingTensors.from_lists([t] * b, [k] * b, [p] * b, range(7, 7 + b), [112] * b,
                                         dev)
         sampled = t > 0
         metas = {}
-        for name, fields, lp in (("step, no fields", False, None), ("+ fields", True, None),
-                                 ("+ logprobs 5", False, 5), ("+ fields + logprobs 5", True, 5)):
-            reqs = _requests(b, v, state, fields, lp)
-            metas[name] = SimpleNamespace(sampled=reqs, sampling=st, any_sampled=sampled,
-                                          any_top_p=False,
-                                          extras=build_extras(reqs, [], dev))
+        setups = [("step, no fields", False, None, state), ("+ fields", True, None, state),
+                  ("+ logprobs 5", False, 5, state), ("+ fields + logprobs 5", True, 5, state)]
+        if "torch" in states and state.path != "torch":
+            setups.append(("+ fields, torch ops", True, None, states["torch"]))
+        for name, fields, lp, sto in setups:
+            reqs = _requests(b, v, sto, fields, lp)
+            metas[name] = (sto, SimpleNamespace(sampled=reqs, sampling=st, any_sampled=sampled,
+                                                any_top_p=False,
+                                                extras=build_extras(reqs, [], dev)))
         runs = {"sampler alone": lambda: sampler(logits, st, sampled, False)}
-        for name, meta in metas.items():
-            runs[name] = lambda meta=meta: sample_step(sampler, state, logits, meta)
+        for name, (sto, meta) in metas.items():
+            runs[name] = lambda sto=sto, meta=meta: sample_step(sampler, sto, logits, meta)
         runs = {n: (lambda fn=fn: (fn(), sync())) for n, fn in runs.items()}
         times = common.interleaved_medians(runs, repeats=repeats, warmup=2)
         base = times["sampler alone"]

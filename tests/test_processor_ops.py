@@ -92,6 +92,8 @@ def test_one_step_then_the_next_sees_the_drawn_token():
     ("bias_tok", lambda a: a["bias_tok"].__setitem__((2, 0), -3), r"bias_tok\[2, 0\] = -3"),
     ("hist", lambda a: a["hist"].__setitem__((4, 38), V + 1), r"hist\[4, 38\] = 501"),
     ("dtype", lambda a: a.__setitem__("pen", a["pen"].double()), r"pen"),
+    ("rows", lambda a: a["rows"].__setitem__(3, 6), r"rows\[3\] = 6: listed twice"),
+    ("slots", lambda a: a["slots"].__setitem__(5, 1), r"slots\[5\] = 1: listed twice"),
 ])
 def test_bad_tables_are_errors_that_change_nothing(what, change, message):
     logits, rows, slots, lens, pos = step(0)

@@ -231,6 +231,8 @@ class Sampler:
         """Tokens [B] on the host, exact: drawn (from draw) copied once to the host (the copy a
         step makes anyway), and its REDO rows, if any, re-drawn from logits with the full sort
         (all parameters as in st; logits must still hold what draw saw)."""
+        if self.path != "device":  # exact already (no REDO rows): only the copy to the host,
+            return drawn.to("cpu")  # none on the CPU, where drawn is a fresh tensor per draw
         host = drawn.to("cpu", copy=True)  # a copy on the CPU too: drawn stays as draw made it
         redo = (host == REDO).nonzero()[:, 0]
         if redo.numel():

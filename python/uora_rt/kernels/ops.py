@@ -187,7 +187,8 @@ def process_logits_(logits, rows, slots, lens, pos, scal, min_tokens, stops, bia
                 ids = hist[s, :n]
                 v = x[ids]                                          # all read, then written
                 x[ids] = where(v > 0, v / rep, v * rep) - pen[s, :n]
-    Every index is checked before anything is written (an error leaves the logits unchanged).
+    rows and slots hold no value twice. Every index is checked before anything is written (an
+    error leaves the logits unchanged). The rows are processed last first (cache reuse).
     """
     _ops.process_logits_(logits, rows, slots, lens, pos, scal, min_tokens, stops, bias_tok,
                          bias_val, hist, pen)
@@ -209,6 +210,7 @@ def record_tokens_(hist, pen, tokens, rows, slots, lens, pos, scal) -> None:
             if freq != 0 or pres != 0:
                 c = (hist[s, end - pos[p]:end + 1] == t).sum()      # output count, t included
                 pen[s, :end + 1][hist[s, :end + 1] == t] = freq * float32(c) + pres
+    rows and slots hold no value twice; every index is checked before anything is written.
     """
     _ops.record_tokens_(hist, pen, tokens, rows, slots, lens, pos, scal)
 
