@@ -174,20 +174,28 @@ void record_tokens_cpu(at::Tensor& hist, at::Tensor& pen, const at::Tensor& toke
   int64_t* hist_w = hist.data_ptr<int64_t>();
   float* pen_w = pen.data_ptr<float>();
   const float* scal_p = scal.data_ptr<float>();
+  std::vector<int64_t> same;
   for (int64_t p = 0; p < s.procs; ++p) {
     const int64_t slot = slot_p[p], end = len_p[p], tok = tok_p[row_p[p]];
     int64_t* h = hist_w + slot * s.hist_len;
     h[end] = tok;
     const float freq = scal_p[slot * 3 + 1], pres = scal_p[slot * 3 + 2];
     if (freq == 0.0f && pres == 0.0f) continue;
-    int64_t n = 0;  // the token's count among the outputs, itself included
-    for (int64_t j = end - pos_p[p]; j <= end; ++j) n += h[j] == tok;
+    // One pass over the history: where the token is, and its count among the outputs
+    // (positions from end - pos on, itself included).
+    const int64_t prompt = end - pos_p[p];
+    int64_t n = 0;
+    same.clear();
+    for (int64_t j = 0; j <= end; ++j) {
+      if (h[j] == tok) {
+        same.push_back(j);
+        n += j >= prompt;
+      }
+    }
     float v = freq * static_cast<float>(n);
     v = v + pres;
     float* pn = pen_w + slot * s.hist_len;
-    for (int64_t j = 0; j <= end; ++j) {
-      if (h[j] == tok) pn[j] = v;
-    }
+    for (const int64_t j : same) pn[j] = v;
   }
 }
 

@@ -190,8 +190,9 @@ def process_logits_(logits, rows, slots, lens, pos, scal, min_tokens, stops, bia
     rows and slots hold no value twice. Every index is checked before anything is written (an
     error leaves the logits unchanged). The rows are processed last first (cache reuse).
     """
-    _ops.process_logits_(logits, rows, slots, lens, pos, scal, min_tokens, stops, bias_tok,
-                         bias_val, hist, pen)
+    # .default: the one overload, without the lookup (this runs every step)
+    _ops.process_logits_.default(logits, rows, slots, lens, pos, scal, min_tokens, stops,
+                                 bias_tok, bias_val, hist, pen)
 
 
 @torch.library.register_fake("uora::process_logits_")
@@ -212,7 +213,7 @@ def record_tokens_(hist, pen, tokens, rows, slots, lens, pos, scal) -> None:
                 pen[s, :end + 1][hist[s, :end + 1] == t] = freq * float32(c) + pres
     rows and slots hold no value twice; every index is checked before anything is written.
     """
-    _ops.record_tokens_(hist, pen, tokens, rows, slots, lens, pos, scal)
+    _ops.record_tokens_.default(hist, pen, tokens, rows, slots, lens, pos, scal)
 
 
 @torch.library.register_fake("uora::record_tokens_")
