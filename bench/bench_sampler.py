@@ -20,9 +20,9 @@ with repetition/frequency/presence penalties, 8 logit_bias entries, min_tokens h
 and 2 stop_token_ids, and a 512-token history: goal <= 1.10x), "+ logprobs 5" and "+ fields +
 logprobs 5" (log_softmax over the vocabulary, a rank and a top-5: a full extra pass over the
 logits, reported as measured); on the CPU also "+ fields, torch ops" (the same processing
-through the torch ops that CUDA runs, in place of the C++ op). Penalties act in place on the same logits call after call, so
-the logits drift; the setups timed here (greedy, temperature-only, top-k) cost the same
-whatever the values. "host: extras of 64 plain rows" is the step-building cost added for
+through the torch ops that CUDA runs, in place of the C++ op). Penalties act in place on the
+same logits call after call, so the logits drift; the setups timed here (greedy,
+temperature-only, top-k) cost the same whatever the values. "host: extras of 64 plain rows" is the step-building cost added for
 requests without fields.
 
 python bench/bench_sampler.py [--repeats 21] [--threads N] [--synthetic | --logits FILE]
