@@ -116,3 +116,14 @@ def test_record_refuses_a_history_that_is_full_and_writes_nothing():
         ops.record_tokens_(hist, pen, torch.zeros(8, dtype=torch.long), rows, slots, lens, pos,
                            scal)
     assert torch.equal(hist, before[0]) and torch.equal(pen, before[1])
+
+
+def test_opcheck_schemas_and_fakes():
+    """The schemas' (a!) marks name exactly what each op writes; the fake kernels agree."""
+    logits, rows, slots, lens, pos = step(3)
+    t = tables(3)
+    torch.library.opcheck(torch.ops.uora.process_logits_.default,
+                          (logits, rows, slots, lens, pos, *t))
+    scal, *_, hist, pen = t
+    torch.library.opcheck(torch.ops.uora.record_tokens_.default,
+                          (hist, pen, torch.arange(8), rows, slots, lens, pos, scal))
