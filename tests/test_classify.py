@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import uora_rt
+from models_tiny import tiny_llama
 from train_helpers import encoder_base, sentiment_rows, write_jsonl
 from uora_rt.cli import main
 from uora_rt.core import format as fmt
@@ -87,11 +88,5 @@ def test_clear_errors(trained, tmp_path):
     with pytest.raises(ValueError, match="'sentiment' not loaded"):
         rt.classify(["x"], "sentiment")
     with pytest.raises(ValueError, match="only encoders have token types"):
-        uora_rt.Runtime.random(_tiny_llama()).forward([[1, 2]], token_type_ids=[[0, 0]])
-
-
-def _tiny_llama():
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64,
-                hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5,
-                rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=False)
+        uora_rt.Runtime.random(tiny_llama().config.to_dict()).forward(
+            [[1, 2]], token_type_ids=[[0, 0]])

@@ -118,16 +118,13 @@ class Runtime:
         name = name or (Path(adapter.path).stem if adapter.path else None)
         if not name:
             raise ValueError("add_adapter: give a name for an in-memory adapter")
-        if adapter.head is not None and adapter.head.hidden != getattr(self.model.spec, "hidden",
-                                                                        adapter.head.hidden):
-            raise ValueError(f"{adapter.path or name}: its task head reads "
-                             f"{adapter.head.hidden} features; this base has "
-                             f"{self.model.spec.hidden}")
+        head = adapter.head
+        if head is not None and head.hidden != self.model.spec.hidden:
+            raise ValueError(f"{adapter.path or name}: its task head reads {head.hidden} "
+                             f"features; this base has {self.model.spec.hidden}")
         self.manager.add(name, adapter, source)
-        if adapter.head is not None:
-            self.heads[name] = adapter.head
-        else:
-            self.heads.pop(name, None)
+        if head is not None:  # (names are unique: remove_adapter drops the head with the name)
+            self.heads[name] = head
         return name
 
     def remove_adapter(self, name: str) -> None:
