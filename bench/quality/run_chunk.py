@@ -73,7 +73,7 @@ def fit_config(spec, budget, rows):
 def run_glue(spec) -> dict:
     task, device = spec["task"], spec["device"]
     metric, max_len, kind = glue.TASKS[task]
-    budget = budgets.BUDGETS[spec["budget"]][task]
+    budget = budgets.for_run(spec["budget"], task, spec["stage"])
     train_rows, eval_rows = glue.load(task, data_dir(spec), spec["stage"], budget)
     from uora_rt.models.assets import minilm_dir
 
@@ -109,7 +109,7 @@ def run_glue(spec) -> dict:
 def run_e2e(spec) -> dict:
     import e2e_eval
 
-    device, budget = spec["device"], budgets.BUDGETS[spec["budget"]]["e2e"]
+    device, budget = spec["device"], budgets.for_run(spec["budget"], "e2e", spec["stage"])
     train_rows, eval_mrs = glue.e2e(data_dir(spec), spec["stage"], budget)
     torch.manual_seed(spec["seed"])
     model, folder = methods.load_decoder(device)

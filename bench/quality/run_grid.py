@@ -186,6 +186,10 @@ def main():
     ap.add_argument("--data", default=str(glue.DEFAULT_DATA),
                     help="the data folder (default ../shared/data beside the repository)")
     ap.add_argument("--rte", action="store_true", help="add RTE to the GLUE tasks")
+    ap.add_argument("--no-e2e", action="store_true",
+                    help="GLUE only: skip the E2E pilot and runs (they need SmolLM2's weights)")
+    ap.add_argument("--results", default=str(RESULTS),
+                    help="where the per-run files go (default bench/results/quality)")
     ap.add_argument("--dry-run", action="store_true", help="list the runs still to do")
     ap.add_argument("--only", default="", help="filters for a partial run, e.g. "
                     "'task=sst2,stsb;seed=0,1;method=uora,vera' (the pilot then covers only "
@@ -197,19 +201,22 @@ def main():
         ap.error(f"unknown stage(s) {bad}; known: {STAGES}")
     if not (Path(args.data) / "glue").is_dir():
         ap.error(f"--data {args.data}: no glue/ folder there")
-    root = RESULTS / args.budget
+    root = Path(args.results) / args.budget
     failed = []
     for stage in STAGES:
         if stage not in stages:
             continue
         print(f"stage {stage} (budget {args.budget}, device {args.device})", flush=True)
         if stage == "pilot":
-            failed += execute(pilot_runs(args) + e2e_pilot_runs(args), root, args)
+            e2e = [] if args.no_e2e else e2e_pilot_runs(args)
+            failed += execute(pilot_runs(args) + e2e, root, args)
         elif stage == "plots":
             import report
 
             if not args.dry_run:
                 report.main(root, args.budget)
+        elif stage == "e2e" and args.no_e2e:
+            continue
         else:
             pilot = [s for s in (e2e_pilot_runs(args) if stage == "e2e" else pilot_runs(args))
                      if selected(s, args.only, skip=("seed", "r"))]
