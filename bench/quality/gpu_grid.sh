@@ -4,8 +4,8 @@
 # waits and copies what has finished so far; runs already done (under RESULTS, or carried in
 # SEED_RESULTS from an earlier machine) are skipped.
 #
-#   bash bench/quality/gpu_grid.sh start       # build, then start: SST-2 in one queue, the
-#                                              # other tasks in another, then the rank sweep
+#   bash bench/quality/gpu_grid.sh start       # build, then start: SST-2 and CoLA in one queue,
+#                                              # MRPC and STS-B in another, then the rank sweep
 #   bash bench/quality/gpu_grid.sh wait 540    # sleep, then copy results so far to $OUT
 #
 # Needs GPU_ASSETS (default .gpucarry) with minilm/ (all-MiniLM-L6-v2, a Hugging Face folder) and
@@ -29,8 +29,8 @@ case "${1:?start|wait}" in
     bash bench/gpu_round.sh build > "$OUT/build.txt" 2>&1
     export -f grid; export ASSETS RESULTS
     setsid nohup bash -c '
-      grid sst2.log pilot,main,ablation "task=sst2" 8 &
-      grid others.log pilot,main,ablation "task=cola,stsb,mrpc" 7
+      grid first.log pilot,main,ablation "task=sst2,cola" 8 &
+      grid others.log pilot,main,ablation "task=stsb,mrpc" 7
       wait
       grid rank.log rank "task=sst2,cola" 15
       echo done > "$RESULTS/finished"' > "$RESULTS/driver.log" 2>&1 < /dev/null &
@@ -39,7 +39,7 @@ case "${1:?start|wait}" in
     end=$((SECONDS + ${2:-540}))
     while [ $SECONDS -lt $end ] && [ ! -f "$RESULTS/finished" ]; do sleep 5; done
     mkdir -p "$OUT"
-    cp -r "$RESULTS/gpu" "$OUT/" 2>/dev/null || true
+    tar czf "$OUT/quality_gpu.tgz" -C "$RESULTS" gpu  # one file: $OUT keeps no deep folders
     tail -n 25 "$RESULTS"/*.log > "$OUT/grid_tail.txt" 2>/dev/null || true
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv >> "$OUT/grid_tail.txt"
     find "$RESULTS/gpu" -name '*.json' | wc -l ;;

@@ -62,7 +62,10 @@ def load_encoder(device):
 
     from uora_rt.models.assets import minilm_dir
 
-    return BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False).to(device)
+    # float32 whatever the checkpoint holds (a float16 copy loads as float16 in recent
+    # transformers, and AdamW on float16 weights breaks full fine-tuning)
+    model = BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False)
+    return model.to(device=device, dtype=torch.float32)
 
 
 def load_decoder(device):
