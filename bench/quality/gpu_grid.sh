@@ -39,7 +39,7 @@ case "${1:?start|wait}" in
     end=$((SECONDS + ${2:-540}))
     while [ $SECONDS -lt $end ] && [ ! -f "$RESULTS/finished" ]; do sleep 5; done
     mkdir -p "$OUT"
-    tar czf "$OUT/quality_gpu.tgz" -C "$RESULTS" gpu  # one file: $OUT keeps no deep folders
+    tar czf "$OUT/quality_gpu.tgz" -C "$RESULTS" gpu || true  # one file: $OUT keeps no deep folders
     tail -n 25 "$RESULTS"/*.log > "$OUT/grid_tail.txt" 2>/dev/null || true
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv >> "$OUT/grid_tail.txt"
     find "$RESULTS/gpu" -name '*.json' | wc -l ;;
