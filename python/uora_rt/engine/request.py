@@ -324,6 +324,11 @@ class Request:
         want_prompt = params.prompt_logprobs is not None
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if want_prompt else None
         self.forks: list[Request] = []         # siblings waiting to copy this one's prompt KV
+        # What every step reads of it, made once: its sampling row (temperature, top_k, top_p,
+        # seed) and whether it asks for nothing beyond plain sampling (no logit processing,
+        # logprobs or prompt logprobs), so a step of such requests skips those tables.
+        self.sampling = (params.temperature, params.top_k, params.top_p, seed)
+        self.plain = not (params.processed or self.want_logprobs or want_prompt)
 
     @property
     def num_tokens(self) -> int:

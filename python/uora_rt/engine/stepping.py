@@ -88,13 +88,17 @@ class Stepping:
             return outputs + [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
                               for s in scheduled if s.req.status is not Status.FINISHED]
         flight.scheduled = scheduled
-        stats = self.stats
+        stats, decode, prefill = self.stats, 0, 0
         for s in scheduled:
-            r = s.req
-            r.computed += s.count
+            r, n = s.req, s.count
+            r.computed += n
             r.pending += s.sample
-            decode = s.count == 1 and s.start >= r.prompt_len
-            stats["decode_tokens" if decode else "prefill_tokens"] += s.count
+            if n == 1 and s.start >= r.prompt_len:
+                decode += 1
+            else:
+                prefill += n
+        stats["decode_tokens"] += decode
+        stats["prefill_tokens"] += prefill
         if prev is not None:
             outputs += self._resolve(prev)
         if not self.async_scheduling or cause is not None:
@@ -102,9 +106,8 @@ class Stepping:
                 self._count_sync(cause)
             outputs += self._resolve(flight, sync=True)
         else:
-            for s in scheduled:  # its inputs are all known now: the same blocks sync registers
-                if s.req.status is Status.RUNNING:
-                    self.scheduler.register(s.req)
+            # its inputs are all known now: the same blocks sync registers
+            self.scheduler.register_all([s.req for s in scheduled])
             self._flight = flight
             if not self._live:  # everything ended: what runs now is discarded; finish it
                 outputs += self._resolve(flight)
@@ -144,12 +147,10 @@ class Stepping:
         for s in meta.sampled:
             s.req.pending -= 1
         if sync:
+            self.scheduler.register_all([s.req for s in scheduled])
             for s in scheduled:
                 r = s.req
-                if r.status is not Status.RUNNING:
-                    continue
-                self.scheduler.register(r)
-                if r.forks and r.computed >= r.prompt_len - 1:
+                if r.forks and r.status is Status.RUNNING and r.computed >= r.prompt_len - 1:
                     fork(r, self.scheduler, self.allocator, self.kv, self.stats)
         entries = hand_out(meta.extras, table, tokens) if table is not None else None
         return self._outputs(meta.sampled, tokens, entries)
