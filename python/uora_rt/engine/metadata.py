@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from uora_rt.engine.processors import StepExtras, build_extras
-from uora_rt.engine.sampler import SamplingTensors
+from uora_rt.engine.sampler import SamplingTensors, window_need
 from uora_rt.kernels.triton_prefill import tiles_for
 
 
@@ -133,10 +133,59 @@ class _Pack:
         return out
 
 
+class SampledRows:
+    """What a step needs of its sampled requests that does not change while they run: their
+    sampling columns (host arrays), prompt lengths and flags."""
+
+    def __init__(self, reqs: list):
+        self.reqs = reqs
+        temp, top_k, top_p, seed = zip(*(r.sampling for r in reqs))
+        self.floats = np.array([temp, top_p], dtype=np.float32)  # [2, B]
+        self.ints = np.array([top_k, seed], dtype=np.int64)      # [2, B]
+        self.prompt_len = np.fromiter((r.prompt_len for r in reqs), dtype=np.int64,
+                                      count=len(reqs))
+        self.need = window_need(temp, top_k, top_p)
+        self.any_sampled = max(temp) > 0
+        self.any_top_p = any(x > 0 and p < 1 for x, p in zip(temp, top_p))
+        self.plain = all(r.plain for r in reqs)
+
+
+class RowCache:
+    """The last step's SampledRows, reused while the same requests are sampled in the same
+    order (a run of decode steps: the usual case), so their columns are built once, not per
+    step. The arrays are only read (a step's tensors share them on the CPU)."""
+
+    def __init__(self):
+        self.last: SampledRows | None = None
+        self._tables = (None, None, None)  # decode requests, their block counts, their table
+
+    def table(self, reqs: list) -> np.ndarray:
+        """_table of these requests' blocks; while the same requests decode in the same order,
+        only the rows whose block count changed (a block every block_size steps) are written.
+        A copy each step: a step still running may read the one before."""
+        blocks = [r.blocks for r in reqs]
+        lens = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
+        last, last_lens, table = self._tables
+        if last is None or last != reqs or lens.max(initial=0) > table.shape[1] \
+                or (lens < last_lens).any():
+            table = _table(blocks)
+        else:
+            for i in np.flatnonzero(lens != last_lens).tolist():
+                table[i, :lens[i]] = blocks[i]
+        self._tables = (reqs, lens, table)
+        return table.copy()
+
+    def rows(self, reqs: list) -> SampledRows:
+        last = self.last
+        if last is None or last.reqs != reqs:  # identity compares: no Request defines __eq__
+            last = self.last = SampledRows(reqs)
+        return last
+
+
 def build_step(scheduled, block_size: int, device, use_adapters: bool,
-               gather_prefill: bool = True) -> StepMetadata:
+               gather_prefill: bool = True, cache: RowCache | None = None) -> StepMetadata:
     """gather_prefill: also build each prefill chunk's context slots and mask (the SDPA path
-    needs them; paged kernels read the page table instead).
+    needs them; paged kernels read the page table instead). cache: the engine's RowCache.
 
     Per-row work is column building (comprehensions over the rows, then numpy), and all the
     step's integer columns go to the device as two tensors (int64, int32)."""
@@ -181,16 +230,16 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
     sampled = [(st, s) for st, s in zip(starts, ordered) if s.sample]
     rows = [st + s.count - 1 for st, s in sampled]
     sreqs = [s.req for _, s in sampled]
-    sampling, any_sampled, any_top_p = None, False, False
+    sampling, any_sampled, any_top_p, plain = None, False, False, True
     if sampled:
-        temp, top_k, top_p, seed = zip(*(r.sampling for r in sreqs))
-        sampling = SamplingTensors.from_lists(
-            temp, top_k, top_p, seed, [r.num_tokens - r.prompt_len for r in sreqs], device,
-            validated=True)
-        any_sampled = max(temp) > 0
-        any_top_p = any_sampled and any(x > 0 and p < 1 for x, p in zip(temp, top_p))
+        rows_of = cache.rows(sreqs) if cache is not None else SampledRows(sreqs)
+        position = np.fromiter((s.start + s.count for _, s in sampled), dtype=np.int64,
+                               count=len(sampled)) - rows_of.prompt_len
+        sampling = SamplingTensors.from_arrays(rows_of.floats, rows_of.ints, position, device,
+                                               rows_of.need)
+        any_sampled, any_top_p, plain = rows_of.any_sampled, rows_of.any_top_p, rows_of.plain
     # logit processing, logprobs, prompt logprobs: only rows of requests that ask for them
-    if all(s.req.plain for s in ordered):
+    if plain and all(s.req.plain for s in ordered if not s.sample):
         extras, prompt_rows = None, []
     else:
         prompt_runs, prompt_rows = _prompt_logprob_rows(ordered, starts)
@@ -201,7 +250,8 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
     for col in (ids, pos, slots):
         longs.add(np.concatenate(col) if len(col) > 1 else col[0])
     longs.add(rows + prompt_rows)
-    dtab, ptab = _table([r.blocks for r in dreqs]), _table([s.req.blocks for s in prefills])
+    dtab = cache.table(dreqs) if cache is not None else _table([r.blocks for r in dreqs])
+    ptab = _table([s.req.blocks for s in prefills])
     ints.add(pos_d + 1)  # decode seq lens
     ints.add(dtab, dtab.shape)
     ints.add(ptab, ptab.shape)

@@ -131,16 +131,27 @@ class SamplingTensors:
             raise ValueError(f"SamplingTensors.from_lists: fields differ in length: {lengths}")
         if not validated:
             cls._check_values(cols)
-        device = torch.device(device)
-        host = np.empty((5, lengths["seed"]), dtype=np.int64)  # [5, B]
         floats = np.array([cols["temperature"], cols["top_p"]], dtype=np.float32).reshape(2, -1)
+        ints = np.array([cols["top_k"], cols["seed"]], dtype=np.int64).reshape(2, -1)
+        return cls.from_arrays(floats, ints, np.asarray(cols["position"], dtype=np.int64),
+                               device)
+
+    @classmethod
+    def from_arrays(cls, floats: np.ndarray, ints: np.ndarray, position: np.ndarray, device,
+                    need: int | None = None) -> SamplingTensors:
+        """Checked host columns: floats [2, B] float32 (temperature, top_p), ints [2, B] int64
+        (top_k, seed), position [B] int64; need: their window_need, if known. One packed
+        host-to-device copy on CUDA; on the CPU the arrays' memory as it is (no copy)."""
+        device = torch.device(device)
+        if need is None:
+            need = _window_need(floats[0], ints[0], floats[1])
+        if device.type == "cpu":
+            return cls(torch.from_numpy(floats[0]), torch.from_numpy(ints[0]),
+                       torch.from_numpy(floats[1]), torch.from_numpy(ints[1]),
+                       torch.from_numpy(position), need)
+        host = np.empty((5, position.shape[0]), dtype=np.int64)  # [5, B]
         host[0], host[2] = floats.view(np.int32)  # the float32 fields as their bit patterns
-        host[1], host[3], host[4] = cols["top_k"], cols["seed"], cols["position"]
-        need = _window_need(floats[0], host[1], floats[1])
-        if device.type == "cpu":  # no copy to make: each column as it is
-            return cls(torch.from_numpy(floats[0]), torch.from_numpy(host[1]),
-                       torch.from_numpy(floats[1]), torch.from_numpy(host[3]),
-                       torch.from_numpy(host[4]), need)
+        host[1], host[3], host[4] = ints[0], ints[1], position
         packed = torch.from_numpy(host)
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)

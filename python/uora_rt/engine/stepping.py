@@ -70,7 +70,8 @@ class Stepping:
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_used)
         try:
             meta = build_step(scheduled, self.block_size, self.runner.device,
-                              self.adapters.merged is None, self.runner.gather_prefill)
+                              self.adapters.merged is None, self.runner.gather_prefill,
+                              self._rows)
             cause = None
             if self.async_scheduling:
                 cause = self.runner.sync_cause(meta) or next(
