@@ -97,14 +97,27 @@ def _table(blocks: list[list[int]]) -> np.ndarray:
     return table
 
 
-_QUERY_STARTS: dict = {}  # (rows, device) -> arange(rows + 1) int32: read-only, made once
+# read-only step columns that only depend on their size, made once per (size, device):
+# (rows, device) -> arange(rows + 1) int32, ("no prefill", device) -> _no_prefill
+_FIXED: dict = {}
+
+
+def _no_prefill(device) -> tuple:
+    """The prefill columns of a step without prefill chunks (read-only, made once)."""
+    key = ("no prefill", str(device))
+    t = _FIXED.get(key)
+    if t is None:
+        t = _FIXED[key] = tuple(
+            torch.tensor(x, dtype=torch.int32, device=device).reshape(shape)
+            for x, shape in (([], (0, 1)), ([], (0,)), ([0], (1,)), ([], (0, 2))))
+    return t
 
 
 def _query_start(rows: int, device) -> torch.Tensor:
     key = (rows, str(device))
-    t = _QUERY_STARTS.get(key)
+    t = _FIXED.get(key)
     if t is None:
-        t = _QUERY_STARTS[key] = torch.arange(rows + 1, dtype=torch.int32, device=device)
+        t = _FIXED[key] = torch.arange(rows + 1, dtype=torch.int32, device=device)
     return t
 
 
@@ -251,16 +264,18 @@ def build_step(scheduled, block_size: int, device, use_adapters: bool,
         longs.add(np.concatenate(col) if len(col) > 1 else col[0])
     longs.add(rows + prompt_rows)
     dtab = cache.table(dreqs) if cache is not None else _table([r.blocks for r in dreqs])
-    ptab = _table([s.req.blocks for s in prefills])
     ints.add(pos_d + 1)  # decode seq lens
     ints.add(dtab, dtab.shape)
-    ints.add(ptab, ptab.shape)
-    ints.add([s.start + s.count for s in prefills])
-    ints.add(q_start)
-    tiles = tiles_for(q_start)
-    ints.add(tiles, (len(tiles), 2))
+    if prefills:
+        ptab = _table([s.req.blocks for s in prefills])
+        ints.add(ptab, ptab.shape)
+        ints.add([s.start + s.count for s in prefills])
+        ints.add(q_start)
+        tiles = tiles_for(q_start)
+        ints.add(tiles, (len(tiles), 2))
     input_ids, positions, slot_mapping, logits_rows = longs.send(device)
-    lens_d, dtab_t, ptab_t, lens_p, q_start_t, tiles_t = ints.send(device)
+    lens_d, dtab_t, *rest = ints.send(device)
+    ptab_t, lens_p, q_start_t, tiles_t = rest if prefills else _no_prefill(device)
     return StepMetadata(
         input_ids=input_ids, positions=positions, slot_mapping=slot_mapping, num_decode=nd,
         decode_block_tables=dtab_t, decode_seq_lens=lens_d,

@@ -200,7 +200,8 @@ class Scheduler:
             return
         bs, running = self.block_size, Status.RUNNING
         for r in reqs:
-            if r.status is running and min(r.computed, len(r.tokens)) // bs > r.cached_blocks:
+            if (r.computed // bs > r.cached_blocks and r.status is running
+                    and min(r.computed, len(r.tokens)) // bs > r.cached_blocks):
                 self.register(r)
 
     def _unpin(self, req: Request) -> None:

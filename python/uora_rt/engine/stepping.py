@@ -161,7 +161,7 @@ class Stepping:
         and checked against the sequence's end-of-sequence / stop token ids, stop strings and
         max_tokens; an output shares the sequence's lists instead of copying them
         (RequestOutput.sharing), so a step costs O(1) per sequence, not O(its length)."""
-        outputs, emit, finish = [], self._emit, self._finish
+        outputs, emit, finish, sharing = [], self._emit, self._finish, RequestOutput.sharing
         append = outputs.append
         done, discarded = Status.FINISHED, 0
         for i, (s, tok) in enumerate(zip(sampled, tokens)):
@@ -183,11 +183,17 @@ class Stepping:
                 append(finish(r, "stop", new_lp=new_lp))
                 continue
             r.tokens.append(tok)
-            if r.detok.stream is not None and r.detok.push(tok):
-                r.stop_reason = r.detok.matched
+            detok = r.detok
+            if detok.stream is not None and detok.push(tok):
+                r.stop_reason = detok.matched
                 append(finish(r, "stop", new=[tok], new_lp=new_lp))
             elif len(r.tokens) >= r.max_total:
                 append(finish(r, "length", new=[tok], new_lp=new_lp))
+            elif r.plain and r.on_output is None and detok.stream is None:
+                # the usual row (offline, or the engine core's): no text, logprobs or callback
+                append(sharing(r.request_id, r.adapter, r.tokens, r.prompt_len, len(r.tokens),
+                               "", False, None, r.prompt_len, [tok], "", r.seed, None, None,
+                               r.index, None, None, None, None, r.cached_tokens or 0))
             else:
                 append(emit(r, [tok], new_lp))
         if discarded:
