@@ -77,13 +77,12 @@ class _Tracked:
 
     def output(self, new, finished, reason, error=None, stop_reason=None,
                new_lp=None) -> RequestOutput:
-        lp = self.logprobs is not None
-        return RequestOutput(self.rid, self.adapter, list(self.tokens), self.detok.text, finished,
-                             reason, self.prompt_len, new, self.detok.take_new(finished),
-                             self.params.seed, error, stop_reason, self.index,
-                             list(self.logprobs) if lp else None, (new_lp or []) if lp else None,
-                             self.prompt_logprobs, self.cumulative if lp else None,
-                             cached_tokens=self.cached)
+        lp = self.logprobs
+        return RequestOutput.sharing(
+            self.rid, self.adapter, self.tokens, 0, len(self.tokens), self.detok.text, finished,
+            reason, self.prompt_len, new, self.detok.take_new(finished), self.params.seed, error,
+            stop_reason, self.index, lp, (new_lp or []) if lp is not None else None,
+            self.prompt_logprobs, self.cumulative if lp is not None else None, self.cached)
 
 
 class CoreClient(RequestRules):

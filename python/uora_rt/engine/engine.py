@@ -13,6 +13,7 @@ import time
 
 from uora_rt.engine.detokenizer import Detokenizer
 from uora_rt.engine.kv_cache import BlockAllocator, KVPool, default_kv_tokens
+from uora_rt.engine.metadata import RowCache
 from uora_rt.engine.request import Request, RequestOutput, SamplingParams
 from uora_rt.engine.rules import Limits, Prompts, RequestRules
 from uora_rt.engine.runner import ModelRunner
@@ -77,6 +78,7 @@ class Engine(RequestRules, Stepping):
                              f"{async_scheduling!r}")
         self.async_scheduling = async_scheduling
         self._flight = None  # async scheduling: the launched step whose tokens are not read yet
+        self._rows = RowCache()  # the sampled requests' columns, while they stay the same
         self._model = model
         self.allocator = BlockAllocator(num_blocks, caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.allocator, block_size, self.max_num_seqs,

@@ -138,7 +138,13 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
-@dataclass
+# RequestOutput's fields, in the order its constructor takes them.
+OUTPUT_FIELDS = ("request_id", "adapter", "token_ids", "text", "finished", "finish_reason",
+                 "prompt_tokens", "new_token_ids", "new_text", "seed", "error", "stop_reason",
+                 "index", "logprobs", "new_logprobs", "prompt_logprobs", "cumulative_logprob",
+                 "cached_tokens")
+
+
 class RequestOutput:
     """One sequence's state after a step. token_ids/text: everything generated so far (without
     the end-of-sequence or stop token that ended it; text cut before a stop string); new_token_ids
@@ -146,27 +152,117 @@ class RequestOutput:
     best_of) sequences this is. logprobs: one entry per generated token (with the ending stop
     token's last, when one ended it), when SamplingParams.logprobs is set or best_of > n;
     prompt_logprobs: None for the first prompt token, then one per prompt token (once the
-    prompt is computed)."""
+    prompt is computed). finish_reason: "stop", "length" or "abort" once finished; error: set
+    when the request failed inside the engine (finish "abort"); stop_reason: the stop string,
+    or the end-of-sequence / stop token id, that ended it ("stop"), else None; cached_tokens:
+    prompt tokens read from the prefix cache instead of computed.
 
-    request_id: str
-    adapter: str | None
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort" once finished
-    prompt_tokens: int
-    new_token_ids: list[int] = field(default_factory=list)
-    new_text: str = ""
-    seed: int | None = None
-    error: str | None = None   # set when the request failed inside the engine (finish "abort")
-    stop_reason: str | int | None = None  # the stop string, or the end-of-sequence / stop
-                                          # token id, that ended it ("stop"); None otherwise
-    index: int = 0
-    logprobs: list[TokenLogprob] | None = None
-    new_logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    cumulative_logprob: float | None = None
-    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
+    The engine makes one output per sequence per step without copying what came before:
+    token_ids, logprobs and prompt_logprobs share the sequence's own (append-only) lists and
+    become lists of their own the first time they are read (O(length) then, once per output
+    read; a streaming consumer that reads only new_token_ids / new_text / new_logprobs pays
+    nothing per step for the length so far). Values are as of the step the output belongs to,
+    whenever they are read."""
+
+    __slots__ = ("request_id", "adapter", "text", "finished", "finish_reason", "prompt_tokens",
+                 "new_token_ids", "new_text", "seed", "error", "stop_reason", "index",
+                 "new_logprobs", "cumulative_logprob", "cached_tokens",
+                 # token_ids = _tok_src[_tok_lo:_tok_hi] until read (then _token_ids)
+                 "_token_ids", "_tok_src", "_tok_lo", "_tok_hi",
+                 "_logprobs", "_lp_src", "_lp_n",  # logprobs = _lp_src[:_lp_n] until read
+                 "_prompt_logprobs", "_plp_src")  # prompt_logprobs = list(_plp_src) until read
+
+    def __init__(self, request_id: str, adapter: str | None, token_ids: list[int], text: str,
+                 finished: bool, finish_reason: str | None, prompt_tokens: int,
+                 new_token_ids: list[int] | None = None, new_text: str = "",
+                 seed: int | None = None, error: str | None = None,
+                 stop_reason: str | int | None = None, index: int = 0,
+                 logprobs: list[TokenLogprob] | None = None,
+                 new_logprobs: list[TokenLogprob] | None = None,
+                 prompt_logprobs: list[TokenLogprob | None] | None = None,
+                 cumulative_logprob: float | None = None, cached_tokens: int = 0):
+        self.request_id, self.adapter, self.text = request_id, adapter, text
+        self.finished, self.finish_reason, self.prompt_tokens = finished, finish_reason, \
+            prompt_tokens
+        self.new_token_ids = new_token_ids if new_token_ids is not None else []
+        self.new_text, self.seed, self.error = new_text, seed, error
+        self.stop_reason, self.index = stop_reason, index
+        self.new_logprobs, self.cumulative_logprob = new_logprobs, cumulative_logprob
+        self.cached_tokens = cached_tokens
+        self._token_ids, self._tok_src = token_ids, None
+        self._logprobs, self._lp_src = logprobs, None
+        self._prompt_logprobs, self._plp_src = prompt_logprobs, None
+
+    @classmethod
+    def sharing(cls, request_id, adapter, tokens: list[int], lo: int, hi: int, text, finished,
+                finish_reason, prompt_tokens, new_token_ids, new_text, seed, error, stop_reason,
+                index, logprobs: list | None, new_logprobs, prompt_logprobs: list | None,
+                cumulative_logprob, cached_tokens) -> RequestOutput:
+        """An output whose token_ids are tokens[lo:hi], logprobs logprobs[:len now] and
+        prompt_logprobs a copy of prompt_logprobs, each made when first read: the lists must
+        only grow (or, for prompt_logprobs, stay as they are) after this call."""
+        out = cls.__new__(cls)
+        out.request_id, out.adapter, out.text = request_id, adapter, text
+        out.finished, out.finish_reason, out.prompt_tokens = finished, finish_reason, \
+            prompt_tokens
+        out.new_token_ids, out.new_text, out.seed, out.error = new_token_ids, new_text, seed, error
+        out.stop_reason, out.index = stop_reason, index
+        out.new_logprobs, out.cumulative_logprob = new_logprobs, cumulative_logprob
+        out.cached_tokens = cached_tokens
+        out._token_ids, out._tok_src, out._tok_lo, out._tok_hi = None, tokens, lo, hi
+        if logprobs is None:
+            out._logprobs = out._lp_src = None
+        else:
+            out._logprobs, out._lp_src, out._lp_n = None, logprobs, len(logprobs)
+        out._prompt_logprobs, out._plp_src = None, prompt_logprobs
+        return out
+
+    @property
+    def token_ids(self) -> list[int]:
+        if self._tok_src is not None:
+            self._token_ids = self._tok_src[self._tok_lo:self._tok_hi]
+            self._tok_src = None
+        return self._token_ids
+
+    @token_ids.setter
+    def token_ids(self, value) -> None:
+        self._token_ids, self._tok_src = value, None
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        if self._lp_src is not None:
+            self._logprobs = self._lp_src[:self._lp_n]
+            self._lp_src = None
+        return self._logprobs
+
+    @logprobs.setter
+    def logprobs(self, value) -> None:
+        self._logprobs, self._lp_src = value, None
+
+    @property
+    def prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        if self._plp_src is not None:
+            self._prompt_logprobs = list(self._plp_src)
+            self._plp_src = None
+        return self._prompt_logprobs
+
+    @prompt_logprobs.setter
+    def prompt_logprobs(self, value) -> None:
+        self._prompt_logprobs, self._plp_src = value, None
+
+    def _values(self) -> tuple:
+        return tuple(getattr(self, f) for f in OUTPUT_FIELDS)
+
+    def __eq__(self, other):
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # mutable, compared by value (as the dataclass it replaces)
+
+    def __repr__(self) -> str:
+        return "RequestOutput(" + ", ".join(f"{f}={getattr(self, f)!r}"
+                                            for f in OUTPUT_FIELDS) + ")"
 
 
 def best_of(outputs: list[RequestOutput], n: int) -> list[RequestOutput]:
@@ -197,6 +293,7 @@ class Request:
         self.params, self.seed, self.index = params, seed, index
         self.tokens = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
+        self.max_total = self.prompt_len + params.max_tokens  # prompt + the most tokens drawn
         # Tokens drawn by a step still in flight (async scheduling), not yet in `tokens`: the
         # scheduler counts them (blocks, positions); their ids reach the next step on the device.
         self.pending = 0
@@ -227,6 +324,11 @@ class Request:
         want_prompt = params.prompt_logprobs is not None
         self.prompt_logprobs: list[TokenLogprob | None] | None = [None] if want_prompt else None
         self.forks: list[Request] = []         # siblings waiting to copy this one's prompt KV
+        # What every step reads of it, made once: its sampling row (temperature, top_k, top_p,
+        # seed) and whether it asks for nothing beyond plain sampling (no logit processing,
+        # logprobs or prompt logprobs), so a step of such requests skips those tables.
+        self.sampling = (params.temperature, params.top_k, params.top_p, seed)
+        self.plain = not (params.processed or self.want_logprobs or want_prompt)
 
     @property
     def num_tokens(self) -> int:
@@ -236,10 +338,6 @@ class Request:
     @property
     def output_ids(self) -> list[int]:
         return self.tokens[self.prompt_len:]
-
-    @property
-    def max_total(self) -> int:
-        return self.prompt_len + self.params.max_tokens
 
     @property
     def prompt_logprobs_done(self) -> int:

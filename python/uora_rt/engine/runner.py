@@ -175,7 +175,7 @@ class ModelRunner:
         (on CUDA in this thread, after prev on the stream)."""
         if self.device.type != "cuda" and not self.cpu_overlap:
             if meta.feed_rows:  # prev ran in this thread: its tokens are on the host
-                meta.input_ids[meta.feed_rows] = prev.done[0][list(feed_src)]
+                _feed(meta.input_ids, meta.feed_rows, prev.done[0], feed_src)
             t = time.perf_counter()
             flight = InFlight(meta, done=self.run(meta))
             flight.run_s = time.perf_counter() - t
@@ -190,7 +190,7 @@ class ModelRunner:
                 t = time.perf_counter()
                 if meta.feed_rows:
                     tokens = prev.future.result()[0]  # done: the worker runs steps in order
-                    meta.input_ids[meta.feed_rows] = tokens[list(feed_src)]
+                    _feed(meta.input_ids, meta.feed_rows, tokens, feed_src)
                 out = self.run(meta)
                 flight.run_s = time.perf_counter() - t
                 return out
@@ -223,6 +223,17 @@ class ModelRunner:
             return torch.empty(0, dtype=torch.long, device=self.device)
         return self.sampler.draw(logits.float().contiguous(), meta.sampling, meta.any_sampled,
                                  meta.any_top_p)
+
+
+def _feed(input_ids: torch.Tensor, rows: list[int], tokens: torch.Tensor, src) -> None:
+    """input_ids[rows] = tokens[src] on the host. The usual decode step keeps the previous
+    step's order (rows and src both 0..n-1): one slice copy then, no index tensors."""
+    src = list(src)
+    n = len(rows)
+    if rows[-1] == n - 1 and src == rows:  # rows ascend: they are 0..n-1
+        input_ids[:n] = tokens[:n]
+    else:
+        input_ids[rows] = tokens[src]
 
 
 class InFlight:

@@ -63,6 +63,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,6 +95,16 @@ def window_need(temperature, top_k, top_p) -> int:
     return need
 
 
+def _window_need(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> int:
+    """window_need over host arrays, without a Python loop over the rows."""
+    hot = temperature > 0
+    if not hot.any():
+        return 0
+    k, p = top_k[hot], top_p[hot]
+    need = np.where(k > 0, k + 1, np.where(p < 1, TOP_P_WINDOW, 0))
+    return int(need.max())
+
+
 @dataclass
 class SamplingTensors:
     """One row per sequence of the step, all on the logits' device."""
@@ -120,17 +131,33 @@ class SamplingTensors:
             raise ValueError(f"SamplingTensors.from_lists: fields differ in length: {lengths}")
         if not validated:
             cls._check_values(cols)
+        floats = np.array([cols["temperature"], cols["top_p"]], dtype=np.float32).reshape(2, -1)
+        ints = np.array([cols["top_k"], cols["seed"]], dtype=np.int64).reshape(2, -1)
+        return cls.from_arrays(floats, ints, np.asarray(cols["position"], dtype=np.int64),
+                               device)
+
+    @classmethod
+    def from_arrays(cls, floats: np.ndarray, ints: np.ndarray, position: np.ndarray, device,
+                    need: int | None = None) -> SamplingTensors:
+        """Checked host columns: floats [2, B] float32 (temperature, top_p), ints [2, B] int64
+        (top_k, seed), position [B] int64; need: their window_need, if known. One packed
+        host-to-device copy on CUDA; on the CPU the arrays' memory as it is (no copy)."""
         device = torch.device(device)
-        bits = [torch.tensor(cols[n], dtype=torch.float32).view(torch.int32).to(torch.int64)
-                for n in ("temperature", "top_p")]
-        ints = [torch.tensor(cols[n], dtype=torch.int64) for n in ("top_k", "seed", "position")]
-        packed = torch.stack([bits[0], ints[0], bits[1], ints[1], ints[2]])  # [5, B]
+        if need is None:
+            need = _window_need(floats[0], ints[0], floats[1])
+        if device.type == "cpu":
+            return cls(torch.from_numpy(floats[0]), torch.from_numpy(ints[0]),
+                       torch.from_numpy(floats[1]), torch.from_numpy(ints[1]),
+                       torch.from_numpy(position), need)
+        host = np.empty((5, position.shape[0]), dtype=np.int64)  # [5, B]
+        host[0], host[2] = floats.view(np.int32)  # the float32 fields as their bit patterns
+        host[1], host[3], host[4] = ints[0], ints[1], position
+        packed = torch.from_numpy(host)
         if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
         else:
             packed = packed.to(device)
-        return cls(_as_f32(packed[0]), packed[1], _as_f32(packed[2]), packed[3], packed[4],
-                   window_need(cols["temperature"], cols["top_k"], cols["top_p"]))
+        return cls(_as_f32(packed[0]), packed[1], _as_f32(packed[2]), packed[3], packed[4], need)
 
     @staticmethod
     def _check_values(cols) -> None:

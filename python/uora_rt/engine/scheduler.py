@@ -28,7 +28,7 @@ from uora_rt.engine.kv_cache import BlockAllocator, block_keys
 from uora_rt.engine.request import Request, Status
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     req: Request
     start: int    # first token of req.tokens computed this step (== req.computed)
@@ -59,31 +59,40 @@ class Scheduler:
         return -(-tokens // self.block_size)
 
     def schedule(self) -> list[ScheduledSeq]:
-        budget, chosen = self.max_step_tokens, {}
+        budget, chosen, bs = self.max_step_tokens, {}, self.block_size
         # A sequence whose pending token is its last (max_tokens) ends when that token lands:
         # it is not scheduled again (async scheduling; never the case in a synchronous loop).
-        decodes = [r for r in self.running if r.num_tokens - r.computed == 1
-                   and not (r.pending and r.num_tokens >= r.max_total)]
-        prefills = [r for r in self.running if r.num_tokens - r.computed > 1]
+        decodes, prefills = [], []
+        for r in self.running:
+            total = len(r.tokens) + r.pending  # Request.num_tokens, inline: a hot loop
+            left = total - r.computed
+            if left == 1:
+                if not (r.pending and total >= r.max_total):
+                    decodes.append(r)
+            elif left > 1:
+                prefills.append(r)
         preempted = False
+        running = Status.RUNNING
         for req in decodes + prefills:
             if budget == 0:
                 break
-            if req.status is not Status.RUNNING:  # preempted earlier in this loop
+            if req.status is not running:  # preempted earlier in this loop
                 continue
-            n = min(req.num_tokens - req.computed, budget)
-            need = self.blocks_for(req.computed + n) - len(req.blocks)
-            while need > self.alloc.num_free and req.status is Status.RUNNING:
-                victim = self.running[-1]  # the newest; it may already be in this step
-                undone = chosen.pop(victim, None)
-                if undone is not None:
-                    budget += undone.count
-                self._preempt(victim)
-                preempted = True
-            if req.status is not Status.RUNNING:
-                continue
-            req.blocks += self.alloc.allocate(need)
-            chosen[req] = ScheduledSeq(req, req.computed, n, req.computed + n == req.num_tokens)
+            computed, total = req.computed, len(req.tokens) + req.pending
+            n = min(total - computed, budget)
+            need = -(-(computed + n) // bs) - len(req.blocks)
+            if need > 0:  # most decodes still have room in their last block
+                while need > self.alloc.num_free and req.status is running:
+                    victim = self.running[-1]  # the newest; it may already be in this step
+                    undone = chosen.pop(victim, None)
+                    if undone is not None:
+                        budget += undone.count
+                    self._preempt(victim)
+                    preempted = True
+                if req.status is not running:
+                    continue
+                req.blocks += self.alloc.allocate(need)
+            chosen[req] = ScheduledSeq(req, computed, n, computed + n == total)
             budget -= n
         out = list(chosen.values())
         if not preempted:  # admitting new work right after evicting some would thrash
@@ -183,6 +192,17 @@ class Scheduler:
         for i in range(req.cached_blocks, full):
             self.alloc.register(req.blocks[i], keys[i])
         req.cached_blocks = full
+
+    def register_all(self, reqs: list[Request]) -> None:
+        """register() of each running request of a step, skipping at once those with no new
+        full block (most, in a decode step)."""
+        if self.cache_root is None:
+            return
+        bs, running = self.block_size, Status.RUNNING
+        for r in reqs:
+            if (r.computed // bs > r.cached_blocks and r.status is running
+                    and min(r.computed, len(r.tokens)) // bs > r.cached_blocks):
+                self.register(r)
 
     def _unpin(self, req: Request) -> None:
         if req.pinned:

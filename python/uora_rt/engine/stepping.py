@@ -70,7 +70,8 @@ class Stepping:
         self.stats["peak_blocks"] = max(self.stats["peak_blocks"], self.blocks_used)
         try:
             meta = build_step(scheduled, self.block_size, self.runner.device,
-                              self.adapters.merged is None, self.runner.gather_prefill)
+                              self.adapters.merged is None, self.runner.gather_prefill,
+                              self._rows)
             cause = None
             if self.async_scheduling:
                 cause = self.runner.sync_cause(meta) or next(
@@ -88,13 +89,17 @@ class Stepping:
             return outputs + [self._finish(s.req, "abort", f"{type(e).__name__}: {e}")
                               for s in scheduled if s.req.status is not Status.FINISHED]
         flight.scheduled = scheduled
-        stats = self.stats
+        stats, decode, prefill = self.stats, 0, 0
         for s in scheduled:
-            r = s.req
-            r.computed += s.count
+            r, n = s.req, s.count
+            r.computed += n
             r.pending += s.sample
-            decode = s.count == 1 and s.start >= r.prompt_len
-            stats["decode_tokens" if decode else "prefill_tokens"] += s.count
+            if n == 1 and s.start >= r.prompt_len:
+                decode += 1
+            else:
+                prefill += n
+        stats["decode_tokens"] += decode
+        stats["prefill_tokens"] += prefill
         if prev is not None:
             outputs += self._resolve(prev)
         if not self.async_scheduling or cause is not None:
@@ -102,9 +107,8 @@ class Stepping:
                 self._count_sync(cause)
             outputs += self._resolve(flight, sync=True)
         else:
-            for s in scheduled:  # its inputs are all known now: the same blocks sync registers
-                if s.req.status is Status.RUNNING:
-                    self.scheduler.register(s.req)
+            # its inputs are all known now: the same blocks sync registers
+            self.scheduler.register_all([s.req for s in scheduled])
             self._flight = flight
             if not self._live:  # everything ended: what runs now is discarded; finish it
                 outputs += self._resolve(flight)
@@ -144,21 +148,56 @@ class Stepping:
         for s in meta.sampled:
             s.req.pending -= 1
         if sync:
+            self.scheduler.register_all([s.req for s in scheduled])
             for s in scheduled:
                 r = s.req
-                if r.status is not Status.RUNNING:
-                    continue
-                self.scheduler.register(r)
-                if r.forks and r.computed >= r.prompt_len - 1:
+                if r.forks and r.status is Status.RUNNING and r.computed >= r.prompt_len - 1:
                     fork(r, self.scheduler, self.allocator, self.kv, self.stats)
-        entries = hand_out(meta.extras, table, tokens) if table is not None else {}
-        outputs, append = [], self._append
-        for i, (s, tok) in enumerate(zip(meta.sampled, tokens)):
+        entries = hand_out(meta.extras, table, tokens) if table is not None else None
+        return self._outputs(meta.sampled, tokens, entries)
+
+    def _outputs(self, sampled: list, tokens: list[int], entries) -> list[RequestOutput]:
+        """The step's outputs, in one pass over its sampled rows: each row's token is appended
+        and checked against the sequence's end-of-sequence / stop token ids, stop strings and
+        max_tokens; an output shares the sequence's lists instead of copying them
+        (RequestOutput.sharing), so a step costs O(1) per sequence, not O(its length)."""
+        outputs, emit, finish, sharing = [], self._emit, self._finish, RequestOutput.sharing
+        append = outputs.append
+        done, discarded = Status.FINISHED, 0
+        for i, (s, tok) in enumerate(zip(sampled, tokens)):
             r = s.req
-            if r.status is Status.FINISHED:  # ended at the step before: a token past its end
-                self.stats["discarded_tokens"] += 1
+            if r.status is done:  # ended at the step before: a token past its end
+                discarded += 1
                 continue
-            outputs.append(append(r, tok, entries.get(i)))
+            if r.first_token_time is None:
+                r.first_token_time = time.perf_counter()
+            new_lp = None
+            if entries:
+                entry = entries.get(i)
+                if entry is not None:
+                    r.logprobs.append(entry)
+                    r.cumulative_logprob += entry.logprob
+                    new_lp = [entry]
+            if tok in r.eos:
+                r.stop_reason = tok
+                append(finish(r, "stop", new_lp=new_lp))
+                continue
+            r.tokens.append(tok)
+            detok = r.detok
+            if detok.stream is not None and detok.push(tok):
+                r.stop_reason = detok.matched
+                append(finish(r, "stop", new=[tok], new_lp=new_lp))
+            elif len(r.tokens) >= r.max_total:
+                append(finish(r, "length", new=[tok], new_lp=new_lp))
+            elif r.plain and r.on_output is None and detok.stream is None:
+                # the usual row (offline, or the engine core's): no text, logprobs or callback
+                append(sharing(r.request_id, r.adapter, r.tokens, r.prompt_len, len(r.tokens),
+                               "", False, None, r.prompt_len, [tok], "", r.seed, None, None,
+                               r.index, None, None, None, None, r.cached_tokens or 0))
+            else:
+                append(emit(r, [tok], new_lp))
+        if discarded:
+            self.stats["discarded_tokens"] += discarded
         return outputs
 
     def _enter(self, group: list[Request]) -> None:
@@ -180,25 +219,6 @@ class Stepping:
             self.stats["fork_prefills"] += len(rest)
         else:
             first.forks = rest
-
-    def _append(self, req: Request, tok: int, entry=None) -> RequestOutput:
-        if req.first_token_time is None:
-            req.first_token_time = time.perf_counter()
-        new_lp = []
-        if entry is not None:
-            req.logprobs.append(entry)
-            req.cumulative_logprob += entry.logprob
-            new_lp = [entry]
-        if tok in req.eos:
-            req.stop_reason = tok
-            return self._finish(req, "stop", new_lp=new_lp)
-        req.tokens.append(tok)
-        if req.detok.push(tok):
-            req.stop_reason = req.detok.matched
-            return self._finish(req, "stop", new=[tok], new_lp=new_lp)
-        if len(req.tokens) - req.prompt_len >= req.params.max_tokens:
-            return self._finish(req, "length", new=[tok], new_lp=new_lp)
-        return self._emit(req, [tok], new_lp)
 
     def _finish(self, req: Request, reason: str, error: str | None = None,
                 new: list[int] | None = None, new_lp=None) -> RequestOutput:
@@ -225,16 +245,17 @@ class Stepping:
 
     def _emit(self, req: Request, new: list[int], new_lp=None) -> RequestOutput:
         done = req.status is Status.FINISHED
-        lp = req.want_logprobs
+        lp = req.logprobs if req.want_logprobs else None
         prompt_lp = req.prompt_logprobs
-        out = RequestOutput(req.request_id, req.adapter, req.output_ids, req.detok.text, done,
-                            req.finish_reason, req.prompt_len, new, req.detok.take_new(done),
-                            req.seed, req.error, req.stop_reason, req.index,
-                            list(req.logprobs) if lp else None, (new_lp or []) if lp else None,
-                            list(prompt_lp) if prompt_lp is not None and
-                            len(prompt_lp) == req.prompt_len else None,
-                            req.cumulative_logprob if lp else None,
-                            cached_tokens=req.cached_tokens or 0)
+        if prompt_lp is not None and len(prompt_lp) != req.prompt_len:
+            prompt_lp = None  # not all computed yet
+        detok = req.detok
+        out = RequestOutput.sharing(
+            req.request_id, req.adapter, req.tokens, req.prompt_len, len(req.tokens), detok.text,
+            done, req.finish_reason, req.prompt_len, new,
+            detok.take_new(done) if detok.stream is not None else "", req.seed, req.error,
+            req.stop_reason, req.index, lp, (new_lp or []) if lp is not None else None, prompt_lp,
+            req.cumulative_logprob if lp is not None else None, req.cached_tokens or 0)
         if req.on_output is not None:
             try:
                 req.on_output(out)
