@@ -8,6 +8,8 @@
 #                                              # MRPC and STS-B in another, then the rank sweep
 #   bash bench/quality/gpu_grid.sh wait 540    # sleep, then copy results so far to $OUT
 #
+# Every call must carry the same asset folders: a call that carries none removes them from the
+# machine, and the runs still going fail on missing files.
 # Needs GPU_ASSETS (default .gpucarry) with minilm/ (all-MiniLM-L6-v2, a Hugging Face folder) and
 # data/glue/ (the GLUE task folders); no network, no E2E (SmolLM2's weights are not there).
 set -euo pipefail
