@@ -145,6 +145,35 @@ OUTPUT_FIELDS = ("request_id", "adapter", "token_ids", "text", "finished", "fini
                  "cached_tokens")
 
 
+class _SharedList:
+    """A RequestOutput field that may share a sequence's append-only list: share() records
+    (list, lo, hi) and the first read copies list[lo:hi]; setting it stores the value itself."""
+
+    def __set_name__(self, owner, name):
+        self.value, self.src = f"_{name}", f"_{name}_src"
+
+    def share(self, obj, src: list | None, lo: int, hi: int | None) -> None:
+        if src is None:
+            self.__set__(obj, None)
+        else:
+            setattr(obj, self.value, None)
+            setattr(obj, self.src, (src, lo, hi))
+
+    def __get__(self, obj, owner=None):
+        if obj is None:
+            return self
+        src = getattr(obj, self.src)
+        if src is not None:
+            lst, lo, hi = src
+            setattr(obj, self.value, lst[lo:hi])
+            setattr(obj, self.src, None)
+        return getattr(obj, self.value)
+
+    def __set__(self, obj, value) -> None:
+        setattr(obj, self.value, value)
+        setattr(obj, self.src, None)
+
+
 class RequestOutput:
     """One sequence's state after a step. token_ids/text: everything generated so far (without
     the end-of-sequence or stop token that ended it; text cut before a stop string); new_token_ids
@@ -167,10 +196,9 @@ class RequestOutput:
     __slots__ = ("request_id", "adapter", "text", "finished", "finish_reason", "prompt_tokens",
                  "new_token_ids", "new_text", "seed", "error", "stop_reason", "index",
                  "new_logprobs", "cumulative_logprob", "cached_tokens",
-                 # token_ids = _tok_src[_tok_lo:_tok_hi] until read (then _token_ids)
-                 "_token_ids", "_tok_src", "_tok_lo", "_tok_hi",
-                 "_logprobs", "_lp_src", "_lp_n",  # logprobs = _lp_src[:_lp_n] until read
-                 "_prompt_logprobs", "_plp_src")  # prompt_logprobs = list(_plp_src) until read
+                 # _SharedList storage: the copy, or (shared list, lo, hi) until first read
+                 "_token_ids", "_token_ids_src", "_logprobs", "_logprobs_src",
+                 "_prompt_logprobs", "_prompt_logprobs_src")
 
     def __init__(self, request_id: str, adapter: str | None, token_ids: list[int], text: str,
                  finished: bool, finish_reason: str | None, prompt_tokens: int,
@@ -189,18 +217,16 @@ class RequestOutput:
         self.stop_reason, self.index = stop_reason, index
         self.new_logprobs, self.cumulative_logprob = new_logprobs, cumulative_logprob
         self.cached_tokens = cached_tokens
-        self._token_ids, self._tok_src = token_ids, None
-        self._logprobs, self._lp_src = logprobs, None
-        self._prompt_logprobs, self._plp_src = prompt_logprobs, None
+        self.token_ids, self.logprobs, self.prompt_logprobs = token_ids, logprobs, prompt_logprobs
 
     @classmethod
     def sharing(cls, request_id, adapter, tokens: list[int], lo: int, hi: int, text, finished,
                 finish_reason, prompt_tokens, new_token_ids, new_text, seed, error, stop_reason,
                 index, logprobs: list | None, new_logprobs, prompt_logprobs: list | None,
                 cumulative_logprob, cached_tokens) -> RequestOutput:
-        """An output whose token_ids are tokens[lo:hi], logprobs logprobs[:len now] and
-        prompt_logprobs a copy of prompt_logprobs, each made when first read: the lists must
-        only grow (or, for prompt_logprobs, stay as they are) after this call."""
+        """An output whose token_ids are tokens[lo:hi], logprobs and prompt_logprobs those lists
+        as long as they are now, each copied when first read: the lists may only grow after
+        this call."""
         out = cls.__new__(cls)
         out.request_id, out.adapter, out.text = request_id, adapter, text
         out.finished, out.finish_reason, out.prompt_tokens = finished, finish_reason, \
@@ -209,46 +235,15 @@ class RequestOutput:
         out.stop_reason, out.index = stop_reason, index
         out.new_logprobs, out.cumulative_logprob = new_logprobs, cumulative_logprob
         out.cached_tokens = cached_tokens
-        out._token_ids, out._tok_src, out._tok_lo, out._tok_hi = None, tokens, lo, hi
-        if logprobs is None:
-            out._logprobs = out._lp_src = None
-        else:
-            out._logprobs, out._lp_src, out._lp_n = None, logprobs, len(logprobs)
-        out._prompt_logprobs, out._plp_src = None, prompt_logprobs
+        RequestOutput.token_ids.share(out, tokens, lo, hi)
+        RequestOutput.logprobs.share(out, logprobs, 0, None if logprobs is None else len(logprobs))
+        RequestOutput.prompt_logprobs.share(
+            out, prompt_logprobs, 0, None if prompt_logprobs is None else len(prompt_logprobs))
         return out
 
-    @property
-    def token_ids(self) -> list[int]:
-        if self._tok_src is not None:
-            self._token_ids = self._tok_src[self._tok_lo:self._tok_hi]
-            self._tok_src = None
-        return self._token_ids
-
-    @token_ids.setter
-    def token_ids(self, value) -> None:
-        self._token_ids, self._tok_src = value, None
-
-    @property
-    def logprobs(self) -> list[TokenLogprob] | None:
-        if self._lp_src is not None:
-            self._logprobs = self._lp_src[:self._lp_n]
-            self._lp_src = None
-        return self._logprobs
-
-    @logprobs.setter
-    def logprobs(self, value) -> None:
-        self._logprobs, self._lp_src = value, None
-
-    @property
-    def prompt_logprobs(self) -> list[TokenLogprob | None] | None:
-        if self._plp_src is not None:
-            self._prompt_logprobs = list(self._plp_src)
-            self._plp_src = None
-        return self._prompt_logprobs
-
-    @prompt_logprobs.setter
-    def prompt_logprobs(self, value) -> None:
-        self._prompt_logprobs, self._plp_src = value, None
+    token_ids = _SharedList()
+    logprobs = _SharedList()
+    prompt_logprobs = _SharedList()
 
     def _values(self) -> tuple:
         return tuple(getattr(self, f) for f in OUTPUT_FIELDS)

@@ -95,16 +95,6 @@ def window_need(temperature, top_k, top_p) -> int:
     return need
 
 
-def _window_need(temperature: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> int:
-    """window_need over host arrays, without a Python loop over the rows."""
-    hot = temperature > 0
-    if not hot.any():
-        return 0
-    k, p = top_k[hot], top_p[hot]
-    need = np.where(k > 0, k + 1, np.where(p < 1, TOP_P_WINDOW, 0))
-    return int(need.max())
-
-
 @dataclass
 class SamplingTensors:
     """One row per sequence of the step, all on the logits' device."""
@@ -118,33 +108,29 @@ class SamplingTensors:
     window_need: int | None = None
 
     @classmethod
-    def from_lists(cls, temperature, top_k, top_p, seed, position, device,
-                   validated: bool = False) -> SamplingTensors:
+    def from_lists(cls, temperature, top_k, top_p, seed, position, device) -> SamplingTensors:
         """Validated on the host, then one packed host-to-device copy ([5, B] int64; the float32
-        fields travel as their bit patterns). validated: the values were checked already (the
-        engine's come from SamplingParams): skip the per-value checks (Python work per row on
-        the host's critical path of every step)."""
+        fields travel as their bit patterns). The engine's rows, checked once by SamplingParams,
+        go through from_arrays instead."""
         cols = {"temperature": list(temperature), "top_k": list(top_k), "top_p": list(top_p),
                 "seed": list(seed), "position": list(position)}
         lengths = {name: len(v) for name, v in cols.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"SamplingTensors.from_lists: fields differ in length: {lengths}")
-        if not validated:
-            cls._check_values(cols)
+        cls._check_values(cols)
         floats = np.array([cols["temperature"], cols["top_p"]], dtype=np.float32).reshape(2, -1)
         ints = np.array([cols["top_k"], cols["seed"]], dtype=np.int64).reshape(2, -1)
         return cls.from_arrays(floats, ints, np.asarray(cols["position"], dtype=np.int64),
-                               device)
+                               device, window_need(cols["temperature"], cols["top_k"],
+                                                   cols["top_p"]))
 
     @classmethod
     def from_arrays(cls, floats: np.ndarray, ints: np.ndarray, position: np.ndarray, device,
-                    need: int | None = None) -> SamplingTensors:
+                    need: int) -> SamplingTensors:
         """Checked host columns: floats [2, B] float32 (temperature, top_p), ints [2, B] int64
-        (top_k, seed), position [B] int64; need: their window_need, if known. One packed
+        (top_k, seed), position [B] int64; need: their window_need. One packed
         host-to-device copy on CUDA; on the CPU the arrays' memory as it is (no copy)."""
         device = torch.device(device)
-        if need is None:
-            need = _window_need(floats[0], ints[0], floats[1])
         if device.type == "cpu":
             return cls(torch.from_numpy(floats[0]), torch.from_numpy(ints[0]),
                        torch.from_numpy(floats[1]), torch.from_numpy(ints[1]),
