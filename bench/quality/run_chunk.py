@@ -34,6 +34,9 @@ from uora_rt.training.objectives import DecoderObjective, EncoderObjective  # no
 
 
 def git_sha() -> str:
+    """The commit that ran; UORA_RT_GIT_SHA wins (a copied tree's .git may be an older one)."""
+    if os.environ.get("UORA_RT_GIT_SHA"):
+        return os.environ["UORA_RT_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=glue.REPO, text=True,
                               capture_output=True).stdout.strip()
