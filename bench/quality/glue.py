@@ -71,8 +71,8 @@ _READERS = {"sst2": _sst2, "cola": _cola, "rte": _rte, "mrpc": _mrpc, "stsb": _s
 
 
 def load(task: str, data_dir, stage: str, budget: dict) -> tuple[list[dict], list[dict]]:
-    """(train rows, evaluation rows). stage "pilot": train minus a validation split, evaluated
-    on that split; otherwise the whole training set (or the budget's subset of it), evaluated on
+    """(train rows, evaluation rows). stages "pilot" and "confirm": train minus a validation
+    split, evaluated on that split; otherwise the whole training set (or the budget's subset of it), evaluated on
     the held-out set. budget: {"train": max rows or None, "eval": max rows or None}."""
     d = Path(data_dir)
     train = _READERS[task](d, "train")
@@ -80,7 +80,7 @@ def load(task: str, data_dir, stage: str, budget: dict) -> tuple[list[dict], lis
     order = list(range(len(train)))
     rng.shuffle(order)
     n_val = min(PILOT_VAL, len(train) // 10)
-    if stage == "pilot":
+    if stage in ("pilot", "confirm"):
         ev = [train[i] for i in order[:n_val]]
         train = [train[i] for i in order[n_val:]]
     else:

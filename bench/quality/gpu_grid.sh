@@ -4,7 +4,8 @@
 # waits and copies what has finished so far; runs already done (under RESULTS, or carried in
 # SEED_RESULTS from an earlier machine) are skipped.
 #
-#   bash bench/quality/gpu_grid.sh start       # build, then start: SST-2 and CoLA in one queue,
+#   bash bench/quality/gpu_grid.sh start       # build, then start (pilot, confirm, main, ablation):
+#                                              # SST-2 and CoLA in one queue,
 #                                              # MRPC and STS-B in another, then the rank sweep
 #   bash bench/quality/gpu_grid.sh wait 540    # sleep, then copy results so far to $OUT
 #
@@ -31,8 +32,8 @@ case "${1:?start|wait}" in
     bash bench/gpu_round.sh build > "$OUT/build.txt" 2>&1
     export -f grid; export ASSETS RESULTS
     setsid nohup bash -c '
-      grid first.log pilot,main,ablation "task=sst2,cola" 8 &
-      grid others.log pilot,main,ablation "task=stsb,mrpc" 7
+      grid first.log pilot,confirm,main,ablation "task=sst2,cola" 8 &
+      grid others.log pilot,confirm,main,ablation "task=stsb,mrpc" 7
       wait
       grid rank.log rank "task=sst2,cola" 15
       echo done > "$RESULTS/finished"' > "$RESULTS/driver.log" 2>&1 < /dev/null &

@@ -203,7 +203,7 @@ def main(root: Path, budget: str):
     tasks = [t for t in ("sst2", "cola", "mrpc", "stsb", "rte")
              if any(r["spec"]["task"] == t and r["spec"]["stage"] == "main" for r in runs)]
     written = []
-    for stage in ("pilot", "main", "rank", "ablation", "e2e"):
+    for stage in ("pilot", "confirm", "main", "rank", "ablation", "e2e"):
         rows = summarize(runs, stage)
         if rows:
             path = OUT / f"quality_{budget}_{stage}.json"

@@ -1,4 +1,5 @@
-"""The quality study's driver: pilot -> main grid -> rank sweep -> reinit ablation -> E2E -> plots,
+"""The quality study's driver: pilot -> confirm -> main grid -> rank sweep -> reinit ablation -> E2E
+-> plots,
 each run in its own process, `--jobs` at a time, one JSON file per run (a run whose file exists
 is skipped, so the study resumes where it stopped).
 
@@ -6,7 +7,9 @@ is skipped, so the study resumes where it stopped).
     python bench/quality/run_grid.py --stages pilot --device cpu --jobs 1 --budget tiny
     python bench/quality/run_grid.py --stages main --dry-run                      # list the runs
 
-Stages: pilot (learning rates on a validation split carved from train, seed 0), main (SST-2, CoLA,
+Stages: pilot (learning rates on a validation split carved from train, seed 0), confirm (where
+the budget's pilot is shorter than the main runs: the pilot's two best settings per task and
+method again on the same split at the main budget; the better one is used), main (SST-2, CoLA,
 MRPC, STS-B x UORA, VeRA, LoRA, full FT, head only x 3 seeds at the pilot's learning rates), rank
 (SST-2 and CoLA: LoRA r 1, 8; VeRA r 32..1024; UORA r 32..384), ablation (UORA with reinit off,
 every main task and seed), e2e (SmolLM2: its own pilot, then UORA, VeRA, LoRA x 3 seeds and the
@@ -30,7 +33,7 @@ sys.path.insert(0, str(HERE))
 import budgets as B  # noqa: E402
 import glue  # noqa: E402
 
-STAGES = ("pilot", "main", "rank", "ablation", "e2e", "plots")
+STAGES = ("pilot", "confirm", "main", "rank", "ablation", "e2e", "plots")
 RESULTS = glue.REPO / "bench" / "results" / "quality"
 
 
@@ -83,6 +86,49 @@ def best_settings(root: Path, runs: list[dict]) -> dict:
         raise SystemExit(f"the pilot is not complete ({len(missing)} runs missing, e.g. "
                          f"{missing[0]}): run --stages pilot first")
     return {k: v[1] for k, v in best.items()}
+
+
+CONFIRM_TOP = 2
+
+
+def short_pilot(args, task) -> bool:
+    return "pilot" in B.BUDGETS[args.budget][task]
+
+
+def confirm_runs(args, root: Path, pilot: list[dict]) -> list[dict]:
+    """A short pilot can favour a learning rate that a run of the main budget does not survive
+    (it then ends at the majority class): the pilot's CONFIRM_TOP best settings per task and
+    method run again at the main budget, on the same validation split."""
+    best_settings(root, pilot)  # the pilot must be complete
+    ranked = {}
+    for s in pilot:
+        if short_pilot(args, s["task"]):
+            score = json.loads(run_path(root, s).read_text())["score"]
+            ranked.setdefault((s["task"], s["method"]), []).append(
+                ((score, -s["lr"], -s["head_lr"]), s))
+    out = []
+    for runs in ranked.values():
+        # The best head learning rate per adapter learning rate: the question is which adapter
+        # rate survives the longer run (for head-only runs, which head rate does).
+        per_lr = {}
+        for key, s in sorted(runs, key=lambda x: x[0], reverse=True):
+            per_lr.setdefault(s["lr"] if len({x["lr"] for _, x in runs}) > 1 else s["head_lr"], s)
+        out += [{**s, "stage": "confirm"} for s in list(per_lr.values())[:CONFIRM_TOP]]
+    return out
+
+
+def chosen_settings(args, root: Path, pilot: list[dict]) -> dict:
+    """(task, method) -> (lr, head_lr) for the later stages: the confirm stage's best where the
+    pilot was short, the pilot's best elsewhere."""
+    lrs = best_settings(root, pilot)
+    confirm = confirm_runs(args, root, pilot)
+    if confirm:
+        missing = [s for s in confirm if not run_path(root, s).is_file()]
+        if missing:
+            raise SystemExit(f"the confirm stage is not complete ({len(missing)} runs missing, "
+                             f"e.g. {run_path(root, missing[0])}): run --stages confirm first")
+        lrs.update(best_settings(root, confirm))
+    return lrs
 
 
 # (task, method) pairs that --only filtered out of the pilot have no learning rate: they are
@@ -221,11 +267,18 @@ def main():
             pilot = [s for s in (e2e_pilot_runs(args) if stage == "e2e" else pilot_runs(args))
                      if selected(s, args.only, skip=("seed", "r"))]
             try:
-                lrs = best_settings(root, pilot)
-            except SystemExit:
+                if stage == "confirm":
+                    failed += execute(confirm_runs(args, root, pilot), root, args)
+                    continue
+                lrs = (best_settings(root, pilot) if stage == "e2e"
+                       else chosen_settings(args, root, pilot))
+            except SystemExit as e:
                 if not args.dry_run:
                     raise
-                print("  (the pilot is not done: learning rates show as 0)")
+                if stage == "confirm":
+                    print(f"  ({e})")
+                    continue
+                print("  (the pilot or confirm stage is not done: learning rates show as 0)")
                 lrs = Pending()
             make = {"main": main_runs, "rank": rank_runs, "ablation": ablation_runs,
                     "e2e": e2e_runs}[stage]
