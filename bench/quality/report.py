@@ -15,6 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import glue  # noqa: E402
+from budgets import SEEDS  # noqa: E402
 
 OUT = glue.REPO / "bench" / "results"
 LABEL = {"uora": "UORA", "uora_noreinit": "UORA, reinit off", "vera": "VeRA (PEFT)",
@@ -71,8 +72,10 @@ def summarize(runs, stage):
 def fmt_cell(row):
     if row is None or row["mean"] is None:
         return "–"
-    sd = f" ± {row['sd']:.1f}" if len(row["per_seed"]) > 1 else ""
-    return f"{row['mean']:.1f}{sd}"
+    n = len(row["per_seed"])
+    sd = f" ± {row['sd']:.1f}" if n > 1 else ""
+    partial = f" (n={n})" if n < len(SEEDS) else ""  # a cell still missing seeds says so
+    return f"{row['mean']:.1f}{sd}{partial}"
 
 
 def glue_table(main_rows, ablation_rows, tasks) -> str:

@@ -156,6 +156,25 @@ def e2e_runs(args, lrs):
     return runs + [spec("e2e", "e2e", "base", 0, 0, 0.0, 0.0, args)]
 
 
+def set_aside_superseded(args, root: Path) -> None:
+    """Moves main, rank and ablation runs made at learning rates the pilot and confirm stages no
+    longer choose (an earlier pilot's) to <root>/superseded/, so that the tables hold only the
+    chosen settings and the earlier runs stay on record."""
+    try:
+        lrs = chosen_settings(args, root, pilot_runs(args))
+    except SystemExit:
+        return  # no complete selection yet: nothing can be called superseded
+    planned = {run_path(root, s) for s in
+               main_runs(args, lrs) + rank_runs(args, lrs) + ablation_runs(args, lrs)}
+    for stage in ("main", "rank", "ablation"):
+        for p in sorted((root / stage).glob("*/*.json")):
+            if p not in planned:
+                dest = root / "superseded" / p.relative_to(root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                p.rename(dest)
+                print(f"  set aside (settings no longer chosen): {p.relative_to(root)}")
+
+
 class Pending(dict):
     """Learning rates before the pilot has run (--dry-run): 0 for every pair."""
 
@@ -258,6 +277,9 @@ def main():
             failed += execute(pilot_runs(args) + e2e, root, args)
         elif stage == "plots":
             import report
+
+            if not args.dry_run:
+                set_aside_superseded(args, root)
 
             if not args.dry_run:
                 report.main(root, args.budget)
