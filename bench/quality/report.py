@@ -29,13 +29,44 @@ def load_runs(root: Path) -> list[dict]:
 
 
 def groups(runs, stage):
-    """(task, method, r) -> list of runs (one per seed)."""
+    """(task, method, r) -> list of runs (one per seed); the learning-rate stages (one seed, many
+    settings) add (lr, head_lr) to the key."""
     out = {}
     for run in runs:
         s = run["spec"]
         if s["stage"] == stage:
-            out.setdefault((s["task"], s["method"], s["r"]), []).append(run)
+            key = (s["task"], s["method"], s["r"])
+            if stage in SETTING_STAGES:
+                key += (s["lr"], s["head_lr"])
+            out.setdefault(key, []).append(run)
     return out
+
+
+SETTING_STAGES = ("pilot", "confirm")
+
+
+def selection_table(runs) -> str:
+    """The confirm stage's settings: their pilot and confirm validation scores, the chosen one
+    in bold."""
+    pilot = {k: v[0] for k, v in groups(runs, "pilot").items()}
+    confirm = groups(runs, "confirm")
+    best = {}
+    for (task, method, r, lr, hlr), rs in confirm.items():
+        cand = (rs[0]["score"], -lr, -hlr)
+        if (task, method) not in best or cand > best[(task, method)]:
+            best[(task, method)] = cand
+    lines = ["| task | method | lr / head lr | pilot (short) | confirm (main budget) |",
+             "|---|---|---|---|---|"]
+    for key in sorted(confirm, key=lambda k: (k[0], k[1], -k[3], -k[4])):
+        task, method, r, lr, hlr = key
+        score = confirm[key][0]["score"]
+        chosen = best[(task, method)] == (score, -lr, -hlr)
+        c = f"{100 * score:.1f}"
+        p = pilot.get(key)
+        p = "–" if p is None else f"{100 * p['score']:.1f}"
+        lines.append(f"| {TASK_NAME[task]} | {LABEL[method]} | {lr:g} / {hlr:g} | {p} | "
+                     f"{f'**{c}**' if chosen else c} |")
+    return "\n".join(lines)
 
 
 def mean_sd(values):
@@ -46,7 +77,8 @@ def mean_sd(values):
 
 def summarize(runs, stage):
     rows = []
-    for (task, method, r), rs in sorted(groups(runs, stage).items()):
+    for key, rs in sorted(groups(runs, stage).items()):
+        task, method, r = key[:3]
         # GLUE metrics are fractions (shown x100); BLEU is already 0-100; the E2E pilot's score is
         # a negative loss.
         scores = [x["score"] if x["metric"] in ("neg_loss", "bleu") else 100 * x["score"]
@@ -223,6 +255,8 @@ def main(root: Path, budget: str):
                       "\n".join(f"| {TASK_NAME[r['task']]} | {LABEL[r['method']]} | {r['r']} | "
                                 f"{r['adapter_params']:,} | {fmt_cell(r)} |" for r in
                                 sorted(rank_rows, key=lambda r: (r["task"], r["method"], r["r"]))))
+    if groups(runs, "confirm"):
+        tables.append(selection_table(runs))
     e2e_rows = summarize(runs, "e2e")
     if e2e_rows:
         tables.append(e2e_table(e2e_rows))
