@@ -14,7 +14,7 @@ BUDGETS = {
     "cpu": {"sst2": {"train": 8000, "epochs": 2, "batch": 32},
             "cola": {"epochs": 3, "batch": 32}, "mrpc": {"epochs": 3, "batch": 32},
             "stsb": {"epochs": 3, "batch": 32}, "rte": {"epochs": 3, "batch": 32},
-            "e2e": {"train": 1200, "eval": 100, "epochs": 1, "batch": 8}},
+            "e2e": {"train": 1200, "epochs": 1, "batch": 8}},
     "gpu": {"sst2": {"epochs": 1, "batch": 32, "pilot": {"max_steps": 1000}},
             **{t: {"epochs": 10, "batch": 32, "pilot": {"epochs": 3}}
                for t in ("cola", "mrpc", "stsb", "rte")},
