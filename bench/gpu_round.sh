@@ -13,16 +13,23 @@
 #   smol/         SmolLM2-135M-Instruct's config.json and tokenizer files (random weights)
 #   data/glue/SST-2/  GLUE SST-2 (train_full.tsv, dev.tsv)
 #   wheels/       pyzmq and msgspec wheels, when the machine has no package index
+#   server-wheels/  fastapi, uvicorn, openai and what they need (server tests and HTTP benchmarks)
 set -euo pipefail
 OUT=${OUT:-bench/results/gpu_round}
 ASSETS=${GPU_ASSETS:-.gpucarry}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/server-site
 
 build() {
   if ! $PY -c 'import zmq, msgspec' 2>/dev/null && [ -d "$ASSETS/wheels" ]; then
     $PY -m pip install -q --no-deps --no-index "$ASSETS"/wheels/*.whl  # no network there
+  fi
+  if ! $PY -c 'import fastapi, uvicorn, openai' 2>/dev/null && [ -d "$ASSETS/server-wheels" ]; then
+    # the server stack, beside the image's packages (--target: nothing of the image is replaced)
+    $PY -m pip install -q --no-deps --no-index --target /tmp/server-site \
+      "$ASSETS"/server-wheels/*.whl
   fi
   if ! $PY -c 'import uora_rt; assert uora_rt.build_info()["cuda"]' 2>/dev/null; then
     CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} $PY -m pip install -q --no-build-isolation \
