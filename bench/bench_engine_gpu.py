@@ -84,24 +84,37 @@ def settle(engine, steps=3) -> None:
         engine.step()
 
 
-def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False,
+# Sampling settings of the decode-step section. Random weights give nearly flat next-token
+# distributions, where top-p 0.9 keeps ~90 % of the vocabulary: every row outruns the device
+# path's window and is re-drawn by the full sort after a synchronization (fallback_rows counts
+# them), a case a trained model rarely produces. "top_k" (top-k 50 before top-p 0.9) keeps the
+# window path without fallbacks; "temperature" needs no window, so its steps stay asynchronous.
+SAMPLING = {"greedy": {"temperature": 0.0},
+            "top_p": {"temperature": 0.7, "top_p": 0.9, "seed": 1},
+            "top_k": {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 1},
+            "temperature": {"temperature": 0.7, "seed": 1}}
+
+
+def decode_step(rt, batch, names, ctx=512, steps=20, sampling="greedy",
                 async_scheduling=True) -> dict:
     """Requests with ctx-token prompts decoding together; per step: graph replay (CUDA events)
-    and engine.step() wall time (host work included)."""
+    and engine.step() wall time (host work included), and how many steps ran synchronously and
+    rows the sampler re-drew with the full sort."""
     engine = Engine(rt, kv_cache_tokens=batch * (ctx + steps + 64), max_num_seqs=batch,
                     async_scheduling=async_scheduling)
     g = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=steps + 40, ignore_eos=True, temperature=0.7 if sampled
-                            else 0.0, top_p=0.9 if sampled else 1.0, seed=1 if sampled else None)
+    params = SamplingParams(max_tokens=steps + 40, ignore_eos=True, **SAMPLING[sampling])
     for i in range(batch):
         engine.add_request(torch.randint(0, rt.model.spec.vocab, (ctx,), generator=g).tolist(),
                            names[i % len(names)] if names else None, params)
     settle(engine)
     torch.cuda.synchronize()
+    fallback0 = engine.runner.sampler.fallback_rows
     t = time.perf_counter()
     for _ in range(steps):
         engine.step()
     api_ms = (time.perf_counter() - t) / steps * 1e3
+    fallback = engine.runner.sampler.fallback_rows - fallback0
     graphs = engine.runner.graphs
     graph, _ = next(reversed(graphs.graphs.values()))
     replay_ms = cuda_ms(graph.replay)
@@ -110,7 +123,8 @@ def decode_step(rt, batch, names, ctx=512, steps=20, sampled=False,
     for rid in list(engine._live):
         engine.abort(rid)
     engine.run_until_done()
-    return {"batch": batch, "adapters": len(set(names or [])), "sampled": sampled,
+    return {"batch": batch, "adapters": len(set(names or [])), "sampled": sampling != "greedy",
+            "sampling": sampling, "fallback_rows_per_step": fallback / steps,
             "async_scheduling": async_scheduling,
             "graph_ms": replay_ms, "api_ms": api_ms, "kv_bytes": kv_bytes,
             "captures": graphs.captures}
@@ -194,6 +208,8 @@ def main():
     ap.add_argument("--batches", default=None, help="decode batches (default: 1,16,64,256 on "
                     "the 7B shape, 64,256 on the 8B one)")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--sampling", default="top_p,top_k,temperature",
+                    help=f"sampled settings of the decode-step section, of {list(SAMPLING)[1:]}")
     args = ap.parse_args()
     t_start = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
@@ -218,17 +234,19 @@ def main():
             tuple(int(b) for b in args.batches.split(",")) if args.batches else \
             (1, 16, 64, 256) if cfg_name == "llama2-7b" else (64, 256)
         for batch in batches:
-            for names, sampled in ((None, False), (names64, False), (None, True)):
+            for names, sampling in ((None, "greedy"), (names64, "greedy"),
+                                    *((None, m) for m in args.sampling.split(","))):
                 if left() < 45:
                     break
-                d = decode_step(rt, batch, names, sampled=sampled,
+                d = decode_step(rt, batch, names, sampling=sampling,
                                 async_scheduling=args.async_scheduling)
                 d.update(kind="decode", model=cfg_name, weights_bytes=weights,
                          floor_ms=(weights + d["kv_bytes"]) / bw * 1e3)
                 records.append(d)
                 print(f"  {cfg_name} decode batch {batch:3} adapters {d['adapters']:2} "
-                      f"{'sampled' if sampled else 'greedy '}: graph {d['graph_ms']:.2f} ms, "
-                      f"step() {d['api_ms']:.2f} ms, floor {d['floor_ms']:.2f} ms")
+                      f"{sampling:11}: graph {d['graph_ms']:.2f} ms, "
+                      f"step() {d['api_ms']:.2f} ms, floor {d['floor_ms']:.2f} ms, "
+                      f"{d['fallback_rows_per_step']:.1f} rows re-drawn per step")
                 save()
         if args.adapters_max > 64:  # the same kind of adapter, many more of them
             for i in range(64, args.adapters_max):

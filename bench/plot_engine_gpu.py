@@ -24,16 +24,38 @@ def records(pattern: str) -> list[dict]:
 def decode_table(rows) -> str:
     lines = ["| model | batch | graph replay | engine.step() | step / graph | 64 distinct adapters "
              "(graph) | sampled (graph) | byte floor |", "|" + " --- |" * 8]
-    key = {(r["model"], r["batch"], r["adapters"], r["sampled"]): r for r in rows}
-    for (model, batch, adapters, sampled), r in key.items():
-        if adapters or sampled:
+    key = {(r["model"], r["batch"], r["adapters"], sampling(r)): r for r in rows}
+    for (model, batch, adapters, mode), r in key.items():
+        if adapters or mode != "greedy":
             continue
-        ad, sa = key[(model, batch, 64, False)], key[(model, batch, 0, True)]
+        ad, sa = key[(model, batch, 64, "greedy")], key[(model, batch, 0, "top_p")]
         lines.append(
             f"| {model} | {batch} | {r['graph_ms']:.2f} ms | {r['api_ms']:.2f} ms | "
             f"{r['api_ms'] / r['graph_ms']:.2f}× | {ad['graph_ms']:.2f} ms "
             f"({ad['graph_ms'] / r['graph_ms']:.3f}×) | {sa['graph_ms']:.2f} ms "
             f"({sa['graph_ms'] / r['graph_ms']:.3f}×) | {r['floor_ms']:.2f} ms |")
+    return "\n".join(lines)
+
+
+def sampling(r) -> str:
+    """The record's sampling settings (older files: a "sampled" flag meant top-p 0.9, T 0.7)."""
+    return r.get("sampling", "top_p" if r["sampled"] else "greedy")
+
+
+def sampling_table(rows) -> str:
+    """engine.step() of each sampling setting against greedy at the same model and batch."""
+    lines = ["| model | batch | sampling | graph replay | engine.step() | step / greedy step | "
+             "rows re-drawn per step |", "|" + " --- |" * 7]
+    greedy = {(r["model"], r["batch"]): r for r in rows
+              if not r["adapters"] and sampling(r) == "greedy"}
+    for r in rows:
+        g = greedy.get((r["model"], r["batch"]))
+        if r["adapters"] or g is None:
+            continue
+        redo = r.get("fallback_rows_per_step")
+        lines.append(f"| {r['model']} | {r['batch']} | {sampling(r)} | {r['graph_ms']:.2f} ms | "
+                     f"{r['api_ms']:.2f} ms | {r['api_ms'] / g['api_ms']:.2f}× | "
+                     f"{'' if redo is None else f'{redo:.1f}'} |")
     return "\n".join(lines)
 
 
@@ -78,7 +100,7 @@ def plot(decode, traces, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5))
     for model, marker in (("llama2-7b", "o"), ("llama3.1-8b", "s")):
         base = [r for r in decode if r["model"] == model and not r["adapters"]
-                and not r["sampled"]]
+                and sampling(r) == "greedy"]
         if not base:
             continue
         xs = [r["batch"] for r in base]
@@ -112,6 +134,7 @@ def main():
              for p in sorted(common.RESULTS.glob("engine_gpu_peers*.json"))]
     peers = [r for rows in files for r in rows]
     print(decode_table(decode), end="\n\n")
+    print(sampling_table(decode), end="\n\n")
     print(trace_table(traces), end="\n\n")
     print(peer_table(files))
     plot(decode, traces + peers, common.RESULTS / "engine_gpu.png")
