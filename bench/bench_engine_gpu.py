@@ -28,6 +28,7 @@ from bench_engine import run_engine, run_peer, summary_row, transformers_generat
 
 import uora_rt  # noqa: E402
 from uora_rt import Engine, SamplingParams  # noqa: E402
+from uora_rt.engine.sampler import Sampler  # noqa: E402
 from uora_rt.core import format as fmt  # noqa: E402
 from uora_rt.core.projections import ALGORITHM, ProjectionSpec  # noqa: E402
 
@@ -88,11 +89,14 @@ def settle(engine, steps=3) -> None:
 # distributions, where top-p 0.9 keeps ~90 % of the vocabulary: every row outruns the device
 # path's window and is re-drawn by the full sort after a synchronization (fallback_rows counts
 # them), a case a trained model rarely produces. "top_k" (top-k 50 before top-p 0.9) keeps the
-# window path without fallbacks; "temperature" needs no window, so its steps stay asynchronous.
-SAMPLING = {"greedy": {"temperature": 0.0},
-            "top_p": {"temperature": 0.7, "top_p": 0.9, "seed": 1},
-            "top_k": {"temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 1},
-            "temperature": {"temperature": 0.7, "seed": 1}}
+# window path without fallbacks; "temperature" needs no window, so its steps stay asynchronous;
+# "top_p_sort" is top-p on the full-sort sampler path (one sort of every row, sync-free).
+# name -> (SamplingParams settings, sampler path: None = the engine's default)
+SAMPLING = {"greedy": ({"temperature": 0.0}, None),
+            "top_p": ({"temperature": 0.7, "top_p": 0.9, "seed": 1}, None),
+            "top_k": ({"temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 1}, None),
+            "temperature": ({"temperature": 0.7, "seed": 1}, None),
+            "top_p_sort": ({"temperature": 0.7, "top_p": 0.9, "seed": 1}, "full_sort")}
 
 
 def decode_step(rt, batch, names, ctx=512, steps=20, sampling="greedy",
@@ -102,8 +106,11 @@ def decode_step(rt, batch, names, ctx=512, steps=20, sampling="greedy",
     rows the sampler re-drew with the full sort."""
     engine = Engine(rt, kv_cache_tokens=batch * (ctx + steps + 64), max_num_seqs=batch,
                     async_scheduling=async_scheduling)
+    settings, path = SAMPLING[sampling]
+    if path is not None:  # before the first step: CUDA graphs capture the sampler's draw
+        engine.runner.sampler = Sampler("cuda", path=path)
     g = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=steps + 40, ignore_eos=True, **SAMPLING[sampling])
+    params = SamplingParams(max_tokens=steps + 40, ignore_eos=True, **settings)
     for i in range(batch):
         engine.add_request(torch.randint(0, rt.model.spec.vocab, (ctx,), generator=g).tolist(),
                            names[i % len(names)] if names else None, params)
@@ -208,7 +215,7 @@ def main():
     ap.add_argument("--batches", default=None, help="decode batches (default: 1,16,64,256 on "
                     "the 7B shape, 64,256 on the 8B one)")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--sampling", default="top_p,top_k,temperature",
+    ap.add_argument("--sampling", default="top_p,top_k,temperature,top_p_sort",
                     help=f"sampled settings of the decode-step section, of {list(SAMPLING)[1:]}")
     args = ap.parse_args()
     t_start = time.perf_counter()
