@@ -213,7 +213,9 @@ def execute(runs, root: Path, args) -> list[str]:
         for s in todo:
             print("   ", run_path(root, s).relative_to(root))
         return []
-    todo.sort(key=cost, reverse=True)
+    # the longest first; within equal cost seed 0 of every method before seed 1, so that a
+    # study cut short has whole comparisons
+    todo.sort(key=lambda s: (-cost(s), s["seed"]))
     env = dict(os.environ, UORA_STUDY_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)),
                UORA_STUDY_DATA=str(Path(args.data).resolve()), TOKENIZERS_PARALLELISM="false")
     failed, done = [], [0]
