@@ -125,6 +125,38 @@ def test_aborts_mid_stream_equal_sync(tmp_path, overlap):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_step_fails_only_its_own_requests(tmp_path, overlap):
+    """A step that raises fails the requests it ran; a request that entered at the next step
+    (launched, with the worker, before the failure was known) still ends as PEFT's greedy."""
+    fn, base, ads = build(tmp_path)
+    rt = load(base, ads)
+    pa, pb = random_prompts(2, seed=8)
+
+    def make(**kw):
+        engine = Engine(rt, kv_cache_tokens=2048, **kw)
+        real = engine.runner.run
+
+        def run(meta):  # the step that feeds a's third token fails, on every path
+            if any(s.req.tokens[:s.req.prompt_len] == pa and s.start == len(pa) + 2
+                   for s in meta.sampled):
+                raise RuntimeError("injected failure")
+            return real(meta)
+
+        engine.runner.run = run
+        return engine
+
+    reqs = {0: [("a", pa, "a0", SamplingParams(max_tokens=20, ignore_eos=True))],
+            4: [("b", pb, "a1", SamplingParams(max_tokens=12, ignore_eos=True))]}
+    got, _, _, _ = both(make, reqs, overlap=overlap)
+    a = _final(got, "a")
+    assert a[5] == "abort" and a[7] == "RuntimeError: injected failure"
+    assert a[1] == reference_greedy(fn, ads["a0"], pa, 3)
+    b = _final(got, "b")
+    assert b[5] == "length" and b[7] is None
+    assert b[1] == reference_greedy(fn, ads["a1"], pb, 12)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
 def test_preemption_with_a_tiny_kv_cache_equals_sync_and_peft(tmp_path, overlap):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)

@@ -189,8 +189,15 @@ class ModelRunner:
             def task():
                 t = time.perf_counter()
                 if meta.feed_rows:
-                    tokens = prev.future.result()[0]  # done: the worker runs steps in order
-                    _feed(meta.input_ids, meta.feed_rows, tokens, feed_src)
+                    try:  # done: the worker runs steps in order
+                        tokens = prev.future.result()[0]
+                    except Exception:
+                        # prev failed: the requests fed from it fail when it is resolved (its
+                        # error is theirs), and their rows here are discarded; this step's other
+                        # requests go on
+                        tokens = None
+                    if tokens is not None:
+                        _feed(meta.input_ids, meta.feed_rows, tokens, feed_src)
                 out = self.run(meta)
                 flight.run_s = time.perf_counter() - t
                 return out
