@@ -157,6 +157,37 @@ def test_a_failed_step_fails_only_its_own_requests(tmp_path, overlap):
 
 
 @pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_prefill_leaves_no_cached_blocks(tmp_path, overlap):
+    """The blocks of a prefill that raised never become findable: the same prompt sent again
+    computes its KV (no cache hit) and ends as PEFT's greedy."""
+    fn, base, ads = build(tmp_path)
+    rt = load(base, ads)
+    prompt = random_prompts(1, seed=4, lo=40, hi=40)[0]
+
+    def make(**kw):
+        engine = Engine(rt, kv_cache_tokens=2048, block_size=8, **kw)
+        real, failed = engine.runner.run, []
+
+        def run(meta):  # the first prefill of the prompt fails
+            if not failed and any(s.start == 0 and s.req.tokens[:s.req.prompt_len] == prompt
+                                  for s in meta.sampled):
+                failed.append(True)
+                raise RuntimeError("injected failure")
+            return real(meta)
+
+        engine.runner.run = run
+        return engine
+
+    reqs = {0: [("first", prompt, "a1", SamplingParams(max_tokens=6, ignore_eos=True))],
+            5: [("again", prompt, "a1", SamplingParams(max_tokens=6, ignore_eos=True))]}
+    got, _, _, _ = both(make, reqs, overlap=overlap)
+    assert _final(got, "first")[7] == "RuntimeError: injected failure"
+    again = _final(got, "again")
+    assert again[9] == 0  # cached_tokens: nothing of the failed prefill was reused
+    assert again[1] == reference_greedy(fn, ads["a1"], prompt, 6)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
 def test_preemption_with_a_tiny_kv_cache_equals_sync_and_peft(tmp_path, overlap):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)

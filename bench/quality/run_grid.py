@@ -162,17 +162,21 @@ def set_aside_superseded(args, root: Path) -> None:
     chosen settings and the earlier runs stay on record."""
     try:
         lrs = chosen_settings(args, root, pilot_runs(args))
-    except SystemExit:
-        return  # no complete selection yet: nothing can be called superseded
+    except SystemExit as e:
+        print(f"  nothing set aside ({e}); a table cell may then mix learning rates")
+        return
     planned = {run_path(root, s) for s in
                main_runs(args, lrs) + rank_runs(args, lrs) + ablation_runs(args, lrs)}
     for stage in ("main", "rank", "ablation"):
         for p in sorted((root / stage).glob("*/*.json")):
-            if p not in planned:
-                dest = root / "superseded" / p.relative_to(root)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                p.rename(dest)
-                print(f"  set aside (settings no longer chosen): {p.relative_to(root)}")
+            if p in planned or p.parent.name not in tasks(args):  # (RTE without --rte: kept)
+                continue
+            dest = root / "superseded" / p.relative_to(root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            while dest.exists():  # an earlier set-aside run of the same name stays too
+                dest = dest.with_name(dest.stem + "+.json")
+            p.rename(dest)
+            print(f"  set aside (settings no longer chosen): {p.relative_to(root)}")
 
 
 class Pending(dict):

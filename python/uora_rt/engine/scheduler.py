@@ -182,10 +182,12 @@ class Scheduler:
         self.cache_queries[name] = self.cache_queries.get(name, 0) + req.prompt_len
         self.cache_hits[name] = self.cache_hits.get(name, 0) + req.cached_tokens
 
-    def register(self, req: Request) -> None:
+    def register(self, req: Request, computed: int | None = None) -> None:
         """After a step: the request's blocks that are now full and computed become findable
-        (only blocks of tokens the host knows: a key hashes token ids)."""
-        full = min(req.computed, len(req.tokens)) // self.block_size
+        (only blocks of tokens the host knows: a key hashes token ids). computed: the positions
+        known to be computed (default req.computed, which counts steps launched so far)."""
+        computed = req.computed if computed is None else computed
+        full = min(computed, len(req.tokens)) // self.block_size
         if self.cache_root is None or full <= req.cached_blocks:
             return
         keys = self._keys(req)
@@ -203,6 +205,17 @@ class Scheduler:
             if (r.computed // bs > r.cached_blocks and r.status is running
                     and min(r.computed, len(r.tokens)) // bs > r.cached_blocks):
                 self.register(r)
+
+    def register_ran(self, scheduled) -> None:
+        """register() after a step has run, up to the positions that step computed: a later
+        step may be launched already, and its blocks become findable only once it has run."""
+        if self.cache_root is None:
+            return
+        bs, running = self.block_size, Status.RUNNING
+        for s in scheduled:
+            r, end = s.req, s.start + s.count
+            if r.status is running and min(end, len(r.tokens)) // bs > r.cached_blocks:
+                self.register(r, end)
 
     def _unpin(self, req: Request) -> None:
         if req.pinned:

@@ -107,8 +107,11 @@ class Stepping:
                 self._count_sync(cause)
             outputs += self._resolve(flight, sync=True)
         else:
-            # its inputs are all known now: the same blocks sync registers
-            self.scheduler.register_all([s.req for s in scheduled])
+            if flight.future is None:
+                # its inputs are all known now: the same blocks sync registers. A CUDA step that
+                # fails does so at launch (or leaves the device unusable), before this point
+                self.scheduler.register_all([s.req for s in scheduled])
+            # else the CPU worker's step can still fail: its blocks become findable once it ran
             self._flight = flight
             if not self._live:  # everything ended: what runs now is discarded; finish it
                 outputs += self._resolve(flight)
@@ -147,8 +150,9 @@ class Stepping:
         self.stats["run_s"] += flight.run_s or 0.0
         for s in meta.sampled:
             s.req.pending -= 1
+        if sync or flight.future is not None:
+            self.scheduler.register_ran(scheduled)
         if sync:
-            self.scheduler.register_all([s.req for s in scheduled])
             for s in scheduled:
                 r = s.req
                 if r.forks and r.status is Status.RUNNING and r.computed >= r.prompt_len - 1:
