@@ -218,6 +218,9 @@ def main():
     ap.add_argument("--sampling", default="top_p,top_k,temperature,top_p_sort",
                     help=f"sampled settings of the decode-step section, of {list(SAMPLING)[1:]}")
     args = ap.parse_args()
+    bad = [m for m in args.sampling.split(",") if m not in SAMPLING or m == "greedy"]
+    if bad:
+        ap.error(f"--sampling: unknown setting(s) {bad}; known: {list(SAMPLING)[1:]}")
     t_start = time.perf_counter()
     left = lambda: args.budget_s - (time.perf_counter() - t_start)  # noqa: E731
     records = []
