@@ -16,7 +16,8 @@
 #   server-wheels/  fastapi, uvicorn, openai and what they need (server tests and HTTP benchmarks)
 set -euo pipefail
 OUT=${OUT:-bench/results/gpu_round}
-ASSETS=${GPU_ASSETS:-.gpucarry}
+# what gpu_grid.sh stashed from earlier calls, else what this call carried
+ASSETS=${GPU_ASSETS:-$([ -d /tmp/uora-assets ] && echo /tmp/uora-assets || echo .gpucarry)}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
