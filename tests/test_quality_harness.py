@@ -24,9 +24,8 @@ def write(root, spec, score):
     p.write_text(json.dumps({"spec": spec, "score": score}))
 
 
-# pilot scores per (method, lr, head lr) on every task: the two best settings of UORA are both at
-# 0.1, but the two best adapter rates are
-# 0.1 (0.80 with head 1e-2) and 0.03 (0.79 with head 1e-3); 0.01 scores less
+# pilot scores per (method, lr, head lr) on every task: UORA's two best settings are both at 0.1,
+# its two best adapter rates 0.1 (0.80 with head 1e-2) and 0.03 (0.79 with head 1e-3)
 PILOT = {("uora", 0.1, 1e-2): 0.80, ("uora", 0.1, 1e-3): 0.795, ("uora", 0.03, 1e-3): 0.79,
          ("uora", 0.03, 1e-2): 0.60, ("uora", 0.01, 1e-3): 0.70, ("uora", 0.01, 1e-2): 0.70,
          ("head", 0.0, 1e-3): 0.5, ("head", 0.0, 1e-2): 0.6, ("head", 0.0, 1e-1): 0.55}
