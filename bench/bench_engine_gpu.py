@@ -217,7 +217,10 @@ def main():
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--sampling", default="top_p,top_k,temperature,top_p_sort",
                     help=f"sampled settings of the decode-step section, of {list(SAMPLING)[1:]}")
+    ap.add_argument("--sampling-batches", default="64,256",
+                    help="the decode batches that also run the sampled settings")
     args = ap.parse_args()
+    sampling_batches = {int(b) for b in args.sampling_batches.split(",")}
     bad = [m for m in args.sampling.split(",") if m not in SAMPLING or m == "greedy"]
     if bad:
         ap.error(f"--sampling: unknown setting(s) {bad}; known: {list(SAMPLING)[1:]}")
@@ -244,8 +247,9 @@ def main():
             tuple(int(b) for b in args.batches.split(",")) if args.batches else \
             (1, 16, 64, 256) if cfg_name == "llama2-7b" else (64, 256)
         for batch in batches:
+            sampled = args.sampling.split(",") if batch in sampling_batches else ()
             for names, sampling in ((None, "greedy"), (names64, "greedy"),
-                                    *((None, m) for m in args.sampling.split(","))):
+                                    *((None, m) for m in sampled)):
                 if left() < 45:
                     break
                 d = decode_step(rt, batch, names, sampling=sampling,
