@@ -351,8 +351,9 @@ def main():
             loras = []
             for i in range(16):
                 d = tmp / f"lora{i}"
-                subprocess.run([sys.executable, "-m", "uora_rt", "convert", str(tmp / f"ad{i}.uora"),
-                                str(d), "--to", "peft-lora"], check=True, capture_output=True)
+                subprocess.run([sys.executable, "-m", "uora_rt", "convert",
+                                str(tmp / f"ad{i}.uora"), str(d), "--to", "peft-lora"],
+                               check=True, capture_output=True)
                 loras.append(f"--lora=ad{i}={d}")
             res = run_peer(args.vllm_python, "peer_vllm.py", ["--model", str(folder), "--trace",
                            str(tmp / "trace_16.json"), "--max-loras", "16"] + loras,

@@ -3,8 +3,10 @@
 Methods (each y = x W^T + the adapters' delta):
   base       the base GEMM alone
   parallel   shrink GEMM from the shared A_cat on a side stream beside the base GEMM, then the
-             Triton expand (C++ uora_expand_ above 512 rows)                     (the runtime's path)
-  fused      base GEMM over a copy [W; A_cat] (shrink inside it) + uora_expand_  (the path it replaced)
+             Triton expand (C++ uora_expand_ above 512 rows)\
+                     (the runtime's path)
+  fused      base GEMM over a copy [W; A_cat] (shrink inside it) + uora_expand_\
+  (the path it replaced)
   group      base GEMM + uora_group_ (own shrink GEMM + expand)
   torch_comp docs/design.md §4 as plain torch ops (gather, mix, two GEMMs, scale-add)
   peft_loop  per adapter: gather its rows, two small GEMMs, scale, scatter-add (PEFT mixed batch)
@@ -113,14 +115,16 @@ def main():
     ap.add_argument("--tokens", default=None, help="comma-separated (default: 1 ... 16384)")
     ap.add_argument("--out", default=str(common.RESULTS))
     args = ap.parse_args()
-    shapes, ranks, tokens = (SHAPES[:1], [256], [1, 4096]) if args.quick else (SHAPES, RANKS, TOKENS)
+    shapes, ranks, tokens = ((SHAPES[:1], [256], [1, 4096]) if args.quick
+                             else (SHAPES, RANKS, TOKENS))
     if args.ranks:
         ranks = [int(v) for v in args.ranks.split(",")]
     if args.tokens:
         tokens = [int(v) for v in args.tokens.split(",")]
     torch.backends.cuda.matmul.allow_tf32 = False
     ceil = gb.ceilings()
-    print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, bf16 mm {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s")
+    print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, "
+          f"bf16 mm {ceil['bf16_mm_TFLOPs']:.0f} TFLOP/s")
     env = common.environment()
     env["git"] = os.environ.get("UORA_GIT_SHA", env["git"])
     env["device"] = torch.cuda.get_device_name()
@@ -140,7 +144,8 @@ def main():
                     recs = measure(out, inp, r, T, with_q, graph=T <= 256)
                     records += recs
                     for x in recs:
-                        g = f" graph {x['graph_us']:8.1f} ({x['graph_ratio']:.3f})" if "graph_us" in x else ""
+                        g = (f" graph {x['graph_us']:8.1f} ({x['graph_ratio']:.3f})"
+                             if "graph_us" in x else "")
                         print(f"{out}x{inp} r={r:4d} T={T:5d} q={int(with_q)} {x['method']:9s} "
                               f"{x['us']:9.1f} us  x{x['ratio']:6.3f}  {x['TBps']:5.2f} TB/s "
                               f"{x['TFLOPs']:6.1f} TFLOP/s{g}", flush=True)

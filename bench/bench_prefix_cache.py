@@ -319,7 +319,8 @@ def table(records) -> str:
                          f"{r['output_tokens_per_s']:.1f} | {r['wall_s']:.0f} s |")
     lines += ["", "| goal | measured | met |", "|---|---|---|",
               f"| computed prompt tokens <= 1.05 x unique (chat, on) | "
-              f"{g['computed_over_unique']:.3f} x | {'yes' if g['computed_goal_le_1.05'] else 'no'} |",
+              f"{g['computed_over_unique']:.3f} x | "
+              f"{'yes' if g['computed_goal_le_1.05'] else 'no'} |",
               f"| TTFT p50 >= 3x better (chat) | {g['ttft_p50_speedup']:.2f} x | "
               f"{'yes' if g['ttft_goal_ge_3'] else 'no'} |",
               f"| random trace within 2 % of off (same tokens and steps; added host time "

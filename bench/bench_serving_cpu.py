@@ -38,13 +38,15 @@ def main():
     for i in range(16):
         rt.add_adapter(common.random_adapter(rt, i, R), name=f"plain{i}")
         rt.add_adapter(common.random_adapter(rt, 100 + i, R, reinit=True), name=f"reinit{i}")
-    ids = torch.randint(0, rt.model.spec.vocab, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, rt.model.spec.vocab, (BATCH, LENGTH),
+                        generator=torch.Generator().manual_seed(0))
     hf = LlamaForCausalLM.from_pretrained(str(folder)).eval()
     lora = get_peft_model(LlamaForCausalLM.from_pretrained(str(folder)).eval(),
                           LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
                           adapter_name="l0")
     for i in range(1, 16):
-        lora.add_adapter(f"l{i}", LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        lora.add_adapter(f"l{i}", LoraConfig(r=16, lora_alpha=16,
+                                             target_modules=["q_proj", "v_proj"]))
     lora.eval()
 
     def names(prefix, distinct):
@@ -53,7 +55,8 @@ def main():
     runs = {"transformers base": lambda: hf(ids),
             "uora_rt, no adapters": lambda: rt.forward(ids)}
     for d in (1, 4, 16):
-        runs[f"uora_rt, {d} distinct adapters"] = lambda d=d: rt.forward(ids, adapters=names("plain", d))
+        runs[f"uora_rt, {d} distinct adapters"] = \
+            lambda d=d: rt.forward(ids, adapters=names("plain", d))
     for d in (1, 16):
         runs[f"uora_rt, {d} distinct, with reinit (Q halves)"] = \
             lambda d=d: rt.forward(ids, adapters=names("reinit", d))
@@ -64,7 +67,8 @@ def main():
         times = common.interleaved_medians(runs, repeats=args.repeats)
     ours, base_hf = times["uora_rt, no adapters"], times["transformers base"]
     records = []
-    print(f"SmolLM2-135M float32, batch {BATCH} x {LENGTH} tokens, {torch.get_num_threads()} threads")
+    print(f"SmolLM2-135M float32, batch {BATCH} x {LENGTH} tokens, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'setup':48} {'seconds':>8} {'vs ours, no adapters':>21} {'vs transformers':>16}")
     for label, t in times.items():
         records.append({"setup": label, "seconds": t, "vs_ours_base": t / ours,

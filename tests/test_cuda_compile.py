@@ -55,11 +55,13 @@ def test_glue_compiles_against_torch_headers(path, tmp_path):
     includes = [str(ROOT / "cpp"), *cpp_extension.include_paths(),
                 str(Path(NVCC).parent.parent / "include")]
     # A CPU wheel of torch ships c10/cuda but not the header its CMake generates for CUDA builds.
-    macros = Path(cpp_extension.include_paths()[0]) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    macros = (Path(cpp_extension.include_paths()[0]) / "c10" / "cuda" / "impl"
+              / "cuda_cmake_macros.h")
     if not macros.exists():
         stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
         stub.mkdir(parents=True)
-        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        (stub / "cuda_cmake_macros.h").write_text(
+            "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         includes.append(str(tmp_path / "stub"))
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     run([cxx, "-std=c++17", "-fsyntax-only", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",

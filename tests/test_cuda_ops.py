@@ -68,7 +68,8 @@ def test_expand_ranks_routes_and_operand_dtypes(monkeypatch, impl, r, with_q, b_
     """Ranks that are not multiples of the vector widths (5, 12), several K phases (1100 with Q:
     K = 2208 > 2048), float32 or activation-dtype b_cat and u, each route forced."""
     monkeypatch.setenv("UORA_EXPAND_IMPL", impl)
-    args = make_case(2049, (2049, 96), r, 7, 24, "base_rows", with_q, torch.bfloat16, "cuda", seed=r)
+    args = make_case(2049, (2049, 96), r, 7, 24, "base_rows", with_q, torch.bfloat16, "cuda",
+                     seed=r)
     expected = want(args)
     b_cat = args[3] if b_dtype == "f32" else args[3].to(torch.bfloat16)
     _, y, u = shrink_into_ext(args, torch.float32 if u_f32 else torch.bfloat16)
@@ -79,7 +80,8 @@ def test_expand_ranks_routes_and_operand_dtypes(monkeypatch, impl, r, with_q, b_
 @pytest.mark.parametrize("impl", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_base_only_rows_untouched_and_no_nan_leak(monkeypatch, impl, dtype):
-    """Base-only rows keep their bits, even when their u rows are NaN (no adapter work reads them)."""
+    """Base-only rows keep their bits, even when their u rows are NaN \
+(no adapter work reads them)."""
     monkeypatch.setenv("UORA_EXPAND_IMPL", impl)
     args = make_case(2049, (64, 2049), 16, 3, 133, "base_rows", True, dtype, "cuda", seed=5)
     expected = want(args)

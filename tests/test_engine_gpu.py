@@ -75,7 +75,8 @@ def test_graphs_survive_adapter_changes_and_drop_on_merge(tmp_path):
     rt = load(base, ads, device="cuda", slots=4)
     engine = Engine(rt, kv_cache_tokens=4096)
     graphs = engine.runner.graphs
-    trace(engine, random_prompts(4, seed=12), ["a0", "a0", "a0", "a0"], SamplingParams(max_tokens=8))
+    trace(engine, random_prompts(4, seed=12), ["a0", "a0", "a0", "a0"],
+          SamplingParams(max_tokens=8))
     captured = graphs.captures
     # same family, new adapters and slots, other lengths: replays only
     extra = make_adapter(BASES["llama"], tmp_path / "x.uora", lam_seed=99, scale=1.0)

@@ -1,4 +1,5 @@
-"""The `.uora` reader: every malformed file raises AdapterFormatError naming file, key, expectation."""
+"""The `.uora` reader: every malformed file raises AdapterFormatError naming file, key, \
+expectation."""
 
 import json
 import struct
@@ -96,7 +97,8 @@ def test_missing_and_extra_keys(good, tmp_path):
 
 def test_wrong_shape_and_dtype(good, tmp_path):
     key = "model.layers.0.self_attn.q_proj.lambda_b"
-    bad = rewrite(good, tmp_path / "shape.uora", edit_tensors=lambda t: t.update({key: torch.zeros(63)}))
+    bad = rewrite(good, tmp_path / "shape.uora",
+                  edit_tensors=lambda t: t.update({key: torch.zeros(63)}))
     expect_error(bad, key, "[64]", "[63]")
     bad = rewrite(good, tmp_path / "dtype.uora",
                   edit_tensors=lambda t: t.update({key: t[key].double()}))
@@ -142,7 +144,8 @@ def test_projection_spec_checked(good, tmp_path):
     def seed(m):
         m["projection"] = json.dumps({**json.loads(m["projection"]), "seed": -3})
     expect_error(rewrite(good, tmp_path / "seed.uora", edit_meta=seed), "projection.seed")
-    expect_error(rewrite(good, tmp_path / "json.uora", edit_meta=lambda m: m.update(targets="[oops")),
+    expect_error(rewrite(good, tmp_path / "json.uora",
+                         edit_meta=lambda m: m.update(targets="[oops")),
                  "__metadata__.targets", "JSON")
 
 
@@ -164,7 +167,8 @@ def test_failed_load_leaves_model_untouched(good, tmp_path):
     ids = torch.arange(6)[None]
     with torch.no_grad():
         before = model(ids).logits
-    bad = rewrite(good, tmp_path / "nan.uora", edit_tensors=lambda t: t["reinit.p"].__setitem__(1, 0.0))
+    bad = rewrite(good, tmp_path / "nan.uora",
+                  edit_tensors=lambda t: t["reinit.p"].__setitem__(1, 0.0))
     with pytest.raises(AdapterFormatError):
         uora_rt.load_adapter(model, bad)
     with torch.no_grad():

@@ -132,7 +132,8 @@ def test_expand_with_precomputed_shrink(device, dtype, tokens, kind, with_q):
     want = reference.uora_group(*[a.cpu() if torch.is_tensor(a) else a for a in args])
     r2 = a_cat.shape[0]
     u = (x.float() @ a_cat[:, : x.shape[1]].float().T).to(dtype)  # as the fused base GEMM gives it
-    u = torch.cat([u, torch.zeros(tokens, 5, dtype=dtype, device=device)], 1)  # wider than R is fine
+    # wider than R is fine
+    u = torch.cat([u, torch.zeros(tokens, 5, dtype=dtype, device=device)], 1)
     ops.uora_expand_(y, u, b_cat.to(dtype), *args[4:])
     assert r2 in (16, 32)
     assert_close(y.cpu(), want, dtype=dtype)

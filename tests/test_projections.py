@@ -1,4 +1,5 @@
-"""Projection families: bit-exact against the reference, pinned, orthonormal and Haar-distributed."""
+"""Projection families: bit-exact against the reference, pinned, orthonormal and \
+Haar-distributed."""
 
 import hashlib
 import subprocess
@@ -37,7 +38,8 @@ def test_philox_known_answers():
     # Random123's published known-answer vectors for Philox4x32-10.
     cases = [
         ([0, 0, 0, 0], (0, 0), [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
-        ([0xFFFFFFFF] * 4, (0xFFFFFFFF, 0xFFFFFFFF), [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0xFFFFFFFF] * 4, (0xFFFFFFFF, 0xFFFFFFFF),
+         [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
         ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], (0xA4093822, 0x299F31D0),
          [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
     ]
@@ -65,7 +67,8 @@ def test_normals_are_standard_normal():
 
 
 @pytest.mark.parametrize("seed,stream,n,r,transposed", [
-    (0, STREAM_A0, 96, 8, True), (3, STREAM_B0, 100, 40, False), (2**40 + 5, STREAM_QA, 70, 70, True),
+    (0, STREAM_A0, 96, 8, True), (3, STREAM_B0, 100, 40, False),
+    (2**40 + 5, STREAM_QA, 70, 70, True),
     (1, STREAM_QB, 111, 33, False), (9, STREAM_B0, 2049, 65, False)])
 def test_cpp_matches_reference_bit_for_bit(seed, stream, n, r, transposed):
     want = reference.projection_factor(seed, stream, n, r, transposed)
@@ -145,7 +148,8 @@ def test_cache_shares_one_build():
 
 @pytest.mark.parametrize("args,match", [
     ((0, 65, 64, 128), "r = 65 > min"), ((0, 8, 4, 64), "r = 8 > min"), ((0, 0, 8, 8), "r must be"),
-    ((-1, 4, 8, 8), "seed must be"), ((0, 4.0, 8, 8), "r must be an int"), ((2**63, 4, 8, 8), "seed")])
+    ((-1, 4, 8, 8), "seed must be"), ((0, 4.0, 8, 8), "r must be an int"),
+    ((2**63, 4, 8, 8), "seed")])
 def test_impossible_requests(args, match):
     with pytest.raises(ValueError, match=match):
         uora_rt.projections(*args)

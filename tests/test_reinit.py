@@ -1,4 +1,5 @@
-"""The vectorized reinit op against the literal published rule, and the compact record's exactness."""
+"""The vectorized reinit op against the literal published rule, and the compact record's \
+exactness."""
 
 import pytest
 import torch

@@ -38,8 +38,8 @@ def test_decoder_mixed_batch_equals_peft_per_sequence(variant, tmp_path):
     base = save_base(fn, tmp_path / "base")
     ads = {
         "qv": make_adapter(fn, tmp_path / "qv.uora", targets=("q_proj", "v_proj"), lam_seed=1),
-        "qkv_reinit": make_adapter(fn, tmp_path / "qkvr.uora", targets=("q_proj", "k_proj", "v_proj"),
-                                   lam_seed=2, reinit=True),
+        "qkv_reinit": make_adapter(fn, tmp_path / "qkvr.uora",
+                                   targets=("q_proj", "k_proj", "v_proj"), lam_seed=2, reinit=True),
         "mlp_other_seed": make_adapter(fn, tmp_path / "mlp.uora", seed=5, lam_seed=3,
                                        targets=("gate_proj", "up_proj", "down_proj", "o_proj")),
     }
@@ -82,7 +82,10 @@ def test_encoder_mixed_batch_equals_peft(tmp_path):
     fn = tiny_bert
     base = save_base(fn, tmp_path / "base")
     a = make_adapter(fn, tmp_path / "a.uora", targets=("query", "value"))
-    b = make_adapter(fn, tmp_path / "b.uora", targets=("key", "attention.output.dense", "intermediate.dense", "output.dense"), reinit=True, lam_seed=7)
+    b = make_adapter(fn, tmp_path / "b.uora",
+                     targets=("key", "attention.output.dense", "intermediate.dense",
+                              "output.dense"),
+                     reinit=True, lam_seed=7)
     rt = uora_rt.load(base, adapters=[("a", a), ("b", b)])
     ids = torch.randint(0, 97, (3, 10))
     mask = torch.ones_like(ids)
@@ -155,7 +158,8 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="expected 2 entries"):
         rt.forward(ids, adapters=[None])
     # an adapter trained for another base (hidden 32) is refused, and nothing else is disturbed
-    other = make_adapter(lambda: tiny_llama(hidden_size=32, intermediate_size=48), tmp_path / "o.uora")
+    other = make_adapter(lambda: tiny_llama(hidden_size=32, intermediate_size=48),
+                         tmp_path / "o.uora")
     good = make_adapter(fn, tmp_path / "g.uora")
     rt.add_adapter(good, name="good")
     before = rt.forward(ids, adapters=["good", None]).logits
@@ -168,8 +172,10 @@ def test_bad_inputs(tmp_path):
     assert torch.equal(rt.forward(ids, adapters=["good", None]).logits, before)
     # unknown architecture, missing shard
     (tmp_path / "weird").mkdir()
-    (tmp_path / "weird" / "config.json").write_text('{"architectures": ["T5Model"], "model_type": "t5"}')
-    (tmp_path / "weird" / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes())
+    (tmp_path / "weird" / "config.json").write_text(
+        '{"architectures": ["T5Model"], "model_type": "t5"}')
+    (tmp_path / "weird" / "model.safetensors").write_bytes(
+        (base / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="unsupported architecture"):
         uora_rt.load(tmp_path / "weird")
     sharded = tmp_path / "sharded"
@@ -217,14 +223,16 @@ def test_parallel_shrink_path_equals_uora_group(tmp_path, monkeypatch):
     # run on the CPU (without the side stream), against uora_group_'s.
     fn = LLAMA_VARIANTS["qwen2_bias_tied"]
     base = save_base(fn, tmp_path / "base")
-    a = make_adapter(fn, tmp_path / "a.uora", targets=("q_proj", "v_proj", "down_proj"), reinit=True)
+    a = make_adapter(fn, tmp_path / "a.uora", targets=("q_proj", "v_proj", "down_proj"),
+                     reinit=True)
     b = make_adapter(fn, tmp_path / "b.uora", seed=4, targets=("k_proj", "o_proj"))
     c = make_adapter(fn, tmp_path / "c.uora", lam_seed=8)
     adapters = [("a", a), ("b", b), ("c", c)]
     plain = uora_rt.load(base, adapters=adapters, parallel_shrink=False)
     fused = uora_rt.load(base, adapters=adapters, parallel_shrink=True)
     ids = torch.randint(0, 97, (5, 8))
-    for names in (["a", "b", None, "c", "a"], ["c", "c", "c", "c", "c"], ["b", None, "b", "a", "c"]):
+    for names in (["a", "b", None, "c", "a"], ["c", "c", "c", "c", "c"],
+                  ["b", None, "b", "a", "c"]):
         assert_close(fused.forward(ids, adapters=names).logits,
                      plain.forward(ids, adapters=names).logits, table=MODEL_TOL)
     calls, expand = [], ops.uora_expand_

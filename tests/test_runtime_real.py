@@ -48,11 +48,13 @@ def test_smollm2_mixed_batch_and_greedy_equal_peft(smollm2, tmp_path):
         with torch.no_grad():
             want = model(torch.tensor([e])).logits[0]
         assert_close(logits[i, width - len(e):], want, table=MODEL_TOL, msg=f"{n}")
-        out = model.generate(torch.tensor([e]), attention_mask=torch.ones(1, len(e), dtype=torch.long),
+        out = model.generate(torch.tensor([e]),
+                             attention_mask=torch.ones(1, len(e), dtype=torch.long),
                              max_new_tokens=16, do_sample=False)[0, len(e):].tolist()
         eos = rt.codec.eos_id
         assert gens[i].tokens == [t for t in out if t != eos][: len(gens[i].tokens)]
-        assert len(gens[i].tokens) == len([t for t in out if t != eos]) or gens[i].finish_reason == "stop"
+        assert (len(gens[i].tokens) == len([t for t in out if t != eos])
+                or gens[i].finish_reason == "stop")
 
 
 @requires_minilm
@@ -65,8 +67,8 @@ def test_minilm_mixed_batch_equals_peft_with_declared_pooling(tmp_path):
     b = make_adapter(fn, tmp_path / "b.uora", r=32, lam_seed=9, scale=0.3, reinit=True,
                      targets=("key", "intermediate.dense"))
     rt = uora_rt.load("minilm", adapters=[("a", a), ("b", b)])
-    enc = rt.codec.tok.encode_batch(["the chef baked bread", "rain is coming tonight, said the forecast",
-                                     "goal!"])
+    enc = rt.codec.tok.encode_batch(["the chef baked bread",
+                                     "rain is coming tonight, said the forecast", "goal!"])
     width = max(len(e.ids) for e in enc)
     ids = torch.zeros(3, width, dtype=torch.long)
     mask = torch.zeros_like(ids)

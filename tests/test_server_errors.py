@@ -34,7 +34,8 @@ BAD = [
     ("completions", {"prompt": "x", "max_tokens": 600}, 400, "max_tokens",
      "maximum context length is 512"),
     ("completions", {"prompt": "y" * 600}, 400, "prompt", "your prompt has 601 tokens"),
-    ("completions", {"prompt": [1, 2, 500]}, 400, "prompt", "token ids must be integers in [0, 99)"),
+    ("completions", {"prompt": [1, 2, 500]}, 400, "prompt",
+     "token ids must be integers in [0, 99)"),
     ("completions", {"prompt": [1, -3]}, 400, "prompt", "token ids"),
     ("completions", {"prompt": []}, 400, "prompt", "empty prompt"),
     ("completions", {"prompt": [1, True]}, 400, "prompt", ""),
@@ -282,7 +283,8 @@ def test_a_handler_exception_is_a_500_with_a_body(local, monkeypatch):
     (["--adapter", "a=x.uora", "--adapter", "a=y.uora"], "names given twice: ['a']"),
     (["--adapter", "base=ADAPTER"], "served base model's name"),
     (["--adapter", "bad=MISSING"], "--adapter bad=nowhere.uora: "),
-    (["--adapter", "a=ADAPTER", "--max-queued-requests", "0"], "--max-queued-requests: expected >= 1"),
+    (["--adapter", "a=ADAPTER", "--max-queued-requests", "0"],
+     "--max-queued-requests: expected >= 1"),
     (["--random-weights"], "--random-weights needs BASE"),
 ])
 def test_serve_refuses_bad_arguments_before_listening(world, capfd, argv, words):

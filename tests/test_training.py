@@ -83,7 +83,8 @@ def test_regex_targets_and_errors():
 
 def test_merge_unmerge():
     model = tiny_llama()
-    uora_rt.inject(model, uora_rt.UORAConfig(r=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    uora_rt.inject(model, uora_rt.UORAConfig(r=16,
+                                             target_modules=["q_proj", "v_proj", "down_proj"]))
     randomize_lambdas(model, scale=0.3)
     ids = torch.arange(12)[None]
     weights = {n: l.base_layer.weight.clone() for n, l in adapter_layers(model)}

@@ -63,7 +63,8 @@ def check_versions():
                 gb.set_impl(*VERSIONS[name])
                 ops.uora_expand_(yy, u, args[3].to(torch.bfloat16), *args[4:])
             atol, rtol = TOL[torch.bfloat16]
-            err = ((yy.cpu().float() - want.float()).abs() / (atol + rtol * want.float().abs())).max()
+            err = ((yy.cpu().float() - want.float()).abs()
+                   / (atol + rtol * want.float().abs())).max()
             worst[name] = max(worst.get(name, 0.0), float(err))
     gb.set_impl(None)
     for name, err in worst.items():
@@ -103,7 +104,8 @@ def run(shapes=((4096, 4096), (4096, 11008)), ranks=(64, 256, 1024),
                     extra.w_ext = torch.randn_like(L.w_ext)
                 if T <= 256:
                     rec["gemm_graph"] = gb.time_graph(
-                        [lambda e=e, k=n + L.R, yext=yext: torch.matmul(e.x, e.w_ext[:k].t(), out=yext)
+                        [lambda e=e, k=n + L.R, yext=yext:
+                             torch.matmul(e.x, e.w_ext[:k].t(), out=yext)
                          for e in layers])
                 for name in ["v0", *VERSIONS]:
                     if name != "v0":

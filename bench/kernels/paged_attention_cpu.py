@@ -177,8 +177,8 @@ def main():
               f"{err:.1e} (sdpa {err_sdpa:.1e})")
         records.append({"setup": name, "dtype": args.dtype, "seq_lens": bt.seq_lens_list,
                         "q_lens": bt.q_lens_list, "heads": N_HEADS, "kv_heads": N_KV, "hd": HD,
-                        "block_size": BS, "layers": args.layers, "ms": ms, "flops": flops, "kv_bytes": kv_bytes,
-                        "max_err": err, "max_err_sdpa": err_sdpa})
+                        "block_size": BS, "layers": args.layers, "ms": ms, "flops": flops,
+                        "kv_bytes": kv_bytes, "max_err": err, "max_err_sdpa": err_sdpa})
     if args.json:
         args.json.write_text(json.dumps({"env": env, "records": records}, indent=1) + "\n")
         print(f"wrote {args.json}")

@@ -1,7 +1,8 @@
 """Measures the goal "`uora-rt train` on 50 chat pairs with defaults finishes in under 2 minutes on
 the CPU for SmolLM2, and the style shows on prompts it did not see".
 
-    python bench/train_style/measure_telegram.py [--out bench/results/train_telegram.json] [-- extra train flags]
+    python bench/train_style/measure_telegram.py [--out bench/results/train_telegram.json] \
+[-- extra train flags]
 
 Runs `uora-rt train smollm2 --data telegram.jsonl --output ...` as a user would (a fresh process,
 timed from start to exit), then answers held-out prompts greedily with and without the adapter

@@ -9,8 +9,8 @@ from uora_rt._native import build_info
 from uora_rt.core.config import UORAConfig
 from uora_rt.engine import Engine, EngineLoop, RequestOutput, SamplingParams
 from uora_rt.errors import AdapterFormatError
-from uora_rt.training.inject import (inject, load_adapter, merge, reinit_step, save_adapter, to_adapter,
-                            unmerge)
+from uora_rt.training.inject import (inject, load_adapter, merge, reinit_step, save_adapter,
+                                     to_adapter, unmerge)
 from uora_rt.core.projections import projections
 from uora_rt.runtime import Runtime, load
 

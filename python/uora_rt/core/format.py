@@ -1,4 +1,5 @@
-"""The `.uora` adapter file (docs/design.md §3): the one schema, its writer and its validating reader.
+"""The `.uora` adapter file (docs/design.md §3): the one schema, its writer and its validating \
+reader.
 
 A safetensors file. `__metadata__` (all strings, JSON where structured):
     format          "uora"
@@ -211,7 +212,8 @@ def _read_header(path: str, data: bytes) -> dict:
         header = json.loads(data[8:8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterFormatError(path, "<header>", "a UTF-8 JSON safetensors header",
-                                 f"unparseable bytes ({e.__class__.__name__}): not safetensors") from None
+                                 f"unparseable bytes ({e.__class__.__name__}): "
+                                 "not safetensors") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(path, "<header>", "a JSON object", type(header).__name__)
     try:
@@ -240,7 +242,8 @@ def _json_field(path, meta, key, kind):
 
 def _check_metadata(path: str, meta: dict) -> None:
     if meta.get("format") != FORMAT:
-        raise AdapterFormatError(path, "__metadata__.format", repr(FORMAT), repr(meta.get("format")))
+        raise AdapterFormatError(path, "__metadata__.format", repr(FORMAT),
+                                 repr(meta.get("format")))
     version = meta.get("format_version")
     if version != str(FORMAT_VERSION):
         raise AdapterFormatError(path, "__metadata__.format_version",
@@ -271,7 +274,8 @@ def _projection(path: str, meta: dict) -> ProjectionSpec:
                                      repr(v))
     if proj["r"] > min(proj["max_in"], proj["max_out"]):
         raise AdapterFormatError(path, "__metadata__.projection.r", "r <= min(max_in, max_out)",
-                                 f"r={proj['r']}, max_in={proj['max_in']}, max_out={proj['max_out']}")
+                                 f"r={proj['r']}, max_in={proj['max_in']}, "
+                                 f"max_out={proj['max_out']}")
     return ProjectionSpec(**proj)
 
 
@@ -306,7 +310,8 @@ def _build(path: str, meta: dict, tensors: dict) -> Adapter:
     targets = _json_field(path, meta, "targets", list)
     base = _json_field(path, meta, "base", dict)
     training = _json_field(path, meta, "training", dict)
-    if not targets or not all(isinstance(t, str) and t for t in targets) or len(set(targets)) != len(targets):
+    if (not targets or not all(isinstance(t, str) and t for t in targets)
+            or len(set(targets)) != len(targets)):
         raise AdapterFormatError(path, "__metadata__.targets", "a non-empty list of unique names",
                                  repr(targets)[:120])
     modules = base.get("modules")
@@ -318,12 +323,15 @@ def _build(path: str, meta: dict, tensors: dict) -> Adapter:
     for t in targets:
         shape = modules.get(t)
         if (not isinstance(shape, list) or len(shape) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
-            raise AdapterFormatError(path, f"__metadata__.base.modules.{t}", "[out, in]", repr(shape))
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                           for v in shape)):
+            raise AdapterFormatError(path, f"__metadata__.base.modules.{t}", "[out, in]",
+                                     repr(shape))
         out_f, in_f = shape
         if out_f > spec.max_out or in_f > spec.max_in:
             raise AdapterFormatError(path, f"__metadata__.base.modules.{t}",
-                                     f"out <= max_out={spec.max_out} and in <= max_in={spec.max_in}",
+                                     f"out <= max_out={spec.max_out} and "
+                                     f"in <= max_in={spec.max_in}",
                                      shape)
         shapes[f"{t}.lambda_b"] = ((out_f,), torch.float32)
         shapes[f"{t}.lambda_d"] = ((r,), torch.float32)

@@ -1,4 +1,5 @@
-"""Deterministic UORA projection families (docs/design.md §2), built by the C++ core and cached per family.
+"""Deterministic UORA projection families (docs/design.md §2), built by the C++ core and cached \
+per family.
 
 A family is (algorithm, seed, r, max_in, max_out). Its four float32 factors are
   A0, QA: [r, max_in]  orthonormal rows    (depend only on seed, r, max_in)
@@ -46,7 +47,8 @@ def check_family(seed: int, r: int, max_in: int, max_out: int) -> None:
         raise ValueError(f"projections: max_in and max_out must be >= 1, got {max_in}, {max_out}")
     if r > min(max_in, max_out):
         raise ValueError(
-            f"projections: r = {r} > min(max_in, max_out) = min({max_in}, {max_out}); an r x {max_in} "
+            f"projections: r = {r} > min(max_in, max_out) = min({max_in}, {max_out}); "
+            f"an r x {max_in} "
             f"matrix with orthonormal rows and a {max_out} x r one with orthonormal columns need "
             f"r <= both")
 

@@ -91,7 +91,8 @@ class CoreClient(RequestRules):
 
     def __init__(self, address: str, core_pid: int | None = None, on_dead=None,
                  watch_s: float = 0.2):
-        self.address, self.core_pid, self.on_dead, self.watch_s = address, core_pid, on_dead, watch_s
+        self.address, self.core_pid, self.on_dead, self.watch_s = (
+            address, core_pid, on_dead, watch_s)
         self.ready: Ready | None = None
         self.limits: Limits | None = None
         self.prompts: Prompts | None = None

@@ -146,7 +146,8 @@ def block_keys(keys: list[bytes], root: bytes, tokens: list[int], block_size: in
 
 
 def bytes_per_token(spec, dtype) -> int:
-    return 2 * spec.layers * spec.kv_heads * spec.head_dim * torch.empty((), dtype=dtype).element_size()
+    return (2 * spec.layers * spec.kv_heads * spec.head_dim
+            * torch.empty((), dtype=dtype).element_size())
 
 
 def default_kv_tokens(spec, dtype, device: torch.device, weights_bytes: int) -> int:

@@ -26,7 +26,8 @@ class PrefillSegment:
     count: int
     context: int                        # positions of the sequence before this chunk
     context_slots: torch.Tensor | None  # [context + count] KV slots (SDPA path, context > 0)
-    mask: torch.Tensor | None           # [count, context + count] bool: query j sees keys <= ctx + j
+    # [count, context + count] bool: query j sees keys <= ctx + j
+    mask: torch.Tensor | None
 
 
 @dataclass

@@ -65,7 +65,8 @@ class ModelRunner:
     def __init__(self, model, kv: KVPool, adapters: AdapterManager, prefs: KernelPrefs,
                  attention: str | None = None, cuda_graphs=None, max_num_seqs: int = 256,
                  max_blocks: int = 1, peers=None):
-        self.model, self.kv, self.adapters, self.prefs, self.peers = model, kv, adapters, prefs, peers
+        self.model, self.kv, self.adapters, self.prefs, self.peers = (
+            model, kv, adapters, prefs, peers)
         self.device = kv.k.device
         self.decode_fn, self.prefill_fn, self.attention_path = choose_attention(self.device,
                                                                                attention)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 # --------------------------------------------------------------------------------------------
-# Projections (docs/design.md §2): Philox4x32-10 -> Box-Muller with deterministic log/sincos -> blocked
-# Householder QR (panel 32) in float64 -> float32.
+# Projections (docs/design.md §2): Philox4x32-10 -> Box-Muller with deterministic log/sincos
+# -> blocked Householder QR (panel 32) in float64 -> float32.
 # --------------------------------------------------------------------------------------------
 
 QR_PANEL = 32
@@ -116,7 +116,8 @@ def _lane_dot(a, b):
 
 
 def householder_thin_q(g: np.ndarray) -> np.ndarray:
-    """Q of the thin QR of g (n x r) with diag(R) > 0, in the exact rounding order of the C++ code."""
+    """Q of the thin QR of g (n x r) with diag(R) > 0, in the exact rounding order of the \
+C++ code."""
     n, r = g.shape
     a = np.array(g, dtype=np.float64, order="F")
     taus, betas, blocks = np.zeros(r), np.zeros(r), []
@@ -423,7 +424,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start, sc
             continue
         pos = torch.arange(ctx)
         pages = block_tables[b, pos // block_size].long()
-        k = k_cache[pages, pos % block_size].float().repeat_interleave(group, dim=1)  # [ctx, nH, hd]
+        # [ctx, nH, hd]
+        k = k_cache[pages, pos % block_size].float().repeat_interleave(group, dim=1)
         v = v_cache[pages, pos % block_size].float().repeat_interleave(group, dim=1)
         scores = scale * torch.einsum("qhd,khd->hqk", q[r0:r1].float(), k)  # [nH, q_len, ctx]
         q_pos = ctx - q_len + torch.arange(q_len)  # absolute position of each query row

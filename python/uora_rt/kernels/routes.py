@@ -58,7 +58,8 @@ class Routes:
     def describe(self) -> str:
         expand = ("deferred Triton expand" if self.deferred else "Triton expand"
                   if self.triton_expand else "C++ expand")
-        shrink = "one shrink GEMM per family" if self.parallel_shrink else "grouped shrink+expand op"
+        shrink = ("one shrink GEMM per family" if self.parallel_shrink
+                  else "grouped shrink+expand op")
         return (f"elementwise {'Triton fused' if self.fused else 'torch'}; adapters: {shrink}"
                 + (f", {expand}" if self.parallel_shrink else "")
                 + (", side stream" if self.side_stream else ""))

@@ -58,7 +58,8 @@ def read_pooling(folder) -> tuple[str, bool]:
     if not pool_cfg.is_file():
         return "", False
     c = json.loads(pool_cfg.read_text())
-    mode = ("mean" if c.get("pooling_mode_mean_tokens") else "cls" if c.get("pooling_mode_cls_token")
+    mode = ("mean" if c.get("pooling_mode_mean_tokens")
+            else "cls" if c.get("pooling_mode_cls_token")
             else "max" if c.get("pooling_mode_max_tokens") else "")
     if not mode:
         raise ValueError(f"{pool_cfg}: pooling mode not supported: {c}")
@@ -141,8 +142,10 @@ class BertModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 p = f"encoder.layer.{i}"
                 sa = f"{p}.attention.self"
-                layer.qkv.weight.copy_(torch.cat([t[f"{sa}.{n}.weight"] for n in ("query", "key", "value")]))
-                layer.qkv.bias.copy_(torch.cat([t[f"{sa}.{n}.bias"] for n in ("query", "key", "value")]))
+                layer.qkv.weight.copy_(torch.cat([t[f"{sa}.{n}.weight"]
+                                                  for n in ("query", "key", "value")]))
+                layer.qkv.bias.copy_(torch.cat([t[f"{sa}.{n}.bias"]
+                                                for n in ("query", "key", "value")]))
                 ln(layer.attn_out, f"{p}.attention.output.dense")
                 ln(layer.attn_norm, f"{p}.attention.output.LayerNorm")
                 ln(layer.intermediate, f"{p}.intermediate.dense")

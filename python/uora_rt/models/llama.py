@@ -113,11 +113,13 @@ class LlamaModel(nn.Module):
     def __init__(self, spec: LlamaSpec, shard: Shard | None = None):
         super().__init__()
         self.spec, self.shard = spec, shard
-        self.weights_version = 0  # bumped when the weights change in place (merge): graphs recapture
+        # bumped when the weights change in place (merge): graphs recapture
+        self.weights_version = 0
         self.embed = nn.Embedding(spec.vocab, spec.hidden)
         self.layers = nn.ModuleList(LlamaLayer(spec) for _ in range(spec.layers))
         self.norm = nn.Parameter(torch.ones(spec.hidden))
-        self.lm_head = None if spec.tie_embeddings else nn.Linear(spec.hidden, spec.vocab, bias=False)
+        self.lm_head = (None if spec.tie_embeddings
+                        else nn.Linear(spec.hidden, spec.vocab, bias=False))
         self.register_buffer("inv_freq", rope_inv_freq(spec), persistent=False)
 
     def init_buffers(self) -> None:
@@ -135,7 +137,8 @@ class LlamaModel(nn.Module):
                     Site(f"{p}.self_attn.v_proj", i, "qkv", q + kv, kv, s.hidden),
                     Site(f"{p}.self_attn.o_proj", i, "o", 0, s.hidden, q),
                     Site(f"{p}.mlp.gate_proj", i, "gate_up", 0, s.intermediate, s.hidden),
-                    Site(f"{p}.mlp.up_proj", i, "gate_up", s.intermediate, s.intermediate, s.hidden),
+                    Site(f"{p}.mlp.up_proj", i, "gate_up", s.intermediate, s.intermediate,
+                         s.hidden),
                     Site(f"{p}.mlp.down_proj", i, "down", 0, s.hidden, s.intermediate)]
         return out
 

@@ -57,7 +57,8 @@ def shared_state(model: nn.Module) -> UORAShared:
     return shared
 
 
-def inject(model: nn.Module, config: UORAConfig | None = None, *, _spec: ProjectionSpec | None = None):
+def inject(model: nn.Module, config: UORAConfig | None = None, *,
+           _spec: ProjectionSpec | None = None):
     """Wraps the targeted linear layers of `model` in UORALinear (in place) and freezes everything
     but the lambda vectors. Returns the model."""
     config = config or UORAConfig()

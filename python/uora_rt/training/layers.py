@@ -79,7 +79,8 @@ class UORALinear(nn.Module):
         self.lambda_d = nn.Parameter(torch.full((r,), float(d_initial), device=device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        object.__setattr__(self, "shared", shared)  # not a submodule: it is registered once, at the root
+        # not a submodule: it is registered once, at the root
+        object.__setattr__(self, "shared", shared)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         a = self.shared.A[:, : self.in_features]

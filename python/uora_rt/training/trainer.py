@@ -44,9 +44,9 @@ class TrainingHook(nn.Module, AdapterHook):
     def __init__(self, model, config: UORAConfig):
         super().__init__()
         targets = config.target_modules or ["q_proj", "v_proj"]
-        sites = [s for s in model.sites() if (re.fullmatch(targets, s.name) if isinstance(targets, str)
-                                             else any(s.name == t or s.name.endswith("." + t)
-                                                      for t in targets))]
+        sites = [s for s in model.sites()
+                 if (re.fullmatch(targets, s.name) if isinstance(targets, str)
+                     else any(s.name == t or s.name.endswith("." + t) for t in targets))]
         if not sites:
             raise ValueError(f"target_modules={targets!r} matched none of the model's sites")
         spec = ProjectionSpec(ALGORITHM, config.seed, config.r, max(s.inp for s in sites),
@@ -82,7 +82,8 @@ def chat_batch(codec, pairs, device):
     lab = torch.full_like(ids, -100)
     valid = torch.zeros_like(ids, dtype=torch.bool)
     for i, (s, l) in enumerate(zip(seqs, labels)):
-        ids[i, : len(s)], lab[i, : len(s)], valid[i, : len(s)] = torch.tensor(s), torch.tensor(l), True
+        ids[i, : len(s)], lab[i, : len(s)], valid[i, : len(s)] = (
+            torch.tensor(s), torch.tensor(l), True)
     return ids.to(device), valid.to(device), lab.to(device)
 
 
