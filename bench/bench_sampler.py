@@ -22,8 +22,8 @@ logprobs 5" (log_softmax over the vocabulary, a rank and a top-5: a full extra p
 logits, reported as measured); on the CPU also "+ fields, torch ops" (the same processing
 through the torch ops that CUDA runs, in place of the C++ op). Penalties act in place on the
 same logits call after call, so the logits drift; the setups timed here (greedy,
-temperature-only, top-k) cost the same whatever the values. "host: extras of 64 plain rows" \
-is the step-building cost added for
+temperature-only, top-k) cost the same whatever the values. "host: extras of 64 plain rows" is the
+step-building cost added for
 requests without fields.
 
 python bench/bench_sampler.py [--repeats 21] [--threads N] [--synthetic | --logits FILE]

@@ -12,7 +12,7 @@ this file with another interpreter:
 
 All requests (or each --batch of them, in arrival order) go into one generate call with
 max_new_tokens = the longest output (what a static batch must do); each request counts only its
-own max_tokens. On a GPU: --random-config CONFIG.json --device cuda --dtype bfloat16. The call \
+own max_tokens. On a GPU: --random-config CONFIG.json --device cuda --dtype bfloat16. The call
 returns nothing until it
 ends, so every request's first token and finish are the call's end, as its caller sees them.
 End-of-sequence tokens are disabled so outputs have the trace's lengths, as ignore_eos does

@@ -5,8 +5,7 @@ shared/reference/peer-vllm-cpu.md for the install):
 
   VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1 \
   /work/vllm-venv/bin/python bench/peer_vllm.py --model FOLDER --trace TRACE.json \
---out RESULT.json \
-      [--lora NAME=DIR ...] [--max-loras N] [--max-lora-rank R]
+      --out RESULT.json [--lora NAME=DIR ...] [--max-loras N] [--max-lora-rank R]
 
 TRACE.json: [{"id", "prompt_token_ids", "max_tokens", "adapter": name|null, "arrival_s"}, ...].
 Greedy, ignore_eos (every request yields exactly max_tokens), float32. Requests are added through

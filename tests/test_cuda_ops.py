@@ -80,8 +80,8 @@ def test_expand_ranks_routes_and_operand_dtypes(monkeypatch, impl, r, with_q, b_
 @pytest.mark.parametrize("impl", ["fused", "gemm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_base_only_rows_untouched_and_no_nan_leak(monkeypatch, impl, dtype):
-    """Base-only rows keep their bits, even when their u rows are NaN \
-(no adapter work reads them)."""
+    """Base-only rows keep their bits, even when their u rows are NaN (no adapter work reads
+    them)."""
     monkeypatch.setenv("UORA_EXPAND_IMPL", impl)
     args = make_case(2049, (64, 2049), 16, 3, 133, "base_rows", True, dtype, "cuda", seed=5)
     expected = want(args)

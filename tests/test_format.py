@@ -1,4 +1,4 @@
-"""The `.uora` reader: every malformed file raises AdapterFormatError naming file, key, \
+"""The `.uora` reader: every malformed file raises AdapterFormatError naming file, key,
 expectation."""
 
 import json

@@ -1,4 +1,4 @@
-"""Projection families: bit-exact against the reference, pinned, orthonormal and \
+"""Projection families: bit-exact against the reference, pinned, orthonormal and
 Haar-distributed."""
 
 import hashlib

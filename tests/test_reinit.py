@@ -1,4 +1,4 @@
-"""The vectorized reinit op against the literal published rule, and the compact record's \
+"""The vectorized reinit op against the literal published rule, and the compact record's
 exactness."""
 
 import pytest

@@ -80,8 +80,8 @@ def ceilings() -> dict:
 
 @dataclass
 class Layer:
-    """One adapted linear (out x in), bf16, 64 adapters in slots 0..63, T tokens, \
-distinct spread."""
+    """One adapted linear (out x in), bf16, 64 adapters in slots 0..63, T tokens, distinct
+    spread."""
     out: int
     inp: int
     r: int

@@ -72,8 +72,8 @@ _READERS = {"sst2": _sst2, "cola": _cola, "rte": _rte, "mrpc": _mrpc, "stsb": _s
 
 def load(task: str, data_dir, stage: str, budget: dict) -> tuple[list[dict], list[dict]]:
     """(train rows, evaluation rows). stages "pilot" and "confirm": train minus a validation
-    split, evaluated on that split; otherwise the whole training set (or the budget's subset of \
-it), evaluated on
+    split, evaluated on that split; otherwise the whole training set (or the budget's subset of it),
+    evaluated on
     the held-out set. budget: {"train": max rows or None, "eval": max rows or None}."""
     d = Path(data_dir)
     train = _READERS[task](d, "train")

@@ -2,7 +2,7 @@
 the CPU for SmolLM2, and the style shows on prompts it did not see".
 
     python bench/train_style/measure_telegram.py [--out bench/results/train_telegram.json] \
-[-- extra train flags]
+        [-- extra train flags]
 
 Runs `uora-rt train smollm2 --data telegram.jsonl --output ...` as a user would (a fresh process,
 timed from start to exit), then answers held-out prompts greedily with and without the adapter

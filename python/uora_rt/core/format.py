@@ -1,4 +1,4 @@
-"""The `.uora` adapter file (docs/design.md §3): the one schema, its writer and its validating \
+"""The `.uora` adapter file (docs/design.md §3): the one schema, its writer and its validating
 reader.
 
 A safetensors file. `__metadata__` (all strings, JSON where structured):

@@ -1,5 +1,5 @@
-"""Deterministic UORA projection families (docs/design.md §2), built by the C++ core and cached \
-per family.
+"""Deterministic UORA projection families (docs/design.md §2), built by the C++ core and cached per
+family.
 
 A family is (algorithm, seed, r, max_in, max_out). Its four float32 factors are
   A0, QA: [r, max_in]  orthonormal rows    (depend only on seed, r, max_in)

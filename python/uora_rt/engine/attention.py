@@ -6,8 +6,8 @@ layer the new keys/values are written into the KV pool at their slots first; the
   uora::paged_attention_ on the CPU, the Triton kernel of kernels/triton_decode.py on CUDA, both
   reading the pages in place; or `torch_paged_decode`, which gathers them, where neither runs);
 - prefill chunks: one call over all of them (`prefill_fn`: the same C++ op, or the Triton kernel
-  of kernels/triton_prefill.py), or, on the gather path, SDPA per chunk over its own keys \
-(no context)
+  of kernels/triton_prefill.py), or, on the gather path, SDPA per chunk over its own keys (no
+  context)
   or over its context gathered from the pool with an offset causal mask.
 reference.paged_attention is the oracle for all of it.
 """

@@ -26,8 +26,8 @@ log = logging.getLogger("uora_rt.engine")
 
 class Engine(RequestRules, Stepping):
     """rt: a decoder Runtime (uora_rt.load). kv_cache_tokens: KV capacity in tokens (rounded up
-    to whole blocks); max_num_seqs: requests running at once; max_step_tokens: tokens computed \
-per step
+    to whole blocks); max_num_seqs: requests running at once; max_step_tokens: tokens computed per
+    step
     (decodes first, then prefill chunks). Defaults: what the device's free memory allows, 256
     sequences and 8,192 tokens on a GPU, 64 and 512 on the CPU (a CPU step of 512 prompt tokens
     already takes ~0.2 s on SmolLM2-135M; longer steps would stall the running decodes).

@@ -102,8 +102,8 @@ def uora_group_(y, x, a_cat, b_cat, lambda_d, lambda_b, p, slot, modules, lambda
             (A, B = a_cat[:r, :in], b_cat[:out, :r] when not with_q)
             d = lambda_b[s, off_j : off_j + out] * (B @ (lambda_d[s, m] * (A @ x[t])))
             y[t, y_off_j : y_off_j + out] = (y[t, y_off_j : ...].float() + d).to(y.dtype)
-    computed through the identity of docs/design.md §4: one shrink u = A_cat x per row, \
-no per-adapter
+    computed through the identity of docs/design.md §4: one shrink u = A_cat x per row, no
+    per-adapter
     GEMM. Rows with slot -1 cost nothing. The modules' column ranges of y must not overlap (CUDA
     accumulates modules in parallel; checked on every device). On CUDA a slot outside [0, S) is
     treated as -1 (it cannot be checked without a host sync), and no op synchronizes with the host

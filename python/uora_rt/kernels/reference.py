@@ -116,8 +116,8 @@ def _lane_dot(a, b):
 
 
 def householder_thin_q(g: np.ndarray) -> np.ndarray:
-    """Q of the thin QR of g (n x r) with diag(R) > 0, in the exact rounding order of the \
-C++ code."""
+    """Q of the thin QR of g (n x r) with diag(R) > 0, in the exact rounding order of the C++
+    code."""
     n, r = g.shape
     a = np.array(g, dtype=np.float64, order="F")
     taus, betas, blocks = np.zeros(r), np.zeros(r), []

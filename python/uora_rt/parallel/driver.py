@@ -7,8 +7,8 @@ cuda:k on rank k; not yet run on GPUs: tested with gloo on the CPU). Failure is 
 never a hang: start-up polls the workers while it waits for them (a worker that dies or does
 not report within UORA_RT_TP_START_TIMEOUT seconds, default 600, fails the load with its log),
 every step first checks that the workers are alive, and every collective after a message's
-header has the group's timeout (UORA_RT_TP_TIMEOUT seconds, default 300). After any failure \
-the group is marked broken and
+header has the group's timeout (UORA_RT_TP_TIMEOUT seconds, default 300). After any failure the
+group is marked broken and
 each later call raises at once. One tensor-parallel runtime per process (torch.distributed's
 default group); close() or interpreter exit stops the workers.
 """

@@ -1,5 +1,5 @@
-"""Small tasks constructed from templates, for tests, the demo and benchmarks \
-(no datasets offline)."""
+"""Small tasks constructed from templates, for tests, the demo and benchmarks (no datasets
+offline)."""
 
 from __future__ import annotations
 
