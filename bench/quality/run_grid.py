@@ -160,6 +160,8 @@ def set_aside_superseded(args, root: Path) -> None:
     """Moves main, rank and ablation runs made at learning rates the pilot and confirm stages no
     longer choose (an earlier pilot's) to <root>/superseded/, so that the tables hold only the
     chosen settings and the earlier runs stay on record."""
+    if not any((root / stage).is_dir() for stage in ("main", "rank", "ablation")):
+        return  # (E2E only so far)
     try:
         lrs = chosen_settings(args, root, pilot_runs(args))
     except SystemExit as e:
