@@ -124,6 +124,29 @@ def test_aborts_mid_stream_equal_sync(tmp_path, overlap):
     assert _final(got, "a")[1] == reference_greedy(fn, ads["a0"], ps[0], 40)[:4]
 
 
+def failing(rt, fails, **engine_kw):
+    """An engine factory for both(): each engine's first step with a sampled row for which
+    fails(row) holds raises RuntimeError("injected failure") (on the CPU every path runs the
+    step through runner.run)."""
+    def make(**kw):
+        engine = Engine(rt, **engine_kw, **kw)
+        real, failed = engine.runner.run, []
+
+        def run(meta):
+            if not failed and any(fails(s) for s in meta.sampled):
+                failed.append(True)
+                raise RuntimeError("injected failure")
+            return real(meta)
+
+        engine.runner.run = run
+        return engine
+    return make
+
+
+def _prompt_of(row):
+    return row.req.tokens[:row.req.prompt_len]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_a_failed_step_fails_only_its_own_requests(tmp_path, overlap):
     """A step that raises fails the requests it ran; a request that entered at the next step
@@ -131,20 +154,9 @@ def test_a_failed_step_fails_only_its_own_requests(tmp_path, overlap):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)
     pa, pb = random_prompts(2, seed=8)
-
-    def make(**kw):
-        engine = Engine(rt, kv_cache_tokens=2048, **kw)
-        real = engine.runner.run
-
-        def run(meta):  # the step that feeds a's third token fails, on every path
-            if any(s.req.tokens[:s.req.prompt_len] == pa and s.start == len(pa) + 2
-                   for s in meta.sampled):
-                raise RuntimeError("injected failure")
-            return real(meta)
-
-        engine.runner.run = run
-        return engine
-
+    # the step that feeds a's third token fails
+    make = failing(rt, lambda row: _prompt_of(row) == pa and row.start == len(pa) + 2,
+                   kv_cache_tokens=2048)
     reqs = {0: [("a", pa, "a0", SamplingParams(max_tokens=20, ignore_eos=True))],
             4: [("b", pb, "a1", SamplingParams(max_tokens=12, ignore_eos=True))]}
     got, _, _, _ = both(make, reqs, overlap=overlap)
@@ -163,21 +175,9 @@ def test_a_failed_prefill_leaves_no_cached_blocks(tmp_path, overlap):
     fn, base, ads = build(tmp_path)
     rt = load(base, ads)
     prompt = random_prompts(1, seed=4, lo=40, hi=40)[0]
-
-    def make(**kw):
-        engine = Engine(rt, kv_cache_tokens=2048, block_size=8, **kw)
-        real, failed = engine.runner.run, []
-
-        def run(meta):  # the first prefill of the prompt fails
-            if not failed and any(s.start == 0 and s.req.tokens[:s.req.prompt_len] == prompt
-                                  for s in meta.sampled):
-                failed.append(True)
-                raise RuntimeError("injected failure")
-            return real(meta)
-
-        engine.runner.run = run
-        return engine
-
+    # the first prefill of the prompt fails
+    make = failing(rt, lambda row: row.start == 0 and _prompt_of(row) == prompt,
+                   kv_cache_tokens=2048, block_size=8)
     reqs = {0: [("first", prompt, "a1", SamplingParams(max_tokens=6, ignore_eos=True))],
             5: [("again", prompt, "a1", SamplingParams(max_tokens=6, ignore_eos=True))]}
     got, _, _, _ = both(make, reqs, overlap=overlap)
