@@ -49,5 +49,11 @@ E2E_PILOT_LR = {"uora": (1e-2, 3e-2, 1e-1), "vera": (1e-2, 3e-2, 1e-1), "lora": 
 E2E_R = {"uora": 256, "vera": 256, "lora": 8}
 
 
+def preference(score: float, spec: dict) -> tuple:
+    """How settings rank in the pilot and confirm stages: the better validation score, on ties
+    the smaller learning rate, then the smaller head learning rate (larger tuple = preferred)."""
+    return (score, -spec["lr"], -spec["head_lr"])
+
+
 def head_lrs(method):
     return PILOT_HEAD_LR.get(method, DEFAULT_HEAD_LRS)

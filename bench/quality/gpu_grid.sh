@@ -55,6 +55,11 @@ grid() {  # grid LOG STAGES ONLY JOBS [more run_grid.py arguments]
     >> "$RESULTS/$log" 2>&1 || true
 }
 
+prepare() {  # result folders, seeded with the runs done on earlier machines
+  mkdir -p "$RESULTS" "$OUT"
+  [ -d "$SEED_RESULTS/$BUDGET" ] && { cp -rn "$SEED_RESULTS/$BUDGET" "$RESULTS/" || true; }
+}
+
 background() {  # background NAME SCRIPT: runs SCRIPT in its own session; RESULTS/running-NAME
   touch "$RESULTS/running-$1"  # lives while it runs
   export -f grid; export ASSETS RESULTS DEVICE BUDGET
@@ -66,8 +71,7 @@ case "${1:?stash|start|start-e2e|wait}" in
   stash) stash ;;
   start)
     stash
-    mkdir -p "$RESULTS" "$OUT"
-    [ -d "$SEED_RESULTS/$BUDGET" ] && { cp -rn "$SEED_RESULTS/$BUDGET" "$RESULTS/" || true; }
+    prepare
     bash bench/gpu_round.sh build > "$OUT/build.txt" 2>&1
     background glue '
       grid first.log pilot,confirm,main,ablation "task=sst2,cola" 8 --no-e2e &
@@ -78,8 +82,7 @@ case "${1:?stash|start|start-e2e|wait}" in
   start-e2e)
     stash
     [ -f "$ASSETS/smollm2.gguf" ] || { echo "no $ASSETS/smollm2.gguf: carry its parts" >&2; exit 2; }
-    mkdir -p "$RESULTS" "$OUT"
-    [ -d "$SEED_RESULTS/$BUDGET" ] && { cp -rn "$SEED_RESULTS/$BUDGET" "$RESULTS/" || true; }
+    prepare
     if ! python3 -c 'import rouge_score' 2>/dev/null; then
       python3 -m pip install -q --no-deps --no-index --target /tmp/e2e-site "$ASSETS"/e2e-wheels/*.whl
     fi

@@ -15,7 +15,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import glue  # noqa: E402
-from budgets import SEEDS  # noqa: E402
+from budgets import SEEDS, preference  # noqa: E402
 
 OUT = glue.REPO / "bench" / "results"
 LABEL = {"uora": "UORA", "uora_noreinit": "UORA, reinit off", "vera": "VeRA (PEFT)",
@@ -51,16 +51,15 @@ def selection_table(runs) -> str:
     pilot = {k: v[0] for k, v in groups(runs, "pilot").items()}
     confirm = groups(runs, "confirm")
     best = {}
-    for (task, method, r, lr, hlr), rs in confirm.items():
-        cand = (rs[0]["score"], -lr, -hlr)
-        if (task, method) not in best or cand > best[(task, method)]:
-            best[(task, method)] = cand
+    for (task, method, *_), rs in confirm.items():
+        pref = preference(rs[0]["score"], rs[0]["spec"])
+        best[(task, method)] = max(best.get((task, method), pref), pref)
     lines = ["| task | method | lr / head lr | pilot (short) | confirm (main budget) |",
              "|---|---|---|---|---|"]
     for key in sorted(confirm, key=lambda k: (k[0], k[1], -k[3], -k[4])):
         task, method, r, lr, hlr = key
         score = confirm[key][0]["score"]
-        chosen = best[(task, method)] == (score, -lr, -hlr)
+        chosen = best[(task, method)] == preference(score, confirm[key][0]["spec"])
         c = f"{100 * score:.1f}"
         p = pilot.get(key)
         p = "–" if p is None else f"{100 * p['score']:.1f}"

@@ -79,7 +79,7 @@ def best_settings(root: Path, runs: list[dict]) -> dict:
             continue
         score = json.loads(p.read_text())["score"]
         key = (s["task"], s["method"])
-        cand = (score, -s["lr"], -s["head_lr"])
+        cand = B.preference(score, s)
         if key not in best or cand > best[key][0]:
             best[key] = (cand, (s["lr"], s["head_lr"]))
     if missing:
@@ -105,7 +105,7 @@ def confirm_runs(args, root: Path, pilot: list[dict]) -> list[dict]:
         if short_pilot(args, s["task"]):
             score = json.loads(run_path(root, s).read_text())["score"]
             ranked.setdefault((s["task"], s["method"]), []).append(
-                ((score, -s["lr"], -s["head_lr"]), s))
+                (B.preference(score, s), s))
     out = []
     for runs in ranked.values():
         # The best head learning rate per adapter learning rate: the question is which adapter
