@@ -183,9 +183,9 @@ class Scheduler:
         self.cache_hits[name] = self.cache_hits.get(name, 0) + req.cached_tokens
 
     def register(self, req: Request, computed: int | None = None) -> None:
-        """After a step: the request's blocks that are now full and computed become findable
-        (only blocks of tokens the host knows: a key hashes token ids). computed: the positions
-        known to be computed (default req.computed, which counts steps launched so far)."""
+        """The request's blocks that are full and computed (the first `computed` positions,
+        default req.computed) become findable; only blocks of tokens the host knows: a key
+        hashes token ids."""
         computed = req.computed if computed is None else computed
         full = min(computed, len(req.tokens)) // self.block_size
         if self.cache_root is None or full <= req.cached_blocks:
@@ -195,20 +195,11 @@ class Scheduler:
             self.alloc.register(req.blocks[i], keys[i])
         req.cached_blocks = full
 
-    def register_all(self, reqs: list[Request]) -> None:
-        """register() of each running request of a step, skipping at once those with no new
-        full block (most, in a decode step)."""
-        if self.cache_root is None:
-            return
-        bs, running = self.block_size, Status.RUNNING
-        for r in reqs:
-            if (r.computed // bs > r.cached_blocks and r.status is running
-                    and min(r.computed, len(r.tokens)) // bs > r.cached_blocks):
-                self.register(r)
-
-    def register_ran(self, scheduled) -> None:
-        """register() after a step has run, up to the positions that step computed: a later
-        step may be launched already, and its blocks become findable only once it has run."""
+    def register_step(self, scheduled) -> None:
+        """register() of a step's running requests up to the positions the step computes. Call
+        it once the step's KV is sure to be written: at launch where a step fails at launch or
+        not at all, after it ran where it can still fail (the CPU worker). Skips at once the
+        requests with no new full block (most, in a decode step)."""
         if self.cache_root is None:
             return
         bs, running = self.block_size, Status.RUNNING

@@ -110,7 +110,7 @@ class Stepping:
             if flight.future is None:
                 # its inputs are all known now: the same blocks sync registers. A CUDA step that
                 # fails does so at launch (or leaves the device unusable), before this point
-                self.scheduler.register_all([s.req for s in scheduled])
+                self.scheduler.register_step(scheduled)
             # else the CPU worker's step can still fail: its blocks become findable once it ran
             self._flight = flight
             if not self._live:  # everything ended: what runs now is discarded; finish it
@@ -151,7 +151,7 @@ class Stepping:
         for s in meta.sampled:
             s.req.pending -= 1
         if sync or flight.future is not None:
-            self.scheduler.register_ran(scheduled)
+            self.scheduler.register_step(scheduled)
         if sync:
             for s in scheduled:
                 r = s.req
