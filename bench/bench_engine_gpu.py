@@ -208,6 +208,8 @@ def main():
     ap.add_argument("--traces-only", action="store_true", help="skip the decode-step section")
     ap.add_argument("--matrix", action=argparse.BooleanOptionalAction, default=True,
                     help="the trace matrix (adapters x distributions x arrivals)")
+    ap.add_argument("--trace-setups", type=int, default=None,
+                    help="only the first N setups of the trace matrix (the first is no adapters)")
     ap.add_argument("--peers", type=int, default=0, help="also an N-request trace through "
                     "transformers and the old static generate (LEGACY_PYTHONPATH)")
     ap.add_argument("--peer-set", default="transformers,legacy")
@@ -262,6 +264,10 @@ def main():
                       f"step() {d['api_ms']:.2f} ms, floor {d['floor_ms']:.2f} ms, "
                       f"{d['fallback_rows_per_step']:.1f} rows re-drawn per step")
                 save()
+        if not args.matrix and not args.peers:  # decode steps only: no trace engine
+            del rt
+            torch.cuda.empty_cache()
+            continue
         if args.adapters_max > 64:  # the same kind of adapter, many more of them
             for i in range(64, args.adapters_max):
                 rt.add_adapter(synthetic_adapter(rt, i), name=f"ad{i}")
@@ -271,7 +277,8 @@ def main():
                         "captures": engine.runner.graphs.captures})
         print(f"  {cfg_name}: {engine.runner.graphs.captures} graphs captured in {warm:.1f} s")
         rate = None
-        for label, kw in trace_setups(cfg_name, args.adapters_max) if args.matrix else ():
+        setups = trace_setups(cfg_name, args.adapters_max)[:args.trace_setups]
+        for label, kw in setups if args.matrix else ():
             if left() < 75:
                 break
             if kw.pop("poisson", False):
