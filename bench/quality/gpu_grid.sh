@@ -7,6 +7,8 @@
 #   bash bench/quality/gpu_grid.sh start       # build, then the GLUE grid (pilot, confirm, main,
 #                                              # ablation: SST-2 and CoLA in one queue, MRPC and
 #                                              # STS-B in another; then the rank sweep)
+#   bash bench/quality/gpu_grid.sh start-rest  # the same, once pilot and confirm are done: the
+#                                              # main, ablation and rank runs left, all at once
 #   bash bench/quality/gpu_grid.sh start-e2e   # the E2E pilot and runs on SmolLM2
 #   bash bench/quality/gpu_grid.sh wait 540    # sleep until the queues end (at most 540 s), then
 #                                              # pack the results so far into $OUT
@@ -57,7 +59,7 @@ grid() {  # grid LOG STAGES ONLY JOBS [more run_grid.py arguments]
 
 prepare() {  # result folders, seeded with the runs done on earlier machines
   mkdir -p "$RESULTS" "$OUT"
-  [ -d "$SEED_RESULTS/$BUDGET" ] && { cp -rn "$SEED_RESULTS/$BUDGET" "$RESULTS/" || true; }
+  if [ -d "$SEED_RESULTS/$BUDGET" ]; then cp -rn "$SEED_RESULTS/$BUDGET" "$RESULTS/" || true; fi
 }
 
 background() {  # background NAME SCRIPT: runs SCRIPT in its own session; RESULTS/running-NAME
@@ -67,7 +69,7 @@ background() {  # background NAME SCRIPT: runs SCRIPT in its own session; RESULT
     < /dev/null &
 }
 
-case "${1:?stash|start|start-e2e|wait}" in
+case "${1:?stash|start|start-rest|start-e2e|wait}" in
   stash) stash ;;
   start)
     stash
@@ -79,6 +81,16 @@ case "${1:?stash|start|start-e2e|wait}" in
       wait
       grid rank.log rank "task=sst2,cola" 15 --no-e2e'
     echo "GLUE started; results under $RESULTS" ;;
+  start-rest)  # the pilot and confirm stages done: every later GLUE stage's runs at once
+    stash
+    prepare
+    bash bench/gpu_round.sh build > "$OUT/build.txt" 2>&1
+    background glue '
+      grid main.log main "task=sst2,cola,stsb,mrpc" 4 --no-e2e &
+      grid ablation.log ablation "task=sst2,cola,stsb,mrpc" 6 --no-e2e &
+      grid rank.log rank "task=sst2,cola" 12 --no-e2e
+      wait'
+    echo "GLUE (main, ablation, rank) started; results under $RESULTS" ;;
   start-e2e)
     stash
     [ -f "$ASSETS/smollm2.gguf" ] || { echo "no $ASSETS/smollm2.gguf: carry its parts" >&2; exit 2; }
