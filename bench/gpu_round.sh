@@ -79,6 +79,9 @@ EOF
         --output "$OUT/train-$dev.uora" --max-steps 20 --device $dev --no-plot --quiet 2>&1 \
         | tail -n 3 | tee "$OUT/train-$dev.log"
     done
+    if [ ! -d "$ASSETS/data/glue/SST-2" ] || [ ! -d "$ASSETS/minilm" ]; then
+      echo "no SST-2 or MiniLM under $ASSETS: the GLUE cell is skipped"; exit 0
+    fi
     UORA_RT_MINILM_DIR="$ASSETS/minilm" UORA_STUDY_DATA="$ASSETS/data" $PY \
       bench/quality/run_chunk.py '{"stage": "main", "task": "sst2", "method": "uora", "r": 256,
       "seed": 0, "lr": 0.03, "head_lr": 0.001, "budget": "cpu", "device": "cuda"}' \
