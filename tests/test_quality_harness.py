@@ -83,3 +83,24 @@ def test_runs_at_settings_no_longer_chosen_are_set_aside(tmp_path):
     write(tmp_path, old, 0.7)  # the same run made again and set aside again: both stay
     run_grid.set_aside_superseded(a, tmp_path)
     assert aside.is_file() and aside.with_name(aside.stem + "+.json").is_file()
+
+
+def run_file(seed, score, device, seconds_per_step):
+    spec = run_grid.spec("main", "cola", "lora", 8, seed, 1e-3, 1e-3, args())
+    return {"spec": dict(spec), "score": score, "metric": "mcc", "metrics": {"mcc": score},
+            "adapter_params": 10, "head_params": 2, "seconds_per_step": seconds_per_step,
+            "peak_memory_bytes": 2**20, "reinit_events": 0, "steps": 5, "git": "x",
+            "host": {"device": device, "cuda": "GPU" if device == "cuda" else None}}
+
+
+def test_a_gpu_budget_cell_says_how_many_of_its_runs_trained_on_a_cpu():
+    import report
+
+    runs = [run_file(0, 0.30, "cuda", 0.05), run_file(1, 0.20, "cuda", 0.07),
+            run_file(2, 0.25, "cpu", 9.0)]
+    (row,) = report.summarize(runs, "main")
+    assert row["per_seed"] == pytest.approx([30.0, 20.0, 25.0])
+    assert row["seconds_per_step"] == pytest.approx(0.06)  # the CPU run's 9 s is left out
+    assert report.fmt_cell(row) == "25.0 ± 5.0 (1 on CPU)"
+    (gpu_only,) = report.summarize(runs[:2], "main")
+    assert report.fmt_cell(gpu_only) == "25.0 ± 7.1 (n=2)"

@@ -83,6 +83,8 @@ def summarize(runs, stage):
         scores = [x["score"] if x["metric"] in ("neg_loss", "bleu") else 100 * x["score"]
                   for x in rs]
         m, sd = mean_sd(scores)
+        on_gpu = [x for x in rs if x["host"]["device"] == "cuda"]
+        timed = on_gpu if rs[0]["spec"]["budget"] == "gpu" else rs
         rows.append({
             "task": task, "method": method, "r": r, "seeds": sorted(x["spec"]["seed"] for x in rs),
             "lr": rs[0]["spec"]["lr"], "head_lr": rs[0]["spec"]["head_lr"],
@@ -90,13 +92,17 @@ def summarize(runs, stage):
             "metrics": {k: mean_sd([x["metrics"][k] for x in rs if k in x["metrics"]])[0]
                         for k in rs[0]["metrics"] if isinstance(rs[0]["metrics"][k], (int, float))},
             "adapter_params": rs[0]["adapter_params"], "head_params": rs[0]["head_params"],
-            "seconds_per_step": mean_sd([x["seconds_per_step"] for x in rs
+            # time and memory from the budget's own device only (a CPU run of a gpu-budget
+            # cell trains the same steps in float32; its step time and RSS compare with nothing)
+            "seconds_per_step": mean_sd([x["seconds_per_step"] for x in timed
                                          if x["seconds_per_step"]])[0],
-            "peak_memory_mb": mean_sd([x["peak_memory_bytes"] / 2**20 for x in rs
+            "peak_memory_mb": mean_sd([x["peak_memory_bytes"] / 2**20 for x in timed
                                        if x["peak_memory_bytes"]])[0],
+            "cpu_runs": len(rs) - len(timed) if rs[0]["spec"]["budget"] == "gpu" else 0,
             "reinit_events": [x["reinit_events"] for x in rs],
-            "steps": rs[0]["steps"], "device": rs[0]["host"]["device"],
-            "gpu": rs[0]["host"]["cuda"], "git": sorted({x["git"] for x in rs})})
+            "steps": rs[0]["steps"], "devices": [x["host"]["device"] for x in rs],
+            "gpus": sorted({x["host"]["cuda"] for x in rs if x["host"]["cuda"]}),
+            "git": sorted({x["git"] for x in rs})})
     return rows
 
 
@@ -106,7 +112,8 @@ def fmt_cell(row):
     n = len(row["per_seed"])
     sd = f" ± {row['sd']:.1f}" if n > 1 else ""
     partial = f" (n={n})" if n < len(SEEDS) else ""  # a cell still missing seeds says so
-    return f"{row['mean']:.1f}{sd}{partial}"
+    cpu = f" ({row['cpu_runs']} on CPU)" if row.get("cpu_runs") else ""
+    return f"{row['mean']:.1f}{sd}{partial}{cpu}"
 
 
 def glue_table(main_rows, ablation_rows, tasks) -> str:
