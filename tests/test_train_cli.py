@@ -179,7 +179,7 @@ def test_encoder_pairs_regression(enc_base, tmp_path, capsys):
 
 def test_save_adapter_takes_every_training_result(dec_base, tmp_path):
     from uora_rt.training.pipeline import TrainOptions, train
-    from uora_rt.training.trainer import train_chat_adapter
+    from uora_rt.training.pipeline import train_chat_adapter
 
     rt = uora_rt.load(dec_base)
     chat = train_chat_adapter(rt, [("hi", "yo")] * 4, uora_rt.UORAConfig(r=8), steps=2,

@@ -25,10 +25,11 @@ from uora_rt import Engine, SamplingParams
 from uora_rt.core import format as fmt
 from uora_rt.models.gguf_import import cache_root
 from uora_rt.training import tasks
-from uora_rt.training.trainer import train_chat_adapter
+from uora_rt.training.pipeline import train_chat_adapter
 
 RECIPE = dict(r=64, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                             "down_proj"], steps=24, lr=5e-2, batch_size=8, seed=0)
+                             "down_proj"], steps=24, lr=5e-2, batch_size=8, seed=0,
+              batches="epochs")  # pairs drawn once per pass (part of the cache key)
 
 
 def adapter_for(rt, style: str, cache_dir) -> tuple[str, fmt.Adapter, bool]:

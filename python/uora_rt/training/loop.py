@@ -1,7 +1,7 @@
 """One training loop for every model and method: the `uora-rt train` command and the quality
 study (UORA, PEFT VeRA and LoRA, full fine-tuning, head only) all go through `fit`.
 
-AdamW, linear decay to 0 after an optional warm-up, random batches each epoch from a seeded
+AdamW, linear decay to 0 (or a constant rate) after an optional warm-up, random batches each epoch from a seeded
 generator; evaluation after each epoch (and at the last step), the best state by evaluation loss
 kept. On a GPU the forward runs under bf16 autocast when asked, and nothing waits for the host
 each step: losses and reinit counts are gathered on the device and read every few steps.
@@ -32,6 +32,7 @@ class FitConfig:
     seed: int = 0
     weight_decay: float = 0.0
     warmup: float = 0.0              # fraction of the steps
+    schedule: str = "linear"         # after the warm-up: "linear" decay to 0, or "constant"
     device: str = "cpu"
     autocast: torch.dtype | None = None
     progress: bool = True
@@ -99,8 +100,13 @@ def fit(objective, train_examples: list, params: list, cfg: FitConfig, eval_exam
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     total, per_epoch = cfg.total_steps(len(train_examples))
     warm = int(cfg.warmup * total)
+    if cfg.schedule not in ("linear", "constant"):
+        raise ValueError(f"fit: schedule must be 'linear' or 'constant', got {cfg.schedule!r}")
+
     def factor(s):
-        return (s + 1) / (warm + 1) if s < warm else max(0.0, (total - s) / max(total - warm, 1))
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        return 1.0 if cfg.schedule == "constant" else max(0.0, (total - s) / max(total - warm, 1))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     gen = torch.Generator().manual_seed(cfg.seed)

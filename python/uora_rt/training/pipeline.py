@@ -130,8 +130,7 @@ def prepare_data(folder: Path, kind: str, path, max_len: int, codec=None):
 
 
 def build_objective(rt, hook, head, device):
-    model = rt.model
-    model.fused = False if hasattr(model, "fused") else None  # training takes the torch ops
+    model = rt.model  # called without routes, a model runs the torch ops autograd needs
     if model.kind == "decoder":
         def logits(ids, valid, select):
             positions = (valid.long().cumsum(1) - 1).clamp(min=0)
@@ -219,6 +218,35 @@ def train(opts: TrainOptions, log=print) -> TrainedAdapter:
                         "batch_size": opts.batch_size, "max_len": opts.max_len}
     return TrainedAdapter(adapter, result, kind, device,
                           "bfloat16" if autocast else None, notes)
+
+
+def train_chat_adapter(rt, pairs, config: UORAConfig, steps=20, lr=5e-2, batch_size=8, seed=0,
+                       desc="training", max_len=512) -> fmt.Adapter:
+    """Supervised fine-tuning of a UORA adapter on (prompt, response) pairs, on rt's decoder:
+    each pair is a user turn and an assistant turn through the chat template (a base without
+    one: prompt and completion as plain text), loss on the response, at a constant learning
+    rate for `steps` steps. Returns the adapter (add it with rt.add_adapter(adapter, name) or
+    save it with uora_rt.save_adapter)."""
+    import uora_rt
+
+    if rt.model.kind != "decoder" or rt.codec is None:
+        raise ValueError("train_chat_adapter needs a decoder base with a tokenizer")
+    if rt.codec.chat_template is not None:
+        form, rows = "messages", [{"messages": [{"role": "user", "content": p},
+                                                {"role": "assistant", "content": r}]}
+                                  for p, r in pairs]
+    else:
+        form, rows = "prompt/completion", [{"prompt": p, "completion": r} for p, r in pairs]
+    ds = data_mod.Dataset("<pairs>", form, rows, list(range(1, len(rows) + 1)))
+    enc = data_mod.encode_decoder(ds, rt.codec, max_len)
+    hook = TrainingHook(rt.model, config)
+    device = str(rt.device)
+    cfg = FitConfig(lr=lr, max_steps=steps, batch_size=batch_size, seed=seed, device=device,
+                    schedule="constant", desc=desc)
+    fit(build_objective(rt, hook, None, device), enc.examples,
+        [p for p in hook.parameters() if p.requires_grad], cfg,
+        reinit=lambda: uora_rt.reinit_step(hook, sync=False))
+    return to_adapter(hook, (rt.config.get("architectures") or ["?"])[0])
 
 
 def hook_for_adapter(rt, adapter: fmt.Adapter) -> TrainingHook:
