@@ -175,6 +175,46 @@ def test_merge_is_refused_while_serving_and_merged_requests_run(tmp_path):
     assert isinstance(rt, uora_rt.Runtime)
 
 
+def test_no_request_is_admitted_while_the_weights_are_being_merged(tmp_path):
+    """merge() from another thread while requests arrive: from its idle check to the end of the
+    fold, every request is refused (before, one could pass the merged-rule check before the
+    fold began and run on half-folded weights), and nothing is left counted."""
+    import threading
+
+    fn, base, ads = build(tmp_path)
+    rt = load(base, ads)
+    engine = Engine(rt, kv_cache_tokens=512)
+    folding, finish = threading.Event(), threading.Event()
+    fold = rt._fold
+
+    def slow_fold(name, sign):
+        folding.set()
+        assert finish.wait(30)
+        fold(name, sign)
+
+    rt._fold = slow_fold
+    merger = threading.Thread(target=rt.merge, args=("a1",))
+    merger.start()
+    try:
+        assert folding.wait(30)
+        for adapter in ("a1", "a0", None):
+            with pytest.raises(ValueError, match="being merged"):
+                engine.add_request([4, 4], adapter, SamplingParams(max_tokens=2))
+        with pytest.raises(ValueError, match="being merged"):
+            rt.forward([[4, 4]], adapters=["a1"])
+        with pytest.raises(ValueError, match="being merged already"):
+            rt.unmerge()
+    finally:
+        finish.set()
+        merger.join(30)
+    assert rt.merged == "a1" and rt.manager.in_flight == 0
+    r = engine.add_request([4, 4], "a1", SamplingParams(max_tokens=2))
+    assert len(engine.run_until_done()[r].token_ids) == 2
+    rt._fold = fold
+    rt.unmerge()
+    assert_idle(engine)
+
+
 def test_asyncio_streams_get_every_output_in_order(tmp_path):
     """The loop hands a step's outputs to an event loop in one batch: every stream still sees
     each of its outputs once, in order, ending with the finished one, equal to a plain run."""

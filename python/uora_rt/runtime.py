@@ -143,24 +143,19 @@ class Runtime:
         """Folds one adapter into the base weights; until unmerge(), every sequence must use it."""
         if self.tp is not None:
             raise ValueError("merge: not supported under tensor parallelism")
-        if self.manager.merged is not None:
-            raise ValueError(f"{self.manager.merged!r} is already merged: unmerge() first")
-        self._check_idle("merge")
-        self._fold(name, +1.0)
-        self.manager.merged = name
+        with self.manager.changing_weights("merge"):
+            if self.manager.merged is not None:
+                raise ValueError(f"{self.manager.merged!r} is already merged: unmerge() first")
+            self._fold(name, +1.0)
+            self.manager.merged = name
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        if self.manager.merged is None:
-            raise ValueError("no adapter is merged")
-        self._check_idle("unmerge")
-        self._fold(self.manager.merged, -1.0)
-        self.manager.merged = None
-
-    def _check_idle(self, what: str) -> None:
-        if self.manager.in_flight:
-            raise ValueError(f"{what}: {self.manager.in_flight} request(s) are being served; the "
-                             f"weights can only change when none is")
+        with self.manager.changing_weights("unmerge"):
+            if self.manager.merged is None:
+                raise ValueError("no adapter is merged")
+            self._fold(self.manager.merged, -1.0)
+            self.manager.merged = None
 
     def _fold(self, name: str, sign: float) -> None:
         entry = self.manager.entries.get(name)
@@ -221,9 +216,7 @@ class Runtime:
             if types.shape != ids.shape:
                 raise ValueError(f"token_type_ids: expected {list(ids.shape)}, got "
                                  f"{list(types.shape)}")
-        self.manager.check_merged(names)
-        served = [] if self.manager.merged is not None else names
-        self.manager.enter()
+        served = [] if self.manager.admit(names) is not None else names
         try:
             with self.manager.serving(served) as held:
                 slots, with_q = self._row_slots(served, held, valid) if held else ({}, {})

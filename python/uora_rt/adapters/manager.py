@@ -49,6 +49,7 @@ class AdapterManager:
         self.device_slots = DeviceSlots(on_upload=self._uploaded)
         self.merged: str | None = None
         self._in_flight = 0
+        self._changing: str | None = None  # "merge" / "unmerge" while the weights change
         self._changes: list[tuple] | None = None
         self._side: dict = {}  # CUDA device -> the side stream of the adapter kernels
         self._lock = threading.RLock()
@@ -166,18 +167,41 @@ class AdapterManager:
                 self.release(e)
 
     # --- the rules of what can be served ------------------------------------------------------
-    def check_merged(self, names) -> None:
-        if self.merged is not None and any(n != self.merged for n in names):
-            raise ValueError(f"the runtime is merged with {self.merged!r}: every sequence must "
-                             f"use it (unmerge() to serve others)")
-
-    def enter(self) -> None:
+    def admit(self, names, count: int = 1) -> str | None:
+        """Counts `count` requests for adapters `names` as being served, in one step with the
+        rules that keep the base weights fixed under them: refused while an adapter is being
+        merged or unmerged, and, while one is merged, for any other adapter. Returns the merged
+        adapter's name (None: serve through the adapter slots). exit() ends each request."""
         with self._lock:
-            self._in_flight += 1
+            if self._changing:
+                raise ValueError(f"the base weights are being {self._changing}d: send the "
+                                 f"request again once {self._changing}() has returned")
+            if self.merged is not None and any(n != self.merged for n in names):
+                raise ValueError(f"the runtime is merged with {self.merged!r}: every sequence "
+                                 f"must use it (unmerge() to serve others)")
+            self._in_flight += count
+            return self.merged
 
-    def exit(self) -> None:
+    def exit(self, count: int = 1) -> None:
         with self._lock:
-            self._in_flight -= 1
+            self._in_flight -= count
+
+    @contextmanager
+    def changing_weights(self, what: str):
+        """Held while merge/unmerge folds an adapter into the base weights: refused while any
+        request is being served, and no request is admitted until it ends."""
+        with self._lock:
+            if self._in_flight:
+                raise ValueError(f"{what}: {self._in_flight} request(s) are being served; the "
+                                 f"weights can only change when none is")
+            if self._changing:
+                raise ValueError(f"{what}: the base weights are being {self._changing}d already")
+            self._changing = what
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._changing = None
 
     @property
     def in_flight(self) -> int:

@@ -139,34 +139,33 @@ class Engine(RequestRules, Stepping):
             if bad:
                 raise ValueError(f"{name}: token ids must be integers in [0, {self.vocab}), got "
                                  f"{bad[:5]}")
-        self.adapters.check_merged([adapter])
-        use_lease = adapter is not None and self.adapters.merged is None
+        n = params.sequences
+        merged = self.adapters.admit([adapter], n)  # ValueError: merged with another
         leases = []
-        try:
-            for _ in range(params.sequences):
-                leases.append(self.adapters.lease(adapter) if use_lease else None)  # KeyError
-        except KeyError:
+        try:  # whatever fails below leaves no lease and no request counted
+            for _ in range(n):
+                leases.append(self.adapters.lease(adapter)  # KeyError: unknown adapter
+                              if adapter is not None and merged is None else None)
+            seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+            eos = (set() if params.ignore_eos else self.eos) | set(params.stop_token_ids)
+            codec = self.codec if self.detokenize else None
+            group = [Request("", ids, adapter, lease, params, (seed + i) % 2**63,
+                             Detokenizer(codec, params.stop), eos, on_output, index=i)
+                     for i, lease in enumerate(leases)]
+            with self._lock:
+                rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+                if rid in self._live:
+                    raise ValueError(f"request id {rid!r} is already in use")
+                for req in group:
+                    req.request_id = rid
+                self._live[rid] = list(group)
+                self._inbox.append(group)
+        except BaseException:
             for lease in leases:
-                self.adapters.release(lease)
+                if lease is not None:
+                    self.adapters.release(lease)
+            self.adapters.exit(n)
             raise
-        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        eos = (set() if params.ignore_eos else self.eos) | set(params.stop_token_ids)
-        codec = self.codec if self.detokenize else None
-        group = [Request("", ids, adapter, lease, params, (seed + i) % 2**63,
-                         Detokenizer(codec, params.stop), eos, on_output, index=i)
-                 for i, lease in enumerate(leases)]
-        with self._lock:
-            rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-            if rid in self._live:
-                for lease in leases:
-                    if lease is not None:
-                        self.adapters.release(lease)
-                raise ValueError(f"request id {rid!r} is already in use")
-            for req in group:
-                req.request_id = rid
-                self.adapters.enter()
-            self._live[rid] = list(group)
-            self._inbox.append(group)
         return rid
 
     def abort(self, request_id: str, index: int | None = None) -> bool:
