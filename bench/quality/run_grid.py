@@ -222,7 +222,10 @@ def execute(runs, root: Path, args) -> list[str]:
     # the longest first; within equal cost seed 0 of every method before seed 1, so that a
     # study cut short has whole comparisons
     todo.sort(key=lambda s: (-cost(s), s["seed"]))
-    env = dict(os.environ, UORA_STUDY_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)),
+    # threads per run: the cores shared among the jobs, unless set (several drivers at once)
+    threads = os.environ.get("UORA_STUDY_THREADS") or str(max(1, (os.cpu_count() or 1) //
+                                                             args.jobs))
+    env = dict(os.environ, UORA_STUDY_THREADS=threads,
                UORA_STUDY_DATA=str(Path(args.data).resolve()), TOKENIZERS_PARALLELISM="false")
     failed, done = [], [0]
 
