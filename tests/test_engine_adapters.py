@@ -131,10 +131,10 @@ def test_bad_requests_leave_the_engine_untouched(tmp_path):
     keep = engine.add_request([1, 2, 3], "a0", SamplingParams(max_tokens=4))
     cases = [
         (KeyError, "unknown adapter 'nope'", dict(prompt=[1], adapter="nope")),
-        (ValueError, "maximum context length is 256 tokens", dict(prompt=[1] * 250,
-                                                                params=SamplingParams(max_tokens=10))),
-        (ValueError, "KV cache holds 64 tokens", dict(prompt=[1] * 60,
-                                                                        params=SamplingParams(max_tokens=10))),
+        (ValueError, "maximum context length is 256 tokens",
+         dict(prompt=[1] * 250, params=SamplingParams(max_tokens=10))),
+        (ValueError, "KV cache holds 64 tokens",
+         dict(prompt=[1] * 60, params=SamplingParams(max_tokens=10))),
         (ValueError, "token ids must be integers in \\[0, 97\\)", dict(prompt=[1, 97])),
         (ValueError, "token ids must be integers", dict(prompt=[1, "a"])),
         (ValueError, "empty prompt", dict(prompt=[])),

@@ -62,7 +62,8 @@ def test_minilm_mixed_batch_equals_peft_with_declared_pooling(tmp_path):
     from transformers import BertModel
 
     folder = assets.minilm_dir()
-    fn = lambda: BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()  # noqa: E731
+    def fn():
+        return BertModel.from_pretrained(str(folder), add_pooling_layer=False).eval()
     a = make_adapter(fn, tmp_path / "a.uora", r=32, targets=("query", "value"), scale=0.3)
     b = make_adapter(fn, tmp_path / "b.uora", r=32, lam_seed=9, scale=0.3, reinit=True,
                      targets=("key", "intermediate.dense"))

@@ -3,8 +3,9 @@ study (UORA, PEFT VeRA and LoRA, full fine-tuning, head only) all go through `fi
 
 AdamW, linear decay to 0 (or a constant rate) after an optional warm-up, random batches each
 epoch from a seeded generator; evaluation after each epoch (and at the last step), the best state
-by evaluation loss kept. On a GPU the forward runs under bf16 autocast when asked, and nothing waits for the host
-each step: losses and reinit counts are gathered on the device and read every few steps.
+by evaluation loss kept. On a GPU the forward runs under bf16 autocast when asked, and nothing
+waits for the host each step: losses and reinit counts are gathered on the device and read every
+few steps.
 """
 
 from __future__ import annotations
