@@ -71,26 +71,24 @@ background() {  # background NAME SCRIPT: runs SCRIPT in its own session; RESULT
 
 case "${1:?stash|start|start-rest|start-e2e|wait}" in
   stash) stash ;;
-  start)
+  start|start-rest)
     stash
     prepare
     bash bench/gpu_round.sh build > "$OUT/build.txt" 2>&1
-    background glue '
-      grid first.log pilot,confirm,main,ablation "task=sst2,cola" 8 --no-e2e &
-      grid others.log pilot,confirm,main,ablation "task=stsb,mrpc" 7 --no-e2e
-      wait
-      grid rank.log rank "task=sst2,cola" 15 --no-e2e'
-    echo "GLUE started; results under $RESULTS" ;;
-  start-rest)  # the pilot and confirm stages done: every later GLUE stage's runs at once
-    stash
-    prepare
-    bash bench/gpu_round.sh build > "$OUT/build.txt" 2>&1
-    background glue '
-      grid main.log main "task=sst2,cola,stsb,mrpc" 4 --no-e2e &
-      grid ablation.log ablation "task=sst2,cola,stsb,mrpc" 6 --no-e2e &
-      grid rank.log rank "task=sst2,cola" 12 --no-e2e
-      wait'
-    echo "GLUE (main, ablation, rank) started; results under $RESULTS" ;;
+    if [ "$1" = start ]; then
+      background glue '
+        grid first.log pilot,confirm,main,ablation "task=sst2,cola" 8 --no-e2e &
+        grid others.log pilot,confirm,main,ablation "task=stsb,mrpc" 7 --no-e2e
+        wait
+        grid rank.log rank "task=sst2,cola" 15 --no-e2e'
+    else  # the pilot and confirm stages done: every later GLUE stage's runs at once
+      background glue '
+        grid main.log main "task=sst2,cola,stsb,mrpc" 4 --no-e2e &
+        grid ablation.log ablation "task=sst2,cola,stsb,mrpc" 6 --no-e2e &
+        grid rank.log rank "task=sst2,cola" 12 --no-e2e
+        wait'
+    fi
+    echo "GLUE ($1) started; results under $RESULTS" ;;
   start-e2e)
     stash
     [ -f "$ASSETS/smollm2.gguf" ] || { echo "no $ASSETS/smollm2.gguf: carry its parts" >&2; exit 2; }

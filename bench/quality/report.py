@@ -83,8 +83,8 @@ def summarize(runs, stage):
         scores = [x["score"] if x["metric"] in ("neg_loss", "bleu") else 100 * x["score"]
                   for x in rs]
         m, sd = mean_sd(scores)
-        on_gpu = [x for x in rs if x["host"]["device"] == "cuda"]
-        timed = on_gpu if rs[0]["spec"]["budget"] == "gpu" else rs
+        timed = ([x for x in rs if x["host"]["device"] == "cuda"]
+                 if rs[0]["spec"]["budget"] == "gpu" else rs)
         rows.append({
             "task": task, "method": method, "r": r, "seeds": sorted(x["spec"]["seed"] for x in rs),
             "lr": rs[0]["spec"]["lr"], "head_lr": rs[0]["spec"]["head_lr"],
@@ -98,7 +98,7 @@ def summarize(runs, stage):
                                          if x["seconds_per_step"]])[0],
             "peak_memory_mb": mean_sd([x["peak_memory_bytes"] / 2**20 for x in timed
                                        if x["peak_memory_bytes"]])[0],
-            "cpu_runs": len(rs) - len(timed) if rs[0]["spec"]["budget"] == "gpu" else 0,
+            "cpu_runs": len(rs) - len(timed),  # a gpu-budget cell's runs trained on a CPU
             "reinit_events": [x["reinit_events"] for x in rs],
             "steps": rs[0]["steps"], "devices": [x["host"]["device"] for x in rs],
             "gpus": sorted({x["host"]["cuda"] for x in rs if x["host"]["cuda"]}),

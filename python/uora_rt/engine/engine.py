@@ -141,11 +141,11 @@ class Engine(RequestRules, Stepping):
                                  f"{bad[:5]}")
         n = params.sequences
         merged = self.adapters.admit([adapter], n)  # ValueError: merged with another
+        use_lease = adapter is not None and merged is None
         leases = []
         try:  # whatever fails below leaves no lease and no request counted
             for _ in range(n):
-                leases.append(self.adapters.lease(adapter)  # KeyError: unknown adapter
-                              if adapter is not None and merged is None else None)
+                leases.append(self.adapters.lease(adapter) if use_lease else None)  # KeyError
             seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
             eos = (set() if params.ignore_eos else self.eos) | set(params.stop_token_ids)
             codec = self.codec if self.detokenize else None
