@@ -16,6 +16,7 @@ each, so a run cut short by its time budget keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -130,11 +131,16 @@ def decode_step(rt, batch, names, ctx=512, steps=20, sampling="greedy",
     for rid in list(engine._live):
         engine.abort(rid)
     engine.run_until_done()
+    captures = graphs.captures
+    # the engine's KV pool and graphs sit in reference cycles: free them before the next setup
+    del engine, graphs, graph
+    gc.collect()
+    torch.cuda.empty_cache()
     return {"batch": batch, "adapters": len(set(names or [])), "sampled": sampling != "greedy",
             "sampling": sampling, "fallback_rows_per_step": fallback / steps,
             "async_scheduling": async_scheduling,
             "graph_ms": replay_ms, "api_ms": api_ms, "kv_bytes": kv_bytes,
-            "captures": graphs.captures}
+            "captures": captures}
 
 
 def peers(rt, engine, cfg, n, which) -> list[dict]:
