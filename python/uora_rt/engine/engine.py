@@ -240,12 +240,19 @@ class Engine(RequestRules, Stepping):
         from uora_rt.engine.graphs import BUCKETS  # CUDA only
 
         t = time.perf_counter()
+        # the dummy requests are no user traffic: the prefix-cache counters (served as metrics)
+        # are put back as they were
+        counted = dict(self.scheduler.cache_queries), dict(self.scheduler.cache_hits)
         params = SamplingParams(max_tokens=2, ignore_eos=True, temperature=0.7 if sampled else 0.0)
-        for adapter in adapters:
-            for b in sorted({min(b, self.max_num_seqs) for b in BUCKETS if b <= graphs.max_bucket}):
-                for i in range(b):  # one-token prompts: one prefill step, then one decode step
-                    self.add_request([0], adapter, params, request_id=f"warmup-{b}-{i}")
-                self.run_until_done()
+        try:
+            for adapter in adapters:
+                for b in sorted({min(b, self.max_num_seqs) for b in BUCKETS
+                                 if b <= graphs.max_bucket}):
+                    for i in range(b):  # one-token prompts: one prefill step, one decode step
+                        self.add_request([0], adapter, params, request_id=f"warmup-{b}-{i}")
+                    self.run_until_done()
+        finally:
+            self.scheduler.cache_queries, self.scheduler.cache_hits = counted
         return time.perf_counter() - t
 
     def run_until_done(self) -> dict[str, RequestOutput]:
