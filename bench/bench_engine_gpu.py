@@ -272,6 +272,7 @@ def main():
                 save()
         if not args.matrix and not args.peers:  # decode steps only: no trace engine
             del rt
+            gc.collect()
             torch.cuda.empty_cache()
             continue
         if args.adapters_max > 64:  # the same kind of adapter, many more of them
@@ -307,6 +308,7 @@ def main():
             save()
         del engine
         del rt
+        gc.collect()  # (reference cycles) before the next model's weights
         torch.cuda.empty_cache()
     print(f"done in {time.perf_counter() - t_start:.0f} s")
 
