@@ -102,6 +102,12 @@ def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype | None]:
     raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
 
 
+def architecture_name(config: dict) -> str:
+    """The name an adapter file records for its base: the config's first architecture, else
+    its model_type."""
+    return (config.get("architectures") or [config.get("model_type", "?")])[0]
+
+
 def base_kind(folder: Path) -> str:
     from uora_rt import models
 
@@ -192,7 +198,7 @@ def train(opts: TrainOptions, log=print) -> TrainedAdapter:
         head = TaskHead(ds.task, base_pooling(rt.model), rt.model.spec.hidden, outputs,
                         seed=opts.seed).to(device)
     objective = build_objective(rt, hook, head, device)
-    arch = (rt.config.get("architectures") or [rt.config.get("model_type", "?")])[0]
+    arch = architecture_name(rt.config)
 
     def snapshot():
         adapter = to_adapter(hook, arch)
@@ -246,7 +252,7 @@ def train_chat_adapter(rt, pairs, config: UORAConfig, steps=20, lr=5e-2, batch_s
     fit(build_objective(rt, hook, None, device), enc.examples,
         [p for p in hook.parameters() if p.requires_grad], cfg,
         reinit=lambda: uora_rt.reinit_step(hook, sync=False))
-    return to_adapter(hook, (rt.config.get("architectures") or ["?"])[0])
+    return to_adapter(hook, architecture_name(rt.config))
 
 
 def hook_for_adapter(rt, adapter: fmt.Adapter) -> TrainingHook:
