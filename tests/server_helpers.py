@@ -214,15 +214,16 @@ class TinyWorld:
         to_peft_vera(self.loadable["x0"], self.dir / "x0-peft", base=self.base)
         # the API tests compare with float32 references computed on the CPU (world.rt,
         # transformers): the servers run there too, also on a machine with a GPU
-        served = ["--device", "cpu", *(f"--adapter={n}={p}" for n, p in self.adapters.items())]
+        cpu = ["--device", "cpu"]
+        served = [f"--adapter={n}={p}" for n, p in self.adapters.items()]
         logs = root / "logs"
         logs.mkdir()
-        self.main = Server([self.base, *served, "--allow-adapter-loading", "--adapter-dir",
+        self.main = Server([self.base, *cpu, *served, "--allow-adapter-loading", "--adapter-dir",
                             self.dir], logs / "main.log", wait=False)
-        self.queue = Server([self.base, *served[:3], "--max-num-seqs", "2",
+        self.queue = Server([self.base, *cpu, served[0], "--max-num-seqs", "2",
                              "--max-queued-requests", "3"], logs / "queue.log", wait=False)
         (root / "empty").mkdir()
-        self.guarded = Server([self.base, *served[:3], "--api-key", "sesame",
+        self.guarded = Server([self.base, *cpu, served[0], "--api-key", "sesame",
                                "--allow-adapter-loading", "--adapter-dir", root / "empty"],
                               logs / "guarded.log", wait=False)
         self.servers = [self.main, self.queue, self.guarded]
