@@ -221,6 +221,34 @@ def test_stats_count_prompt_tokens_per_adapter(tmp_path):
     idle(engine)
 
 
+class _EagerGraphs:
+    """Stands in for the CUDA graphs on the CPU: Engine.warmup sends its dummy requests, and
+    every step runs eagerly (run() answers "no graph for this step")."""
+
+    max_bucket, captures = 4, 0
+
+    def run(self, meta):
+        return None
+
+
+def test_warmup_requests_are_not_counted(tmp_path):
+    _, base, ads = build(tmp_path, n_adapters=1)
+    rt = load(base, ads)
+    engine = Engine(rt, kv_cache_tokens=512, block_size=BS, max_num_seqs=4)
+    prompt = random_prompts(1, seed=82, lo=20, hi=20)[0]
+    one(engine, prompt, "a0")
+    before = engine.prefix_cache_stats
+    engine.runner.graphs = _EagerGraphs()
+    steps = engine.stats["steps"]
+    engine.warmup(adapters=(None, "a0"))
+    assert engine.stats["steps"] > steps  # the warm-up did run its requests
+    engine.runner.graphs = None
+    assert engine.prefix_cache_stats["per_adapter"] == before["per_adapter"] == {"a0": (20, 0)}
+    one(engine, prompt, "a0")
+    assert engine.prefix_cache_stats["per_adapter"] == {"a0": (40, 16)}
+    idle(engine)
+
+
 def test_bases_with_biases_and_qwen2(tmp_path):
     """The same prompts twice on the other tiny bases: the second run reads its prefixes and
     equals the first."""
