@@ -68,6 +68,13 @@ def cuda_ms(fn, iters=20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def free_memory() -> None:
+    """What finished engines held (their KV pool and graphs sit in reference cycles), back to
+    the device before the next setup or model."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def copy_bandwidth() -> float:
     x = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -132,10 +139,8 @@ def decode_step(rt, batch, names, ctx=512, steps=20, sampling="greedy",
         engine.abort(rid)
     engine.run_until_done()
     captures = graphs.captures
-    # the engine's KV pool and graphs sit in reference cycles: free them before the next setup
     del engine, graphs, graph
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     return {"batch": batch, "adapters": len(set(names or [])), "sampled": sampling != "greedy",
             "sampling": sampling, "fallback_rows_per_step": fallback / steps,
             "async_scheduling": async_scheduling,
@@ -159,7 +164,7 @@ def peers(rt, engine, cfg, n, which) -> list[dict]:
     trace = engine_trace.make_trace(n, cfg["vocab_size"], seed=0)
     out = [run_engine(rt, trace, f"engine, no adapters ({n} requests)", engine=engine)]
     engine.kv = engine.runner = None  # the KV pool and graphs go before the peers load
-    torch.cuda.empty_cache()
+    free_memory()
     rows = []
     say = lambda r: print(f"  {r['setup']}: {r['output_tokens_per_s']:.0f} tok/s")  # noqa: E731
     say(out[0])
@@ -169,7 +174,7 @@ def peers(rt, engine, cfg, n, which) -> list[dict]:
         out.append(transformers_generate(None, trace, batch=64, model=model))
         say(out[-1])
         del model
-        torch.cuda.empty_cache()
+        free_memory()
     legacy = os.environ.get("LEGACY_PYTHONPATH")
     if legacy and "legacy" in which:
         tmp = Path(tempfile.mkdtemp())
@@ -272,8 +277,7 @@ def main():
                 save()
         if not args.matrix and not args.peers:  # decode steps only: no trace engine
             del rt
-            gc.collect()
-            torch.cuda.empty_cache()
+            free_memory()
             continue
         if args.adapters_max > 64:  # the same kind of adapter, many more of them
             for i in range(64, args.adapters_max):
@@ -308,8 +312,7 @@ def main():
             save()
         del engine
         del rt
-        gc.collect()  # (reference cycles) before the next model's weights
-        torch.cuda.empty_cache()
+        free_memory()
     print(f"done in {time.perf_counter() - t_start:.0f} s")
 
 
